@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny pipelines of every family, built once per session into a temp dir."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_pipelines  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tiny_root) -> Path:
+    return tiny_pipelines.build_sd(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def sd2_dir(tiny_root) -> Path:
+    """SD 2.x flavour: v-prediction with an Euler scheduler."""
+    return tiny_pipelines.build_sd(tiny_root, scheduler="euler", v_prediction=True)
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tiny_root) -> Path:
+    return tiny_pipelines.build_sdxl(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_turbo_dir(tiny_root) -> Path:
+    return tiny_pipelines.build_sdxl(tiny_root, turbo=True)
+
+
+@pytest.fixture(scope="session")
+def pixart_dir(tiny_root) -> Path:
+    return tiny_pipelines.build_pixart(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def untrained_demo_dir(tiny_root) -> Path:
+    """The demo architecture with random weights, saved like the shipped model."""
+    from backend.models import demo
+
+    torch.manual_seed(0)
+    out = tiny_root / "demo-untrained"
+    demo.new_pipeline().save_pretrained(str(out), safe_serialization=True)
+    return out

@@ -1,0 +1,129 @@
+"""Tiny random-weight pipelines of every supported family, built from configs and saved locally.
+
+Nothing is downloaded: tokenizers are built from a vocabulary written here.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+WORDS = "a photo of cat dog red blue green house tree on the in".split()
+
+
+def clip_tokenizer(dirpath: Path, max_len: int = 16):
+    """A CLIPTokenizer over single characters (no merges), written to dirpath."""
+    from transformers import CLIPTokenizer
+
+    dirpath.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits + ".,!?'":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    (dirpath / "vocab.json").write_text(json.dumps(vocab))
+    (dirpath / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(dirpath / "vocab.json"), str(dirpath / "merges.txt"), model_max_length=max_len)
+
+
+def word_tokenizer(max_len: int = 16):
+    """A word-level fast tokenizer with T5-like specials (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_len)
+
+
+def clip_text(vocab_size: int, hidden: int = 32, projection: bool = False, max_len: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=max_len, projection_dim=32,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+
+
+def vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=8, sample_size=16)
+
+
+def unet(cross_dim: int, sdxl: bool = False):
+    from diffusers import UNet2DConditionModel
+
+    kw = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+              attention_head_dim=4, norm_num_groups=8)
+    if sdxl:
+        kw |= dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
+    return UNet2DConditionModel(**kw)
+
+
+def build_sd(root: Path, scheduler: str = "ddim", v_prediction: bool = False) -> Path:
+    """A tiny StableDiffusionPipeline saved to root/sd; returns its path."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(root / "_tok_sd")
+    kind = "v_prediction" if v_prediction else "epsilon"
+    sched = (DDIMScheduler(prediction_type=kind, clip_sample=False, set_alpha_to_one=False)
+             if scheduler == "ddim" else EulerDiscreteScheduler(prediction_type=kind))
+    pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_text(len(tok)), tokenizer=tok,
+                                   unet=unet(32), scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out = root / f"sd-{scheduler}"
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_sdxl(root: Path, turbo: bool = False) -> Path:
+    """A tiny StableDiffusionXLPipeline (turbo: Euler-ancestral, trailing spacing) saved under root."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(root / "_tok_xl1")
+    tok2 = clip_tokenizer(root / "_tok_xl2")
+    sched = (EulerAncestralDiscreteScheduler(timestep_spacing="trailing") if turbo
+             else EulerDiscreteScheduler(steps_offset=1))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae(), text_encoder=clip_text(len(tok)), text_encoder_2=clip_text(len(tok2), projection=True),
+        tokenizer=tok, tokenizer_2=tok2, unet=unet(64, sdxl=True), scheduler=sched,
+    )
+    out = root / ("sdxl-turbo" if turbo else "sdxl")
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_pixart(root: Path) -> Path:
+    """A tiny PixArtAlphaPipeline (DiT denoiser, T5 encoder) saved under root."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tok = word_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=t5, vae=vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    out = root / "pixart"
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
