@@ -62,6 +62,124 @@ def layers(
     typer.echo("* usual SAE targets (attention / transformer blocks)")
 
 
+def _run_config(config: Path | None, **options):
+    from backend.config import load_config, override
+
+    return override(load_config(config), **options)
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run.toml (see backend/config.py); options override it.")]
+NameOpt = Annotated[str | None, typer.Option(help="Run name: results go to <runs-dir>/<name>. [default: demo]")]
+RunsDirOpt = Annotated[str | None, typer.Option(help="Directory holding runs. [default: runs]")]
+PromptsOpt = Annotated[str | None, typer.Option(help="Prompt file (.txt or .jsonl). [default: the demo set]")]
+LayerOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help="Hook point; repeat for several.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run of a different config in the same directory.")]
+
+
+def _capture_options(images_per_prompt, seed, steps, guidance, batch_size, tokens_per_step, read, half) -> dict:
+    return {"capture_images_per_prompt": images_per_prompt, "capture_seed": seed, "capture_steps": steps,
+            "capture_guidance": guidance, "capture_batch_size": batch_size,
+            "capture_tokens_per_step": tokens_per_step, "capture_read": read, "capture_half": half}
+
+
+ImagesOpt = Annotated[int | None, typer.Option(help="Images per prompt (seeds seed, seed+1, ...). [default: 2]")]
+SeedOpt = Annotated[int | None, typer.Option(help="First seed. [default: 0]")]
+StepsOpt = Annotated[int | None, typer.Option(help="Denoising steps. [default: the model's]")]
+GuidanceOpt = Annotated[float | None, typer.Option(help="CFG scale; <= 1 turns CFG off. [default: the model's]")]
+BatchOpt = Annotated[int | None, typer.Option(help="Generations per batch and shard. [default: 32]")]
+TokensOpt = Annotated[int | None, typer.Option(help="Token vectors kept per (generation, step). [default: 64]")]
+ReadOpt = Annotated[str | None, typer.Option(help="output, or delta (output - input). [default: output]")]
+HalfOpt = Annotated[str | None, typer.Option(help="CFG half to record: cond, uncond, both. [default: cond]")]
+
+
+def _print_capture(summary) -> None:
+    typer.echo(f"captured {summary.generations} generations into {summary.out_dir} "
+               f"({summary.batches_run} batches run, {summary.batches_skipped} already done, "
+               f"{summary.seconds:.1f} s)")
+    for layer, n in summary.token_counts.items():
+        typer.echo(f"  {layer}: {n:,} token vectors in {summary.out_dir}/activations/{layer}/")
+
+
+def _next_steps(out_dir: Path) -> None:
+    typer.echo("\nnext:")
+    typer.echo(f"  python cli.py query {out_dir} \"SELECT layer, unit, avg(mean) AS mean FROM activity "
+               "GROUP BY ALL ORDER BY mean DESC LIMIT 10\"")
+    typer.echo(f"  ls {out_dir}/images | head")
+
+
+@app.command()
+@user_errors
+def query(
+    run: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/demo.")],
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL; every table of the run is a view (activity, ...).")],
+    limit: Annotated[int, typer.Option(help="Rows to print at most.")] = 50,
+) -> None:
+    """Run DuckDB SQL over a run's tables and print the result."""
+    import duckdb
+
+    from backend.errors import DifflensError
+    from backend.query import connect, table_sources
+
+    con = connect(run)
+    try:
+        rel = con.sql(sql)
+    except duckdb.Error as exc:
+        tables = ", ".join(table_sources(run)) or "none yet"
+        raise DifflensError(f"{str(exc).splitlines()[0]} (tables of this run: {tables})") from exc
+    if rel is None:
+        return
+    rel.show(max_rows=limit, max_width=200)
+
+
+@app.command()
+@user_errors
+def capture(
+    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: Annotated[
+        str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory. [default: demo]")] = None,
+    prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
+    steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
+    tokens_per_step: TokensOpt = None, read: ReadOpt = None, half: HalfOpt = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Generate images for a prompt set and record per-timestep activity of the chosen layers."""
+    from backend.capture import capture as run_capture
+
+    cfg = _run_config(config, name=name, runs_dir=runs_dir, model=model, prompts=prompts, device=device,
+                      dtype=dtype, capture_layers=layer or None,
+                      **_capture_options(images_per_prompt, seed, steps, guidance, batch_size, tokens_per_step,
+                                         read, half))
+    summary = run_capture(cfg, overwrite=overwrite)
+    _print_capture(summary)
+    _next_steps(summary.out_dir)
+
+
+@app.command("run-all")
+@user_errors
+def run_all(
+    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: Annotated[
+        str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory. [default: demo]")] = None,
+    prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
+    steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
+    tokens_per_step: TokensOpt = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run every stage (now: capture) on the demo model, or on a config; prints where results went."""
+    from backend.pipeline import run_all as run_pipeline
+
+    cfg = _run_config(config, name=name, runs_dir=runs_dir, model=model, prompts=prompts, device=device,
+                      dtype=dtype, capture_layers=layer or None,
+                      **_capture_options(images_per_prompt, seed, steps, guidance, batch_size, tokens_per_step,
+                                         None, None))
+    summary = run_pipeline(cfg, overwrite=overwrite)
+    _print_capture(summary.stages["capture"])
+    typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, tables/)")
+    _next_steps(summary.out_dir)
+
+
 @demo_app.command("train")
 @user_errors
 def demo_train(

@@ -52,6 +52,9 @@ class DiffusionModel:
         self.spec = spec
         # a private scheduler: stateful schedulers must not be shared with the pipeline's own __call__
         self.scheduler = copy.deepcopy(pipe.scheduler)
+        # read by hooks (backend/hooks.py): the step being denoised and whether the batch is [uncond; cond]
+        self.step_index = 0
+        self.cfg_active = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -103,6 +106,7 @@ class DiffusionModel:
     def step(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None,
              guidance: float, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """One denoising step; with uncond (CFG) the denoiser sees the batch [uncond; cond]."""
+        self.cfg_active = uncond is not None
         x = torch.cat([latents, latents]) if uncond is not None else latents
         x = self.scheduler.scale_model_input(x, t)
         kwargs = cat_cond(uncond, cond) if uncond is not None else cond
@@ -126,6 +130,7 @@ class DiffusionModel:
         generators = seed_generators(seeds)
         latents = self.initial_latents(generators, height, width)
         for i, t in enumerate(self.timesteps(n_steps)):
+            self.step_index = i
             latents = self.step(latents, t, cond, uncond, guidance, generators)
             if on_step is not None:
                 on_step(i, t, latents)
