@@ -68,7 +68,10 @@ def _run_config(config: Path | None, **options):
     return override(load_config(config), **options)
 
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run.toml (see backend/config.py); options override it.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run.toml (backend/config.py); options win.")]
+RunModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory.")]
+RunDeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")]
+RunDtypeOpt = Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")]
 NameOpt = Annotated[str | None, typer.Option(help="Run name: results go to <runs-dir>/<name>. [default: demo]")]
 RunsDirOpt = Annotated[str | None, typer.Option(help="Directory holding runs. [default: runs]")]
 PromptsOpt = Annotated[str | None, typer.Option(help="Prompt file (.txt or .jsonl). [default: the demo set]")]
@@ -76,10 +79,17 @@ LayerOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help="Hook 
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run of a different config in the same directory.")]
 
 
-def _capture_options(images_per_prompt, seed, steps, guidance, batch_size, tokens_per_step, read, half) -> dict:
-    return {"capture_images_per_prompt": images_per_prompt, "capture_seed": seed, "capture_steps": steps,
-            "capture_guidance": guidance, "capture_batch_size": batch_size,
-            "capture_tokens_per_step": tokens_per_step, "capture_read": read, "capture_half": half}
+CAPTURE_OPTIONS = ("layers", "images_per_prompt", "seed", "steps", "guidance", "batch_size", "tokens_per_step",
+                   "read", "half")
+
+
+def _config_from_options(options: dict):
+    """A RunConfig from --config plus the options given; capture options go to [capture]."""
+    options = dict(options)
+    config, _ = options.pop("config"), options.pop("overwrite")
+    options["layers"] = options.pop("layer") or None
+    named = {f"capture_{k}" if k in CAPTURE_OPTIONS else k: v for k, v in options.items()}
+    return _run_config(config, **named)
 
 
 ImagesOpt = Annotated[int | None, typer.Option(help="Images per prompt (seeds seed, seed+1, ...). [default: 2]")]
@@ -134,23 +144,16 @@ def query(
 @app.command()
 @user_errors
 def capture(
-    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: Annotated[
-        str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory. [default: demo]")] = None,
+    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: RunModelOpt = None,
     prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
     steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
-    tokens_per_step: TokensOpt = None, read: ReadOpt = None, half: HalfOpt = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")] = None,
-    overwrite: OverwriteOpt = False,
+    tokens_per_step: TokensOpt = None, read: ReadOpt = None, half: HalfOpt = None, device: RunDeviceOpt = None,
+    dtype: RunDtypeOpt = None, overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate images for a prompt set and record per-timestep activity of the chosen layers."""
     from backend.capture import capture as run_capture
 
-    cfg = _run_config(config, name=name, runs_dir=runs_dir, model=model, prompts=prompts, device=device,
-                      dtype=dtype, capture_layers=layer or None,
-                      **_capture_options(images_per_prompt, seed, steps, guidance, batch_size, tokens_per_step,
-                                         read, half))
-    summary = run_capture(cfg, overwrite=overwrite)
+    summary = run_capture(_config_from_options(locals()), overwrite=overwrite)
     _print_capture(summary)
     _next_steps(summary.out_dir)
 
@@ -158,23 +161,16 @@ def capture(
 @app.command("run-all")
 @user_errors
 def run_all(
-    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: Annotated[
-        str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory. [default: demo]")] = None,
+    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: RunModelOpt = None,
     prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
     steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
-    tokens_per_step: TokensOpt = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")] = None,
+    tokens_per_step: TokensOpt = None, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run every stage (now: capture) on the demo model, or on a config; prints where results went."""
     from backend.pipeline import run_all as run_pipeline
 
-    cfg = _run_config(config, name=name, runs_dir=runs_dir, model=model, prompts=prompts, device=device,
-                      dtype=dtype, capture_layers=layer or None,
-                      **_capture_options(images_per_prompt, seed, steps, guidance, batch_size, tokens_per_step,
-                                         None, None))
-    summary = run_pipeline(cfg, overwrite=overwrite)
+    summary = run_pipeline(_config_from_options(locals()), overwrite=overwrite)
     _print_capture(summary.stages["capture"])
     typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, tables/)")
     _next_steps(summary.out_dir)

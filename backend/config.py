@@ -84,7 +84,8 @@ def _check_keys(obj: dict, cls, where: str) -> None:
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = set(obj) - allowed
     if unknown:
-        raise DifflensError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        names, allowed_names = ", ".join(sorted(unknown)), ", ".join(sorted(allowed))
+        raise DifflensError(f"{where}: unknown key(s) {names}; allowed: {allowed_names}")
 
 
 def from_dict(data: dict, where: str = "config") -> RunConfig:
