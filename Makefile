@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
 demo: setup
-	$(PY) cli.py demo-model sample --out runs/demo/grid.png
+	$(PY) cli.py run-all
 
 test: setup-dev
 	$(PY) -m pytest

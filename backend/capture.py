@@ -192,13 +192,23 @@ def _feature_table(gen_ids: np.ndarray, per_step: list) -> pa.Table:
     return pa.table({k: v[order] for k, v in cols.items()})
 
 
+@dataclass
+class WriteStats:
+    activity_rows: int = 0
+    token_bytes: int = 0
+    seconds: float = 0.0
+
+
 def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recorder, images: np.ndarray,
-                 n_steps: int, guidance: float) -> None:
+                 n_steps: int, guidance: float, stats: WriteStats) -> None:
+    t0 = time.perf_counter()
     gen_ids = np.array([g.gen_id for g in gens], dtype=np.int64)
     for layer in rec.mean:
-        store.write_table_shard("activity", name, _activity_table(
-            gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy()), layer=layer, kind="channel")
+        activity = _activity_table(gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy())
+        store.write_table_shard("activity", name, activity, layer=layer, kind="channel")
+        stats.activity_rows += activity.num_rows
         samples = rec.samples[layer].cpu().numpy()
+        stats.token_bytes += samples.nbytes
         b, s, k, c = samples.shape
         pos = rec.positions[layer].cpu().numpy()
         index = pa.table({
@@ -224,6 +234,7 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
         "guidance": np.full(len(gens), guidance, dtype=np.float32),
     }))
     store.mark_batch_done(STAGE, name, n=len(gens))
+    stats.seconds += time.perf_counter() - t0
 
 
 def _steps_table(model: DiffusionModel, n_steps: int) -> pa.Table:
@@ -239,6 +250,7 @@ class CaptureSummary:
     batches_skipped: int
     seconds: float
     token_counts: dict[str, int]
+    writes: WriteStats
 
 
 def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | None = None,
@@ -273,6 +285,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             store.update_stage(stage, status="running", started=time.time(), layers=c.layers, n_steps=n_steps,
                                guidance=guidance, generations=len(gens))
         run, skipped = 0, 0
+        stats = WriteStats()
         pending: list[Future] = []
         desc = "capture" if dist.world == 1 else f"capture rank {dist.rank}"
         with ThreadPoolExecutor(max_workers=1) as writer, \
@@ -290,7 +303,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                 # writes overlap the next batch's generation; at most one batch waits
                 for f in pending:
                     f.result()
-                pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance)]
+                pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats)]
                 run += 1
                 bar.update(len(batch))
             for f in pending:
@@ -302,4 +315,4 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             store.update_stage(stage, status="done", finished=time.time(),
                                seconds=round(time.perf_counter() - t0, 3), token_counts=token_counts,
                                world_size=dist.world)
-        return CaptureSummary(store.root, len(gens), run, skipped, time.perf_counter() - t0, token_counts)
+        return CaptureSummary(store.root, len(gens), run, skipped, time.perf_counter() - t0, token_counts, stats)

@@ -1,0 +1,78 @@
+"""Capture overhead: a full capture (hooks, stats, token samples, Parquet/npy/PNG writes) versus plain
+generation of the same prompts, seeds and steps, in one process on the demo model.
+
+    python benchmarks/capture_overhead.py [--prompts 96] [--images-per-prompt 2] [--repeats 3]
+
+Prints the median ratio capture/plain (goal <= 1.10), activity rows per second written and token-shard MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.capture import capture, plan_generations  # noqa: E402
+from backend.config import DEMO_LAYERS, RunConfig, validate  # noqa: E402
+from backend.models import load_model  # noqa: E402
+from backend.prompts import DEMO_PROMPTS, load_prompts  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--prompts", type=int, default=96, help="first N prompts of the demo set")
+    ap.add_argument("--images-per-prompt", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="difflens-bench-"))
+    prompt_file = tmp / "prompts.jsonl"
+    prompt_file.write_text("\n".join(DEMO_PROMPTS.read_text().splitlines()[: args.prompts]) + "\n")
+    cfg = RunConfig(name="bench", runs_dir=str(tmp), model=args.model, prompts=str(prompt_file))
+    cfg.capture.layers = list(DEMO_LAYERS)
+    cfg = validate(cfg)
+    cfg.capture.images_per_prompt = args.images_per_prompt
+    cfg.capture.batch_size = args.batch_size
+    model = load_model(args.model)
+    gens = plan_generations(load_prompts(prompt_file), args.images_per_prompt, 0)
+    n_steps, guidance = model.default_steps, model.default_guidance
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(gens), args.batch_size):
+            batch = gens[i:i + args.batch_size]
+            model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch], n_steps, guidance)
+        return time.perf_counter() - t0
+
+    def captured():
+        shutil.rmtree(tmp / "bench", ignore_errors=True)
+        s = capture(cfg, model=model, progress=False)
+        return s.seconds, s
+
+    plain()  # warm-up
+    ratios, plains, caps, summary = [], [], [], None
+    for _ in range(args.repeats):
+        p = plain()
+        c, summary = captured()
+        plains.append(p)
+        caps.append(c)
+        ratios.append(c / p)
+    w = summary.writes
+    print(f"generations: {len(gens)} x {n_steps} steps, layers {cfg.capture.layers}, batch {args.batch_size}")
+    print(f"plain generation: median {statistics.median(plains):.2f} s; capture: median {statistics.median(caps):.2f} s")
+    print(f"capture / plain: median {statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"writes (background thread): {w.seconds:.2f} s, {w.activity_rows / w.seconds:,.0f} activity rows/s, "
+          f"{w.token_bytes / w.seconds / 1e6:.1f} MB/s of token shards ({w.token_bytes / 1e6:.1f} MB)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
