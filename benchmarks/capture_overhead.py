@@ -67,7 +67,8 @@ def main() -> None:
         ratios.append(c / p)
     w = summary.writes
     print(f"generations: {len(gens)} x {n_steps} steps, layers {cfg.capture.layers}, batch {args.batch_size}")
-    print(f"plain generation: median {statistics.median(plains):.2f} s; capture: median {statistics.median(caps):.2f} s")
+    p_med, c_med = statistics.median(plains), statistics.median(caps)
+    print(f"plain generation: median {p_med:.2f} s; capture: median {c_med:.2f} s")
     print(f"capture / plain: median {statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
     print(f"writes (background thread): {w.seconds:.2f} s, {w.activity_rows / w.seconds:,.0f} activity rows/s, "
           f"{w.token_bytes / w.seconds / 1e6:.1f} MB/s of token shards ({w.token_bytes / 1e6:.1f} MB)")
