@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from backend import shapes
 from backend.fileio import atomic_write_json, atomic_write_with
 from backend.models import demo
+from sae.checkpoint import load_optimizer, optimizer_tensors
 
 
 @dataclass
@@ -61,25 +62,11 @@ def _lr_factor(step: int, cfg: DemoTrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors = {f"opt.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, v in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_checkpoint(path: Path, model: _Trainable, ema: dict[str, torch.Tensor], opt, step: int,
                     rng: np.random.Generator, torch_gen: torch.Generator, losses: list[float]) -> None:
     """Write one checkpoint directory atomically (files renamed into place, `state.json` last)."""
     path.mkdir(parents=True, exist_ok=True)
-    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    opt_tensors, opt_meta = optimizer_tensors(opt)
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v.contiguous() for k, v in ema.items()}
     tensors |= opt_tensors
@@ -97,7 +84,7 @@ def load_checkpoint(path: Path, model: _Trainable, ema: dict[str, torch.Tensor],
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for k in ema:
         ema[k].copy_(tensors[f"ema.{k}"])
-    _load_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
+    load_optimizer(opt, tensors, meta["optimizer"])
     rng.bit_generator.state = meta["numpy_rng"]
     torch_gen.set_state(tensors["rng.torch"])
     return meta["step"], meta["losses"]

@@ -1,0 +1,110 @@
+"""SAE maths against a tiny dense reference, per architecture."""
+
+import pytest
+import torch
+
+from sae.model import SAE, SAEConfig
+
+
+def make(arch, d=8, n=32, k=4, seed=0):
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k, architecture=arch))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_enc_T.add_(torch.randn_like(sae.W_enc_T) * 0.1)
+    return sae
+
+
+def reference_codes(sae, x):
+    pre = (x - sae.b_dec) @ sae.W_enc_T.T + sae.b_enc
+    a = sae.cfg.architecture
+    if a == "topk":
+        thr = pre.topk(sae.cfg.k, dim=-1).values[:, -1:]
+        return torch.where(pre >= thr, pre.relu(), torch.zeros_like(pre))
+    if a == "relu":
+        return pre.relu()
+    flat = pre.relu().flatten()
+    thr = flat.topk(x.shape[0] * sae.cfg.k).values[-1]
+    return torch.where(pre.relu() >= thr, pre.relu(), torch.zeros_like(pre))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_encode_decode_match_dense_reference(arch):
+    sae = make(arch)
+    sae.train()
+    x = torch.randn(16, 8)
+    codes = sae.encode(x)
+    dense = codes.dense(32)
+    torch.testing.assert_close(dense, reference_codes(sae, x))
+    torch.testing.assert_close(sae.decode(codes), dense @ sae.W_dec + sae.b_dec)
+    if arch == "topk":
+        assert codes.indices.shape == (16, 4)
+        assert ((dense > 0).sum(-1) <= 4).all()
+    if arch == "batchtopk":
+        assert (dense > 0).sum() == 16 * 4
+
+
+def test_batchtopk_inference_uses_the_threshold():
+    sae = make("batchtopk")
+    sae.train()
+    for _ in range(50):
+        sae.encode(torch.randn(64, 8))
+    assert sae.threshold > 0
+    sae.eval()
+    x = torch.randn(8, 8)
+    dense = sae.encode(x, dense=True)
+    pre = (x - sae.b_dec) @ sae.W_enc_T.T + sae.b_enc
+    torch.testing.assert_close(dense, torch.where(pre > sae.threshold, pre, torch.zeros_like(pre)))
+
+
+def test_encode_with_grad_matches_dense_autograd():
+    sae = make("topk")
+    x = torch.randn(16, 8)
+    idx = sae.encode(x).indices
+    vals = sae.encode_with_grad(x, idx)
+    loss = (sae.decode(type(sae.encode(x))(vals, idx)) - x).pow(2).sum()
+    loss.backward()
+    g_sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    pre = (x - sae.b_dec) @ sae.W_enc_T.T + sae.b_enc
+    mask = torch.zeros_like(pre).scatter_(1, idx, 1.0)
+    z = pre.relu() * mask
+    ((z @ sae.W_dec + sae.b_dec - x).pow(2).sum()).backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(g_sparse[n], p.grad, msg=n)
+
+
+def test_folding_keeps_codes_and_reconstructions():
+    sae = make("topk")
+    mean = torch.randn(8) * 3
+    sae.cfg.normalized, sae.cfg.input_mean, sae.cfg.input_scale = True, mean.tolist(), 0.37
+    x_raw = torch.randn(32, 8) * 5 + mean
+    codes = sae.encode(sae.normalise(x_raw))
+    recon = sae.decode(codes) / 0.37 + mean
+    folded = sae.folded()
+    assert not folded.cfg.normalized
+    fcodes = folded.encode(x_raw)
+    torch.testing.assert_close(fcodes.dense(32), codes.dense(32), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(folded.decode(fcodes), recon, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_rows_are_unit_and_parallel_grad_is_removed():
+    sae = make("topk")
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+    torch.testing.assert_close(sae.W_enc_T.data, sae.W_dec.data + (sae.W_enc_T.data - sae.W_dec.data))
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grad()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(32), atol=1e-6, rtol=0)
+
+
+def test_fresh_encoder_is_decoder_transpose():
+    sae = SAE(SAEConfig(d_in=8, n_latents=32, k=4))
+    assert torch.equal(sae.W_enc_T, sae.W_dec)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="architecture"):
+        SAE(SAEConfig(d_in=4, n_latents=8, architecture="gated"))
+    with pytest.raises(ValueError, match="k must be"):
+        SAE(SAEConfig(d_in=4, n_latents=8, k=9))
