@@ -242,6 +242,15 @@ def _steps_table(model: DiffusionModel, n_steps: int) -> pa.Table:
     return pa.table({"step": np.arange(len(ts), dtype=np.int16), "timestep": ts.astype(np.float32)})
 
 
+def _result_or_user_error(future: Future, store: RunStore) -> None:
+    """Wait for a batch write; an OS error (disk full, permissions) becomes a one-line, resumable error."""
+    try:
+        future.result()
+    except OSError as exc:
+        raise DifflensError(f"writing to {store.root} failed ({exc.strerror or exc}); nothing half-written was "
+                            "kept: fix the cause and rerun the same command to resume") from exc
+
+
 @dataclass
 class CaptureSummary:
     out_dir: Path
@@ -302,12 +311,12 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                                                      n_steps, guidance))
                 # writes overlap the next batch's generation; at most one batch waits
                 for f in pending:
-                    f.result()
+                    _result_or_user_error(f, store)
                 pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats)]
                 run += 1
                 bar.update(len(batch))
             for f in pending:
-                f.result()
+                _result_or_user_error(f, store)
         dist.barrier()
         token_counts = {}
         if dist.is_main:

@@ -273,3 +273,26 @@ def test_feature_encoder_rows_are_sparse(untrained_demo_dir, prompt_file, tmp_pa
     assert rows["unit"].to_list() == active.tolist()
     np.testing.assert_allclose(rows["mean"].to_numpy(), dense.mean(0)[active].numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(rows["max"].to_numpy(), dense.amax(0)[active].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_failed_write_leaves_the_run_resumable(reference_run, untrained_demo_dir, prompt_file, tmp_path,
+                                                 monkeypatch):
+    from backend.store import RunStore
+
+    _, summary = reference_run
+    real = RunStore.write_image
+    calls = {"n": 0}
+
+    def flaky(self, gen_id, img):
+        calls["n"] += 1
+        if calls["n"] == 11:  # in the second batch
+            raise OSError(28, "No space left on device")
+        return real(self, gen_id, img)
+
+    monkeypatch.setattr(RunStore, "write_image", flaky)
+    cfg = make_cfg(untrained_demo_dir, prompt_file, tmp_path, name="f")
+    with pytest.raises(DifflensError, match="No space left on device.*rerun the same command"):
+        capture(cfg, progress=False)
+    monkeypatch.setattr(RunStore, "write_image", real)
+    capture(cfg, progress=False)
+    assert_same(snapshot(summary.out_dir), snapshot(tmp_path / "f"))
