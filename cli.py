@@ -149,11 +149,19 @@ def capture(
     steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
     tokens_per_step: TokensOpt = None, read: ReadOpt = None, half: HalfOpt = None, device: RunDeviceOpt = None,
     dtype: RunDtypeOpt = None, overwrite: OverwriteOpt = False,
+    sae: Annotated[list[str] | None, typer.Option(
+        help="LAYER=PATH of a trained SAE: also record its feature activity (on a finished run: only that).")] = None,
 ) -> None:
     """Generate images for a prompt set and record per-timestep activity of the chosen layers."""
+    from backend.capture import SAEEncoder, parse_sae_options
     from backend.capture import capture as run_capture
 
-    summary = run_capture(_config_from_options(locals()), overwrite=overwrite)
+    options = dict(locals())
+    saes = parse_sae_options(options.pop("sae"))
+    options.pop("SAEEncoder"), options.pop("parse_sae_options"), options.pop("run_capture")
+    cfg = _config_from_options(options)
+    encoders = {layer: SAEEncoder(path, device=cfg.device) for layer, path in saes.items()}
+    summary = run_capture(cfg, overwrite=overwrite, encoders=encoders or None)
     _print_capture(summary)
     _next_steps(summary.out_dir)
 

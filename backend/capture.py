@@ -33,6 +33,7 @@ from backend.prompts import PromptRecord, load_prompts
 from backend.store import RunStore, shard_name
 
 STAGE = "capture"
+FEATURES_STAGE = "features"  # a later pass that records SAE features of an already captured run
 # A feature encoder maps tokens [N, C] to sparse codes: (values [N, k], indices [N, k]) with zeros allowed.
 FeatureEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -138,6 +139,10 @@ class _Recorder:
             self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=torch.float16, device=tok.device)
             self.features[ev.layer] = []
             self.spatial[ev.layer] = ev.spatial
+            width = getattr(self.encoders.get(ev.layer), "d_in", c)
+            if width != c:
+                raise DifflensError(f"the SAE given for {ev.layer} takes width {width}, but the layer has {c} "
+                                    "channels; pass an SAE trained on this layer")
         tokf = tok.float()
         self.mean[ev.layer][:, ev.step] = tokf.mean(1)
         self.max[ev.layer][:, ev.step] = tokf.amax(1)
@@ -165,6 +170,36 @@ def feature_stats(encoder: FeatureEncoder, tokens_BTC: torch.Tensor) -> tuple[np
     maxs = torch.zeros(len(uniq), device=v.device).scatter_reduce_(0, inverse, v, "amax", include_self=False)
     return ((uniq // width).cpu().numpy(), (uniq % width).cpu().numpy(), (sums / t).cpu().numpy(),
             maxs.cpu().numpy())
+
+
+class SAEEncoder:
+    """A FeatureEncoder from a trained (folded) SAE: its sparse codes of raw activations."""
+
+    def __init__(self, path: str | Path, device="cpu"):
+        from sae.io import SAELoadError, load_sae
+
+        try:
+            self.sae = load_sae(path, device=device)
+        except SAELoadError as exc:
+            raise DifflensError(str(exc)) from exc
+        self.d_in = self.sae.cfg.d_in
+        self.path = str(path)
+
+    @torch.no_grad()
+    def __call__(self, x_NC: torch.Tensor):
+        codes = self.sae.encode(x_NC.to(self.sae.W_dec.dtype))
+        return codes.values, codes.indices
+
+
+def parse_sae_options(options: list[str] | None) -> dict[str, str]:
+    """["LAYER=PATH", ...] -> {layer: path}."""
+    out = {}
+    for opt in options or []:
+        layer, sep, path = opt.partition("=")
+        if not sep or not layer or not path:
+            raise DifflensError(f"--sae takes LAYER=PATH (e.g. up_blocks.1.attentions.1=runs/demo/sae/...); got {opt!r}")
+        out[layer] = path
+    return out
 
 
 def _activity_table(gen_ids: np.ndarray, mean_BSC: np.ndarray, max_BSC: np.ndarray) -> pa.Table:
@@ -200,9 +235,17 @@ class WriteStats:
 
 
 def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recorder, images: np.ndarray,
-                 n_steps: int, guidance: float, stats: WriteStats) -> None:
+                 n_steps: int, guidance: float, stats: WriteStats, stage: str = STAGE) -> None:
     t0 = time.perf_counter()
     gen_ids = np.array([g.gen_id for g in gens], dtype=np.int64)
+    if stage == FEATURES_STAGE:
+        for layer in rec.mean:
+            if rec.encoders.get(layer) is not None:
+                store.write_table_shard("activity", name, _feature_table(gen_ids, rec.features[layer]),
+                                        layer=layer, kind="feature")
+        store.mark_batch_done(stage, name, n=len(gens))
+        stats.seconds += time.perf_counter() - t0
+        return
     for layer in rec.mean:
         activity = _activity_table(gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy())
         store.write_table_shard("activity", name, activity, layer=layer, kind="channel")
@@ -263,9 +306,12 @@ class CaptureSummary:
 
 
 def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | None = None,
-            encoders: dict[str, FeatureEncoder] | None = None, stage: str = STAGE,
-            progress: bool = True) -> CaptureSummary:
-    """Run (or resume) the capture stage of cfg into cfg.out_dir."""
+            encoders: dict[str, FeatureEncoder] | None = None, progress: bool = True) -> CaptureSummary:
+    """Run (or resume) the capture stage of cfg into cfg.out_dir.
+
+    With encoders (SAEs by layer), feature activity is recorded too: in the same pass while the run is being
+    captured, or, once capture is complete, in a features pass that rewrites only the feature tables.
+    """
     from backend.models import load_model, parse_dtype
 
     cfg = validate(cfg)
@@ -276,11 +322,24 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             store = prepare_run_dir(cfg, overwrite)
         dist.barrier()
         store = RunStore(cfg.out_dir)
+        manifest = store.read_manifest() or {}
+        captured = manifest.get("stages", {}).get(STAGE, {}).get("status") == "done"
+        stage = FEATURES_STAGE if encoders and captured else STAGE
+        if stage == FEATURES_STAGE:
+            dist.barrier()
+            if dist.is_main:
+                store.clear_stage_markers(FEATURES_STAGE)  # an SAE may have changed: always recompute
+            dist.barrier()
         model = model or load_model(cfg.model, device=device, dtype=parse_dtype(cfg.dtype))
         from backend.layers import check_layers
 
         check_layers(model, cfg.capture.layers)
         c = cfg.capture
+        unknown = sorted(set(encoders or {}) - set(c.layers))
+        if unknown:
+            raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
+                                f"(layers: {', '.join(c.layers)})")
+        hooked = [layer for layer in c.layers if layer in (encoders or {})] if stage == FEATURES_STAGE else c.layers
         n_steps = c.steps or model.default_steps
         guidance = model.default_guidance if c.guidance < 0 else c.guidance
         if c.half == "both" and guidance > 1:
@@ -296,7 +355,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         run, skipped = 0, 0
         stats = WriteStats()
         pending: list[Future] = []
-        desc = "capture" if dist.world == 1 else f"capture rank {dist.rank}"
+        desc = stage if dist.world == 1 else f"{stage} rank {dist.rank}"
         with ThreadPoolExecutor(max_workers=1) as writer, \
                 tqdm(total=len(mine), desc=desc, unit="img", disable=not progress) as bar:
             for batch in batches:
@@ -306,20 +365,24 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                     bar.update(len(batch))
                     continue
                 rec = _Recorder(batch, n_steps, c.tokens_per_step, encoders or {})
-                with read_activations(model, c.layers, rec, read=c.read, half=c.half):
+                with read_activations(model, hooked, rec, read=c.read, half=c.half):
                     images = to_uint8(model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch],
                                                      n_steps, guidance))
                 # writes overlap the next batch's generation; at most one batch waits
                 for f in pending:
                     _result_or_user_error(f, store)
-                pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats)]
+                pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats,
+                                         stage)]
                 run += 1
                 bar.update(len(batch))
             for f in pending:
                 _result_or_user_error(f, store)
         dist.barrier()
         token_counts = {}
-        if dist.is_main:
+        if dist.is_main and stage == FEATURES_STAGE:
+            store.update_stage(stage, status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
+                               saes={layer: getattr(e, "path", "") for layer, e in (encoders or {}).items()})
+        elif dist.is_main:
             token_counts = {layer: store.finish_token_meta(layer)["count"] for layer in c.layers}
             store.update_stage(stage, status="done", finished=time.time(),
                                seconds=round(time.perf_counter() - t0, 3), token_counts=token_counts,

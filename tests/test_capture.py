@@ -296,3 +296,54 @@ def test_a_failed_write_leaves_the_run_resumable(reference_run, untrained_demo_d
     monkeypatch.setattr(RunStore, "write_image", real)
     capture(cfg, progress=False)
     assert_same(snapshot(summary.out_dir), snapshot(tmp_path / "f"))
+
+
+def _random_sae_dir(tmp_path, d_in, n=32, k=4):
+    from sae.io import save_sae
+    from sae.model import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    return save_sae(SAE(SAEConfig(d_in=d_in, n_latents=n, k=k)), tmp_path / f"sae-{d_in}")
+
+
+def test_sae_option_records_features_on_a_finished_run(reference_run, untrained_demo_dir, prompt_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    _, summary = reference_run
+    runs = tmp_path / "runs"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(summary.out_dir, runs / "s")
+    sae_dir = _random_sae_dir(tmp_path, 64)
+    args = ["capture", *cli_args(untrained_demo_dir, prompt_file, runs, "s"),
+            "--sae", f"mid_block.attentions.0={sae_dir}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    feats = pl.read_parquet(f"{runs}/s/tables/activity/layer=mid_block.attentions.0/kind=feature/*.parquet")
+    assert feats["gen_id"].n_unique() == 24 and feats["unit"].max() < 32
+    assert (feats["max"] > 0).all()
+    manifest = json.loads((runs / "s" / "manifest.json").read_text())
+    assert manifest["stages"]["features"]["status"] == "done"
+    before = snapshot(summary.out_dir)
+    after = snapshot(runs / "s")
+    after["activity"] = after["activity"].filter(pl.col("kind") == "channel")
+    assert_same(before, after)  # the features pass touched nothing else
+
+
+def test_sae_errors(reference_run, untrained_demo_dir, prompt_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    base = ["capture", *cli_args(untrained_demo_dir, prompt_file, tmp_path, "x")]
+    wrong = _random_sae_dir(tmp_path, 32)
+    r = runner.invoke(app, [*base, "--sae", f"mid_block.attentions.0={wrong}"])
+    assert r.exit_code == 1 and "takes width 32, but the layer has 64 channels" in r.output
+    r = runner.invoke(app, [*base, "--sae", f"down_blocks.1.attentions.0={wrong}"])
+    assert r.exit_code == 1 and "does not capture" in r.output
+    r = runner.invoke(app, [*base, "--sae", "mid_block.attentions.0"])
+    assert r.exit_code == 1 and "LAYER=PATH" in r.output
+    r = runner.invoke(app, [*base, "--sae", f"mid_block.attentions.0={tmp_path}"])
+    assert r.exit_code == 1 and "not an SAE directory" in r.output
