@@ -197,7 +197,8 @@ def parse_sae_options(options: list[str] | None) -> dict[str, str]:
     for opt in options or []:
         layer, sep, path = opt.partition("=")
         if not sep or not layer or not path:
-            raise DifflensError(f"--sae takes LAYER=PATH (e.g. up_blocks.1.attentions.1=runs/demo/sae/...); got {opt!r}")
+            example = "up_blocks.1.attentions.1=runs/demo/sae/up_blocks.1.attentions.1"
+            raise DifflensError(f"--sae takes LAYER=PATH (e.g. {example}); got {opt!r}")
         out[layer] = path
     return out
 
