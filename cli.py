@@ -184,6 +184,29 @@ def run_all(
     _next_steps(summary.out_dir)
 
 
+@app.command("train-sae")
+@user_errors
+def train_sae(
+    run: Annotated[Path, typer.Option(help="Run directory with captured activations.")] = Path("runs/demo"),
+    layer: LayerOpt = None,
+    architecture: Annotated[str, typer.Option(help="topk, batchtopk or relu.")] = "topk",
+    expansion: Annotated[int, typer.Option(help="Latents per input channel.")] = 8,
+    k: Annotated[int, typer.Option(help="Active latents per token.")] = 16,
+    total_tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
+    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
+    lr: Annotated[float, typer.Option(help="Learning rate (0: scaled with 1/sqrt(latents)).")] = 0.0,
+) -> None:
+    """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/ and tables/sae_training."""
+    from backend.sae_stage import train_saes
+    from sae.train import SAETrainConfig
+
+    cfg = SAETrainConfig(architecture=architecture, expansion=expansion, k=k, total_tokens=total_tokens,
+                         batch_size=batch_size, lr=lr)
+    results = train_saes(run, layer or None, cfg)
+    for name, m in results.items():
+        typer.echo(f"{name}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.1%} -> {run}/sae/{name}/")
+
+
 @demo_app.command("train")
 @user_errors
 def demo_train(

@@ -47,6 +47,9 @@ class RunStore:
     def activations_dir(self, layer: str) -> Path:
         return self.root / "activations" / layer
 
+    def sae_dir(self, layer: str) -> Path:
+        return self.root / "sae" / layer
+
     def image_path(self, gen_id: int) -> Path:
         return self.root / "images" / f"{gen_id:06d}.png"
 
