@@ -56,3 +56,77 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SAELoadError(f"{directory / WEIGHTS_FILE} does not match its {CFG_FILE}: expected {expected}, got {got}")
     sae.load_state_dict(tensors)
     return sae.eval()
+
+
+# ---------------------------------------------------------------- SAELens / sparsify interchange
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_ARCH = {"topk": "topk", "batchtopk": "topk", "relu": "standard"}
+
+
+def export_saelens(sae: SAE, directory: str | Path, hook_name: str = "") -> Path:
+    """Write a directory that SAELens's `SAE.load_from_disk` loads (cfg.json + sae_weights.safetensors).
+
+    TopK and BatchTopK export as SAELens `topk` (BatchTopK with its per-token k at inference is approximated
+    by TopK with the same k); ReLU SAEs export as `standard`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if sae.cfg.normalized:
+        sae = sae.folded()
+    arch = SAELENS_ARCH[sae.cfg.architecture]
+    cfg = {
+        "architecture": arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents, "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"hook_name": hook_name or sae.cfg.layer, "model_name": "difflens"},
+    }
+    if arch == "topk":
+        cfg["k"] = sae.cfg.k
+    tensors = {"W_enc": sae.W_enc_T.detach().T.contiguous().cpu(), "W_dec": sae.W_dec.detach().contiguous().cpu(),
+               "b_enc": sae.b_enc.detach().cpu(), "b_dec": sae.b_dec.detach().cpu()}
+    save_file(tensors, str(directory / SAELENS_WEIGHTS))
+    (directory / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    return directory
+
+
+def import_saelens(directory: str | Path) -> SAE:
+    """A difflens SAE from a SAELens directory (topk or standard architecture)."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CFG_FILE, directory / SAELENS_WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise SAELoadError(f"{directory} is not a SAELens SAE (needs {CFG_FILE} and {SAELENS_WEIGHTS})")
+    raw = json.loads(cfg_path.read_text())
+    arch = raw.get("architecture", "standard")
+    if arch not in ("topk", "standard"):
+        raise SAELoadError(f"{directory}: SAELens architecture {arch!r} is not supported; topk or standard only")
+    if raw.get("normalize_activations", "none") != "none":
+        raise SAELoadError(f"{directory}: normalize_activations={raw['normalize_activations']!r} is not supported")
+    w = load_file(str(w_path))
+    cfg = SAEConfig(d_in=raw["d_in"], n_latents=raw["d_sae"], k=raw.get("k", 1),
+                    architecture="topk" if arch == "topk" else "relu",
+                    layer=raw.get("metadata", {}).get("hook_name", raw.get("hook_name", "")))
+    sae = SAE(cfg)
+    if not raw.get("apply_b_dec_to_input", True):
+        # SAELens then encodes x (not x - b_dec): fold b_dec into b_enc so our (x - b_dec) form agrees
+        w = dict(w, b_enc=w["b_enc"] + w["b_dec"] @ w["W_enc"])
+    sae.load_state_dict({"W_enc_T": w["W_enc"].T.contiguous(), "W_dec": w["W_dec"], "b_enc": w["b_enc"],
+                         "b_dec": w["b_dec"], "threshold": torch.zeros(())})
+    return sae.eval()
+
+
+def import_sparsify(directory: str | Path) -> SAE:
+    """A difflens SAE from a sparsify TopK checkpoint (cfg.json + sae.safetensors with encoder.* / W_dec)."""
+    directory = Path(directory)
+    raw = json.loads((directory / CFG_FILE).read_text()) if (directory / CFG_FILE).is_file() else None
+    if raw is None or not (directory / WEIGHTS_FILE).is_file():
+        raise SAELoadError(f"{directory} is not a sparsify SAE (needs {CFG_FILE} and {WEIGHTS_FILE})")
+    w = load_file(str(directory / WEIGHTS_FILE))
+    if "encoder.weight" not in w:
+        raise SAELoadError(f"{directory / WEIGHTS_FILE} has no encoder.weight: not a sparsify checkpoint")
+    n, d = w["encoder.weight"].shape
+    cfg = SAEConfig(d_in=raw.get("d_in", d), n_latents=n, k=raw["k"], architecture="topk")
+    sae = SAE(cfg)
+    sae.load_state_dict({"W_enc_T": w["encoder.weight"], "W_dec": w["W_dec"], "b_enc": w["encoder.bias"],
+                         "b_dec": w["b_dec"], "threshold": torch.zeros(())})
+    return sae.eval()
