@@ -166,7 +166,7 @@ def score_image(img_HW3: np.ndarray) -> dict[str, str]:
 
     Background: nearest palette colour to the border median. Foreground: pixels far from the
     background; colour is the nearest palette colour to their mean. Shape, size and position:
-    the rendered template with the highest soft IoU against the foreground mask.
+    the rendered template with the highest soft (min/max) IoU against the foreground mask.
     """
     img = img_HW3.astype(np.float32)
     res = img.shape[0]
@@ -185,8 +185,8 @@ def score_image(img_HW3: np.ndarray) -> dict[str, str]:
     alpha_HW = np.clip(((img - bg) @ seg) / max(float(seg @ seg), 1e-6), 0, 1)
     keys, masks_KP = _templates(res)
     a_P = alpha_HW.ravel()
-    inter = masks_KP @ a_P
-    union = masks_KP.sum(1) + a_P.sum() - inter
+    inter = np.minimum(masks_KP, a_P).sum(1)
+    union = np.maximum(masks_KP, a_P).sum(1)
     shape, size, position = keys[int(np.argmax(inter / np.maximum(union, 1e-6)))]
     return {"colour": colour, "shape": shape, "size": size, "position": position, "background": background}
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae.checkpoint import load_optimizer, load_state, optimizer_tensors, save_state
 from sae.data import ReaderState, ShardReader
 from sae.model import SAE, SAEConfig, SparseCodes
+from sae.sparse_ops import sparse_decode
 
 
 @dataclass
@@ -115,9 +115,8 @@ class Trainer:
         with torch.no_grad():
             pre = sae.pre_acts(x)
             sel = sae.select(pre)
-        vals = sae.encode_with_grad(x, sel.indices) * (sel.values > 0)
-        codes = SparseCodes(vals, sel.indices)
-        x_hat = F.embedding_bag(sel.indices, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+        codes = sel
+        x_hat = sparse_decode(sel.values, sel.indices, x, sae.W_enc_T, sae.b_enc, sae.W_dec, sae.b_dec) + sae.b_dec
         err = x_hat - x
         loss = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
@@ -127,9 +126,9 @@ class Trainer:
             k_aux = min(self.k_aux, n_dead)
             with torch.no_grad():
                 aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
-            aux_vals = sae.encode_with_grad(x, aux_idx)
+                aux_vals = pre.gather(1, aux_idx).relu()
             e = -err.detach()
-            e_hat = F.embedding_bag(aux_idx, sae.W_dec, per_sample_weights=aux_vals, mode="sum")
+            e_hat = sparse_decode(aux_vals, aux_idx, x, sae.W_enc_T, sae.b_enc, sae.W_dec, sae.b_dec)
             aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
             loss = loss + self.cfg.aux_alpha * aux
         return loss, codes, x_hat, aux

@@ -23,7 +23,7 @@ RESOLUTION = 16
 MAX_TOKENS = 16
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_GUIDANCE = 1.5
 
 
 def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
