@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,compat]"
 	touch $@
 
 setup: $(VENV)/.installed

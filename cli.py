@@ -110,6 +110,13 @@ def _print_capture(summary) -> None:
         typer.echo(f"  {layer}: {n:,} token vectors in {summary.out_dir}/activations/{layer}/")
 
 
+def _print_saes(run: Path, results: dict) -> None:
+    for name, m in results.items():
+        splice = f", loss recovered {m['frac_loss_recovered']:.1%}" if "frac_loss_recovered" in m else ""
+        typer.echo(f"  SAE {name}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.1%}{splice} "
+                   f"-> {run}/sae/{name}/")
+
+
 def _next_steps(out_dir: Path) -> None:
     typer.echo("\nnext:")
     typer.echo(f"  python cli.py query {out_dir} \"SELECT layer, unit, avg(mean) AS mean FROM activity "
@@ -173,14 +180,17 @@ def run_all(
     prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
     steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
     tokens_per_step: TokensOpt = None, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
+    sae_k: Annotated[int | None, typer.Option(help="SAE active latents per token. [default: 16]")] = None,
+    sae_total_tokens: Annotated[int | None, typer.Option(help="SAE training tokens per layer. [default: 4M]")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run every stage (now: capture) on the demo model, or on a config; prints where results went."""
+    """Run every stage (capture, SAE training, feature recording) on the demo model or a config."""
     from backend.pipeline import run_all as run_pipeline
 
     summary = run_pipeline(_config_from_options(locals()), overwrite=overwrite)
     _print_capture(summary.stages["capture"])
-    typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, tables/)")
+    _print_saes(summary.out_dir, summary.stages.get("sae", {}))
+    typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, sae/, tables/)")
     _next_steps(summary.out_dir)
 
 
@@ -192,19 +202,34 @@ def train_sae(
     architecture: Annotated[str, typer.Option(help="topk, batchtopk or relu.")] = "topk",
     expansion: Annotated[int, typer.Option(help="Latents per input channel.")] = 8,
     k: Annotated[int, typer.Option(help="Active latents per token.")] = 16,
-    total_tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
+    total_tokens: Annotated[int, typer.Option(help="Training tokens per layer.")] = 4_000_000,
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
     lr: Annotated[float, typer.Option(help="Learning rate (0: scaled with 1/sqrt(latents)).")] = 0.0,
+    splice_samples: Annotated[int, typer.Option(help="Generations for the splice test (0: skip).")] = 32,
 ) -> None:
     """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/ and tables/sae_training."""
+    from backend.config import SAEStageConfig
     from backend.sae_stage import train_saes
-    from sae.train import SAETrainConfig
 
-    cfg = SAETrainConfig(architecture=architecture, expansion=expansion, k=k, total_tokens=total_tokens,
-                         batch_size=batch_size, lr=lr)
-    results = train_saes(run, layer or None, cfg)
-    for name, m in results.items():
-        typer.echo(f"{name}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.1%} -> {run}/sae/{name}/")
+    cfg = SAEStageConfig(architecture=architecture, expansion=expansion, k=k, total_tokens=total_tokens,
+                         batch_size=batch_size, lr=lr, layers=layer or [], splice_samples=splice_samples)
+    results = train_saes(run, cfg)
+    _print_saes(run, results)
+
+
+@app.command("export-sae")
+@user_errors
+def export_sae(
+    run: Annotated[Path, typer.Option(help="Run directory with trained SAEs.")] = Path("runs/demo"),
+    layer: LayerOpt = None,
+    format: Annotated[str, typer.Option("--format", help="Target format: saelens.")] = "saelens",
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: sae/<layer>/<format>/).")] = None,
+) -> None:
+    """Export trained SAEs for other tools (SAELens: `SAE.load_from_disk(dir)`)."""
+    from backend.sae_stage import export_saes
+
+    for name, path in export_saes(run, layer or None, format, out).items():
+        typer.echo(f"{name}: {path}")
 
 
 @demo_app.command("train")

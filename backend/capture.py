@@ -184,6 +184,7 @@ class SAEEncoder:
             raise DifflensError(str(exc)) from exc
         self.d_in = self.sae.cfg.d_in
         self.path = str(path)
+        self.identity = file_digest(Path(path) / "sae.safetensors")
 
     @torch.no_grad()
     def __call__(self, x_NC: torch.Tensor):
@@ -326,10 +327,11 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         manifest = store.read_manifest() or {}
         captured = manifest.get("stages", {}).get(STAGE, {}).get("status") == "done"
         stage = FEATURES_STAGE if encoders and captured else STAGE
+        sae_ids = {layer: getattr(e, "identity", "") for layer, e in (encoders or {}).items()}
         if stage == FEATURES_STAGE:
             dist.barrier()
-            if dist.is_main:
-                store.clear_stage_markers(FEATURES_STAGE)  # an SAE may have changed: always recompute
+            if dist.is_main and manifest.get("stages", {}).get(FEATURES_STAGE, {}).get("sae_ids") != sae_ids:
+                store.clear_stage_markers(FEATURES_STAGE)  # other SAEs than last time: recompute everything
             dist.barrier()
         model = model or load_model(cfg.model, device=device, dtype=parse_dtype(cfg.dtype))
         from backend.layers import check_layers
@@ -352,7 +354,8 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         if dist.is_main:
             store.write_table("steps", _steps_table(model, n_steps))
             store.update_stage(stage, status="running", started=time.time(), layers=c.layers, n_steps=n_steps,
-                               guidance=guidance, generations=len(gens))
+                               guidance=guidance, generations=len(gens),
+                               **({"sae_ids": sae_ids} if stage == FEATURES_STAGE else {}))
         run, skipped = 0, 0
         stats = WriteStats()
         pending: list[Future] = []

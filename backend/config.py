@@ -19,6 +19,13 @@ A run.toml looks like this (every key optional; these are the defaults for the d
     tokens_per_step = 64                # token vectors sampled per (generation, step) for SAE training
     read = "output"                     # or "delta" (output - input: the block's residual update)
     half = "cond"                       # CFG half to record: cond, uncond or both
+
+    [sae]                               # every field of SAEStageConfig (sae/train.py SAETrainConfig + below)
+    architecture = "topk"
+    expansion = 8                       # latents = expansion x channels
+    k = 16
+    total_tokens = 4_000_000
+    splice_samples = 32                 # generations used by the splice test (0: skip it)
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.errors import DifflensError
+from sae.train import SAETrainConfig
 
 DEMO_LAYERS = ["mid_block.attentions.0", "up_blocks.1.attentions.1"]
 
@@ -58,6 +66,25 @@ class CaptureConfig:
 
 
 @dataclass
+class SAEStageConfig(SAETrainConfig):
+    """SAE training settings of a run (see sae.train.SAETrainConfig), plus what the stage adds around it."""
+
+    total_tokens: int = 4_000_000
+    """Training tokens per layer (the demo run has 0.9M tokens on its 8x8 layer: a few passes)."""
+    batch_size: int = 4096
+    layers: list[str] = field(default_factory=list)
+    """Layers to train (empty: every captured layer)."""
+    splice_samples: int = 32
+    """Generations whose noise-prediction loss is measured with the SAE spliced in (0: skip the test)."""
+    record_features: bool = True
+    """After training, run the features capture pass (feature activity of every generation)."""
+
+    def train_config(self) -> SAETrainConfig:
+        own = {"layers", "splice_samples", "record_features"}
+        return SAETrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k not in own})
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; stored resolved in manifest.json."""
 
@@ -68,6 +95,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    sae: SAEStageConfig = field(default_factory=SAEStageConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -77,7 +105,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"capture": CaptureConfig}
+SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig}
 
 
 def _check_keys(obj: dict, cls, where: str) -> None:

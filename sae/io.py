@@ -29,14 +29,17 @@ def save_sae(sae: SAE, directory: str | Path, extra: dict | None = None) -> Path
     if sae.cfg.normalized:
         sae = sae.folded()
     tensors = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "difflens-sae"})
-    tmp.replace(directory / WEIGHTS_FILE)
+    _write_atomically(directory, WEIGHTS_FILE,
+                      lambda p: save_file(tensors, str(p), metadata={"format": "difflens-sae"}))
     cfg = sae.cfg.to_dict() | (extra or {})
-    tmp = directory / f".{CFG_FILE}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(directory / CFG_FILE)
+    _write_atomically(directory, CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     return directory
+
+
+def _write_atomically(directory: Path, name: str, writer) -> None:
+    tmp = directory / f".{name}.tmp"
+    writer(tmp)
+    tmp.replace(directory / name)
 
 
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -79,14 +82,14 @@ def export_saelens(sae: SAE, directory: str | Path, hook_name: str = "") -> Path
         "architecture": arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"hook_name": hook_name or sae.cfg.layer, "model_name": "difflens"},
+        "hook_name": hook_name or sae.cfg.layer, "model_name": "difflens",
     }
     if arch == "topk":
         cfg["k"] = sae.cfg.k
     tensors = {"W_enc": sae.W_enc_T.detach().T.contiguous().cpu(), "W_dec": sae.W_dec.detach().contiguous().cpu(),
                "b_enc": sae.b_enc.detach().cpu(), "b_dec": sae.b_dec.detach().cpu()}
-    save_file(tensors, str(directory / SAELENS_WEIGHTS))
-    (directory / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    _write_atomically(directory, SAELENS_WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _write_atomically(directory, CFG_FILE, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     return directory
 
 
@@ -105,7 +108,7 @@ def import_saelens(directory: str | Path) -> SAE:
     w = load_file(str(w_path))
     cfg = SAEConfig(d_in=raw["d_in"], n_latents=raw["d_sae"], k=raw.get("k", 1),
                     architecture="topk" if arch == "topk" else "relu",
-                    layer=raw.get("metadata", {}).get("hook_name", raw.get("hook_name", "")))
+                    layer=raw.get("hook_name") or raw.get("metadata", {}).get("hook_name") or "")
     sae = SAE(cfg)
     if not raw.get("apply_b_dec_to_input", True):
         # SAELens then encodes x (not x - b_dec): fold b_dec into b_enc so our (x - b_dec) form agrees

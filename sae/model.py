@@ -179,7 +179,7 @@ class SAE(nn.Module):
         out.b_enc.copy_(self.b_enc)
         out.b_dec.copy_(self.b_dec / s + mean)
         out.threshold.copy_(self.threshold)
-        return out
+        return out.train(self.training)
 
     def normalise(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Inputs mapped into the space this SAE's weights live in."""

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from sae.checkpoint import load_optimizer, load_state, optimizer_tensors, save_state
@@ -74,12 +77,41 @@ def geometric_median(x_ND: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> 
     return m
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _StepLoss(nn.Module):
+    """The training loss as a module, so DistributedDataParallel can wrap it (it owns the SAE's parameters)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.sae = trainer.sae
+        self._trainer = [trainer]  # not a submodule
+
+    def forward(self, x):
+        return self._trainer[0]._forward(x)
+
+
 class Trainer:
-    """Owns an SAE, its optimizer, the dead-latent counters and running metrics."""
+    """Owns an SAE, its optimizer, the dead-latent counters and running metrics.
+
+    Under torchrun (an initialised process group with world size W > 1) every rank reads the same global batch,
+    trains on its 1/W slice, and DistributedDataParallel averages the gradients: the same update as one process
+    on the whole batch. Dead-latent counters and metrics are summed over ranks.
+    """
 
     def __init__(self, sae: SAE, cfg: SAETrainConfig, total_steps: int):
         self.sae = sae
         self.cfg = cfg
+        self.rank, self.world = world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+        loss = _StepLoss(self)
+        self.loss = DistributedDataParallel(loss, broadcast_buffers=False) if self.world > 1 else loss
         n = sae.cfg.n_latents
         self.total_steps = total_steps
         self.lr = cfg.learning_rate(n)
@@ -137,7 +169,9 @@ class Trainer:
         sae = self.sae
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
-        loss, codes, x_hat, aux = self._forward(x)
+        if self.world > 1:
+            x = x.chunk(self.world)[self.rank]
+        loss, codes, x_hat, aux = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if sae.cfg.architecture != "relu":
@@ -154,19 +188,27 @@ class Trainer:
         active = codes.values > 0
         fired = torch.zeros_like(self.fire_count).index_add_(0, codes.indices[active],
                                                              torch.ones_like(codes.indices[active]))
+        xd = x.double()
+        sums = torch.stack([(x_hat.double() - xd).pow(2).sum(), (xd - xd.mean(0)).pow(2).sum(),
+                            active.sum().double(), torch.tensor(float(x.shape[0]), dtype=torch.float64),
+                            torch.tensor(aux, dtype=torch.float64)])
+        if self.world > 1:
+            dist.all_reduce(fired)
+            dist.all_reduce(sums)
+            sums[4] /= self.world
+        sse, sst, l0, n, aux = sums.tolist()
         self.fire_count += fired
-        self.since_fired += x.shape[0]
+        self.since_fired += int(n)
         self.since_fired[fired > 0] = 0
         w = self.win
-        xd = x.double()
-        w["sse"] += float((x_hat.double() - xd).pow(2).sum())
-        w["sst"] += float((xd - xd.mean(0)).pow(2).sum())
-        w["l0"] += float(active.sum())
-        w["n"] += x.shape[0]
+        w["sse"] += sse
+        w["sst"] += sst
+        w["l0"] += l0
+        w["n"] += int(n)
         w["aux"] += aux
         w["steps"] += 1
         self.step += 1
-        self.tokens += x.shape[0]
+        self.tokens += int(n)
 
     def metrics(self) -> dict:
         """Metrics over the steps since the last call: fvu, l0, dead and dense fractions."""
@@ -249,7 +291,7 @@ def train(reader: ShardReader, cfg: SAETrainConfig, checkpoint_dir: str | Path |
         log = meta.get("log", [])
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, initial=trainer.step, desc=f"train-sae {layer}".strip(), unit="step",
-               disable=not progress)
+               disable=not progress or trainer.rank != 0)
     batches = iter(reader)
     while trainer.step < total_steps:
         x = sae.normalise(next(batches).to(device))
@@ -264,8 +306,11 @@ def train(reader: ShardReader, cfg: SAETrainConfig, checkpoint_dir: str | Path |
                 on_log(row)
         stop = stop_at_step and trainer.step == stop_at_step
         if checkpoint_dir is not None and (trainer.step % cfg.checkpoint_every == 0 or last or stop):
-            tensors, meta = trainer.state(reader)
-            save_state(checkpoint_dir, tensors, meta | {"log": log, "train_cfg": asdict(cfg)})
+            if trainer.rank == 0:
+                tensors, meta = trainer.state(reader)
+                save_state(checkpoint_dir, tensors, meta | {"log": log, "train_cfg": asdict(cfg)})
+            if trainer.world > 1:
+                dist.barrier()
         if stop:
             bar.close()
             return None

@@ -16,7 +16,14 @@ README = (ROOT / "README.md").read_text()
 SHORTER = {
     ("demo-model", "train"): ["--steps", "2", "--batch-size", "4", "--out-dir", "scratch-model",
                               "--work-dir", "scratch-train"],
+    ("run-all",): ["--sae-total-tokens", "200000"],
+    ("train-sae",): ["--total-tokens", "200000"],
 }
+PROMPT_SUBSAMPLE = 6  # the scratch copy of data/prompts/demo.jsonl keeps every 6th prompt (60 of 360)
+
+
+def _shorter(args: list[str]) -> list[str]:
+    return SHORTER.get(tuple(args[:2]), SHORTER.get(tuple(args[:1]), []))
 
 
 def _examples():
@@ -35,6 +42,8 @@ def _examples():
 def test_every_readme_example_runs(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     shutil.copytree(ROOT / "data" / "prompts", tmp_path / "data" / "prompts")
+    demo_prompts = tmp_path / "data" / "prompts" / "demo.jsonl"
+    demo_prompts.write_text("".join(demo_prompts.read_text().splitlines(keepends=True)[::PROMPT_SUBSAMPLE]))
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     monkeypatch.chdir(tmp_path)
@@ -42,7 +51,7 @@ def test_every_readme_example_runs(tmp_path, monkeypatch):
     for kind, text in _examples():
         if kind == "cli":
             args = shlex.split(text)[2:]
-            args += SHORTER.get(tuple(args[:2]), [])
+            args += _shorter(args)
             proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
                                   capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, f"{text}\n{proc.stderr[-2000:]}"

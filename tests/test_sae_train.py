@@ -1,7 +1,15 @@
 """SAE training: it learns, resumes exactly, and writes a loadable checkpoint."""
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
 import numpy as np
+import pytest
 import torch
+from conftest import ROOT
 
 from sae.data import ShardReader
 from sae.io import load_sae, save_sae
@@ -60,3 +68,23 @@ def test_checkpoint_round_trip_and_folding(tmp_path):
 def test_geometric_median_resists_outliers():
     x = torch.cat([torch.randn(200, 3) * 0.1, torch.full((20, 3), 100.0)])
     assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each trains on half of every batch; DDP averages gradients."""
+    data = sparse_data(tmp_path / "d" if (tmp_path / "d").mkdir() is None else tmp_path)
+    c = cfg(total_tokens=30_000, dead_tokens=10**9)  # no AuxK: its normaliser is per-rank by design
+    single = train(ShardReader.from_dir(data, 512), c, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "ddp_train_worker.py"), str(data), str(tmp_path / "ddp"),
+                           json.dumps(asdict(c))],
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = load_sae(tmp_path / "ddp")
+    for k, v in single.sae.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[k], v, atol=1e-4, rtol=1e-4, msg=k)
+    logged = json.loads((tmp_path / "ddp" / "cfg.json").read_text())["log"]
+    assert [r["tokens"] for r in logged] == [r["tokens"] for r in single.log]  # tokens summed over ranks
+    assert logged[-1]["fvu"] == pytest.approx(single.log[-1]["fvu"], rel=0.05)
