@@ -121,7 +121,9 @@ def _next_steps(out_dir: Path) -> None:
     typer.echo("\nnext:")
     typer.echo(f"  python cli.py query {out_dir} \"SELECT layer, unit, avg(mean) AS mean FROM activity "
                "GROUP BY ALL ORDER BY mean DESC LIMIT 10\"")
-    typer.echo(f"  ls {out_dir}/images | head")
+    typer.echo(f"  ls {out_dir}/images {out_dir}/media")
+    if (out_dir / "tables" / "concept_summary.parquet").is_file():
+        typer.echo(f"  python cli.py query {out_dir} \"SELECT * FROM concept_summary\"")
 
 
 @app.command()
@@ -184,13 +186,16 @@ def run_all(
     sae_total_tokens: Annotated[int | None, typer.Option(help="SAE training tokens per layer. [default: 4M]")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run every stage (capture, SAE training, feature recording) on the demo model or a config."""
+    """Run every stage (capture, SAE training, feature recording, analysis) on the demo model or a config."""
     from backend.pipeline import run_all as run_pipeline
 
     summary = run_pipeline(_config_from_options(locals()), overwrite=overwrite)
     _print_capture(summary.stages["capture"])
     _print_saes(summary.out_dir, summary.stages.get("sae", {}))
-    typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, sae/, tables/)")
+    if "analysis" in summary.stages:
+        typer.echo("analysis:")
+        _print_analysis(summary.stages["analysis"])
+    typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, sae/, tables/, media/)")
     _next_steps(summary.out_dir)
 
 
@@ -230,6 +235,83 @@ def export_sae(
 
     for name, path in export_saes(run, layer or None, format, out).items():
         typer.echo(f"{name}: {path}")
+
+
+AnalysedRunOpt = Annotated[Path, typer.Option(help="Run directory (analysed with `analyze`).")]
+
+
+def _print_analysis(summary: dict) -> None:
+    for name, p in (summary.get("profiles") or {}).items():
+        typer.echo(f"  {name}: {p['units']} units ({p['dead']} dead, {p['dense']} dense), {p['peaks']} peaks")
+    for note in summary.get("pending", []):
+        typer.echo(f"  pending: {note}")
+    rows = (summary.get("concepts") or {}).get("summary", [])
+    if rows:
+        typer.echo(f"  {'layer':<28} {'kind':<8} {'mean best AUROC':>16} {'localisation':>13}")
+    for r in rows:
+        loc = "-" if r["localisation"] is None else f"{r['localisation']:.1%}"
+        typer.echo(f"  {r['layer']:<28} {r['kind']:<8} {r['mean_best_auroc']:>16.3f} {loc:>13}")
+    typer.echo(f"tables: {summary['out_dir']}/tables (units, profiles, peaks, examples, frequencies, comparisons, "
+               f"concepts); figures: {summary['out_dir']}/media/")
+
+
+@app.command()
+@user_errors
+def analyze(
+    run: AnalysedRunOpt = Path("runs/demo"),
+    top_k: Annotated[int | None, typer.Option(help="A channel is active when among its step's top-k channels. "
+                                                   "[default: the run's setting, else 20]")] = None,
+    examples: Annotated[int | None, typer.Option(help="Top generations per unit, overall and per peak step. "
+                                                      "[default: the run's setting, else 8]")] = None,
+) -> None:
+    """Profiles, peaks, top examples with heat-maps, group frequencies and comparisons, concept recovery, plots."""
+    from backend.analysis import analyze as run_analysis
+    from backend.analysis import config_of_run
+
+    cfg = config_of_run(run, top_k_channels=top_k, examples_top_n=examples)
+    _print_analysis(run_analysis(run, cfg))
+
+
+@app.command()
+@user_errors
+def compare(
+    group_a: Annotated[str, typer.Argument(help="Prompt group whose distinctive units are wanted.")],
+    group_b: Annotated[str, typer.Argument(help="Prompt group to compare against (same seeds).")],
+    run: AnalysedRunOpt = Path("runs/demo"),
+    multiplier: Annotated[float, typer.Option(help="Keep units with freq_a > multiplier * freq_b.")] = 2.0,
+    pseudo_count: Annotated[float, typer.Option(help="Pseudo-count of the log-odds ratio.")] = 0.5,
+    top: Annotated[int, typer.Option(help="Units to print per layer and kind.")] = 10,
+) -> None:
+    """Rank units by how much more often they fire for group A's prompts than for group B's (log-odds ratio)."""
+    from backend.analysis import config_of_run
+    from backend.analysis.compare import compare_run
+
+    ranked, png = compare_run(run, group_a, group_b,
+                              config_of_run(run, compare_multiplier=multiplier, compare_pseudo_count=pseudo_count))
+    for (layer, kind), rows in ranked.group_by(["layer", "kind"], maintain_order=True):
+        typer.echo(f"{layer} / {kind}: {len(rows)} units with freq_{group_a} > {multiplier:g} x freq_{group_b}")
+        typer.echo(f"  {'rank':>4} {'unit':>6} {'freq_' + group_a:>12} {'freq_' + group_b:>12} {'ratio':>8} "
+                   f"{'log-odds':>9}")
+        for r in rows.head(top).iter_rows(named=True):
+            typer.echo(f"  {r['rank']:>4} {r['unit']:>6} {r['freq_a']:>12.3f} {r['freq_b']:>12.3f} "
+                       f"{r['ratio']:>8.2f} {r['score']:>9.2f}")
+    if ranked.is_empty():
+        typer.echo(f"no unit fires more than {multiplier:g}x as often for {group_a} as for {group_b}")
+    typer.echo(f"histogram: {png}")
+
+
+@app.command()
+@user_errors
+def plots(
+    run: AnalysedRunOpt = Path("runs/demo"),
+    units: Annotated[int, typer.Option(help="Units per layer and kind (best concept units, then top peaks).")] = 6,
+) -> None:
+    """Write activity-profile figures (PNG, peaks marked) of the top units of an analysed run."""
+    from backend.analysis import config_of_run
+    from backend.analysis.plots import write_run_plots
+
+    paths = write_run_plots(run, config_of_run(run, plot_top_units=units))
+    typer.echo(f"wrote {len(paths)} figures to {run}/media/plots/")
 
 
 @demo_app.command("train")

@@ -26,6 +26,10 @@ A run.toml looks like this (every key optional; these are the defaults for the d
     k = 16
     total_tokens = 4_000_000
     splice_samples = 32                 # generations used by the splice test (0: skip it)
+
+    [analysis]                          # every field of backend/analysis/config.py AnalysisConfig
+    top_k_channels = 20                 # a channel is active when among its step's top-k channels
+    examples_top_n = 8                  # top generations per unit (over all steps and per peak step)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
 from sae.train import SAETrainConfig
 
@@ -96,6 +101,7 @@ class RunConfig:
     dtype: str = "float32"
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -105,7 +111,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig}
+SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig, "analysis": AnalysisConfig}
 
 
 def _check_keys(obj: dict, cls, where: str) -> None:
@@ -158,6 +164,9 @@ def override(cfg: RunConfig, **options) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
+    from backend.analysis.config import validate as validate_analysis
+
+    validate_analysis(cfg.analysis)
     c = cfg.capture
     if c.read not in ("output", "delta"):
         raise DifflensError(f"capture.read is {c.read!r}; use output or delta")

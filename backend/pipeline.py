@@ -1,6 +1,7 @@
 """run-all: every stage in order on one config, each resuming where it stopped.
 
 capture -> sae (train one SAE per layer, splice test) -> features (capture pass recording SAE feature activity)
+-> analysis (profiles, peaks, examples, frequencies, comparisons, concepts, plots; rank 0 only)
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend import distributed
 from backend.config import RunConfig
 
 
@@ -24,10 +26,16 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
     from backend.store import RunStore
 
     summary = RunAllSummary(cfg.out_dir)
-    summary.stages["capture"] = capture(cfg, overwrite=overwrite, progress=progress)
-    summary.stages["sae"] = train_saes(cfg.out_dir, cfg.sae, progress=progress)
-    if cfg.sae.record_features:
-        store = RunStore(cfg.out_dir)
-        encoders = {layer: SAEEncoder(store.sae_dir(layer), device=cfg.device) for layer in summary.stages["sae"]}
-        summary.stages["features"] = capture(cfg, encoders=encoders, progress=progress)
+    with distributed.distributed(cfg.device):  # one process group for every stage under torchrun / srun
+        summary.stages["capture"] = capture(cfg, overwrite=overwrite, progress=progress)
+        summary.stages["sae"] = train_saes(cfg.out_dir, cfg.sae, progress=progress)
+        if cfg.sae.record_features:
+            store = RunStore(cfg.out_dir)
+            encoders = {layer: SAEEncoder(store.sae_dir(layer), device=distributed.local_device(cfg.device))
+                        for layer in summary.stages["sae"]}
+            summary.stages["features"] = capture(cfg, encoders=encoders, progress=progress)
+        if distributed.from_env().is_main:  # analysis needs no collectives: the other ranks are done here
+            from backend.analysis import analyze
+
+            summary.stages["analysis"] = analyze(cfg.out_dir, cfg.analysis, progress=progress)
     return summary

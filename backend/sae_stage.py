@@ -44,7 +44,8 @@ def train_saes(run_dir: str | Path, cfg: SAEStageConfig, progress: bool = True) 
             saved = _saved_metrics(store, layer, train_cfg)
             dist.barrier()
             if saved is None:
-                saved = _train_layer(store, layer, train_cfg, progress, write=dist.is_main)
+                device = distributed.local_device(manifest["config"].get("device", "cpu"))
+                saved = _train_layer(store, layer, train_cfg, progress, write=dist.is_main, device=device)
             if dist.is_main:
                 if cfg.splice_samples and "frac_loss_recovered" not in saved:
                     saved |= _splice(store, manifest, layer, cfg.splice_samples)
@@ -70,15 +71,16 @@ def _saved_metrics(store: RunStore, layer: str, train_cfg: SAETrainConfig) -> di
     return saved.get("metrics")
 
 
-def _train_layer(store: RunStore, layer: str, cfg: SAETrainConfig, progress: bool, write: bool = True) -> dict:
+def _train_layer(store: RunStore, layer: str, cfg: SAETrainConfig, progress: bool, write: bool = True,
+                 device: str = "cpu") -> dict:
     """Train one layer's SAE (every rank under torchrun); the writer rank saves it and its curve."""
     t0 = time.time()
     try:
         reader = ShardReader.from_dir(store.activations_dir(layer), cfg.batch_size, seed=cfg.seed)
         result = train(reader, cfg, checkpoint_dir=store.sae_dir(layer) / "checkpoint", layer=layer,
-                       progress=progress)
-        final = reconstruction_stats(result.sae, ShardReader.from_dir(store.activations_dir(layer),
-                                                                      cfg.batch_size, seed=cfg.seed + 99))
+                       device=device, progress=progress)
+        final = reconstruction_stats(result.sae.cpu(), ShardReader.from_dir(store.activations_dir(layer),
+                                                                            cfg.batch_size, seed=cfg.seed + 99))
     except SAEDataError as exc:
         raise DifflensError(str(exc)) from exc
     last = result.log[-1]

@@ -4,9 +4,10 @@
 
 Both start from the same weights (unit-norm decoder rows, encoder = decoder^T, b_dec = data mean), see the same
 batches in the same order, use Adam at the same learning rate with gradient clipping at 1.0, and run in this one
-process. Reported: tokens/s of each and their ratio, the one-GEMM bound (batch / time of one dense
-[B, d] x [d, n] product, measured here) and the fraction of it we reach, and the FVU of each on held-out data
-after the same number of tokens.
+process with their steps interleaved (ours, SAELens's, one dense GEMM, ...), so that load from other processes
+slows all three alike. Reported: tokens/s of each and their ratio, the one-GEMM bound (batch / time of one dense
+[B, d] x [d, n] product) and the fraction of it we reach, and the FVU of each on held-out data after the same
+number of tokens.
 """
 
 from __future__ import annotations
@@ -114,20 +115,20 @@ def main() -> None:
 
     W_DN = init["W_dec"].T.contiguous()
     gemm = []
-    for _ in range(8):
-        t = time.perf_counter()
-        batches[0] @ W_DN
-        gemm.append(time.perf_counter() - t)
-    gemm_s = statistics.median(gemm[2:])
 
+    # Interleaved (ours, theirs, ours, ...) so that load from other processes hits both alike.
+    trainers = {"difflens": our_trainer(d, n, k, b, args.lr, init), "saelens": saelens_trainer(d, n, k, args.lr, init)}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for x in batches:
+        for name, (step, _) in trainers.items():
+            times[name] += time_steps(step, [x])
+        gemm += time_steps(lambda x: x @ W_DN, [x])
+    gemm_s = statistics.median(gemm[2:])
     results = {}
-    for name, make in (("difflens", lambda: our_trainer(d, n, k, b, args.lr, init)),
-                       ("saelens", lambda: saelens_trainer(d, n, k, args.lr, init))):
-        step, forward = make()
-        times = time_steps(step, batches)
+    for name, (_, forward) in trainers.items():
         with torch.no_grad():
             final_fvu = fvu(forward(held_out), held_out)
-        step_s = statistics.median(times[2:])
+        step_s = statistics.median(times[name][2:])
         results[name] = {"step_ms": step_s * 1e3, "tokens_per_s": b / step_s, "fvu": final_fvu}
         print(f"{name:9s} step {step_s * 1e3:7.1f} ms  {b / step_s:8.0f} tokens/s  FVU after "
               f"{args.steps * b:,} tokens {final_fvu:.4f}", flush=True)

@@ -270,7 +270,24 @@ def init_sae(reader: ShardReader, cfg: SAETrainConfig, layer: str = "", device="
             sae.b_dec.copy_(sample.mean(0))
         else:
             raise ValueError(f"b_dec_init must be mean or geometric_median, got {cfg.b_dec_init!r}")
+    scale_encoder_to_data(sae, sample)
     return sae
+
+
+@torch.no_grad()
+def scale_encoder_to_data(sae: SAE, sample_ND: torch.Tensor) -> float:
+    """Scale the (transposed-decoder) encoder so the initial reconstructions have the data's norm.
+
+    With unit-norm decoder rows the codes set the reconstruction's scale; a random start gives codes far too
+    small, and Adam would spend its first hundreds of steps growing them. Returns the factor applied.
+    """
+    if sae.cfg.architecture == "relu":
+        return 1.0
+    centred = sample_ND - sae.b_dec
+    x_hat = sae.decode(sae.select(sae.pre_acts(sample_ND))) - sae.b_dec
+    factor = float(centred.norm(dim=1).mean() / x_hat.norm(dim=1).mean().clamp_min(1e-12))
+    sae.W_enc_T.mul_(factor)
+    return factor
 
 
 def train(reader: ShardReader, cfg: SAETrainConfig, checkpoint_dir: str | Path | None = None,

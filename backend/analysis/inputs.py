@@ -1,0 +1,122 @@
+"""What analysis reads from a run: its generations, steps, activity partitions, and a DuckDB connection.
+
+A partition is one (layer, kind) of the activity table. Feature partitions are analysed only once the pass
+that wrote them finished; an unfinished one is reported as pending rather than analysed half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from backend.analysis.config import AnalysisConfig
+from backend.errors import DifflensError
+from backend.store import RunStore
+
+ANALYSIS_TABLES = ("profiles", "units", "peaks", "examples", "frequencies", "comparisons", "concepts",
+                   "concept_summary")
+
+
+@dataclass
+class Partition:
+    """The activity of one (layer, kind)."""
+
+    layer: str
+    kind: str
+    files: list[str]
+    n_units: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}/{self.kind}"
+
+
+@dataclass
+class RunInputs:
+    store: RunStore
+    manifest: dict
+    gens: pl.DataFrame
+    """generations sorted by gen_id, plus `g` (index of its group in `groups`) and `p` (index of its prompt)."""
+    groups: list[str]
+    timesteps: np.ndarray
+    partitions: list[Partition]
+    pending: list[str]
+    """Why some partitions were left out (e.g. a feature pass still running)."""
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def connect(cfg: AnalysisConfig) -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(config={"memory_limit": cfg.duckdb_memory_limit, "threads": cfg.duckdb_threads})
+
+
+def open_run(run_dir: str | Path) -> tuple[RunStore, dict]:
+    """The run's store and manifest; a run without a finished capture is a user error."""
+    store = RunStore(run_dir)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise DifflensError(f"{run_dir} is not a run directory (no manifest.json); run `python cli.py run-all` first")
+    if manifest.get("stages", {}).get("capture", {}).get("status") != "done":
+        raise DifflensError(f"{run_dir} has no finished capture; rerun `python cli.py capture` to complete it")
+    return store, manifest
+
+
+def load_inputs(run_dir: str | Path) -> RunInputs:
+    store, manifest = open_run(run_dir)
+    gens = store.read_table("generations").sort("gen_id")
+    groups = sorted(gens["group"].unique().to_list())
+    prompts = gens["prompt"].unique(maintain_order=True).to_list()
+    gens = gens.with_columns(
+        g=pl.col("group").replace_strict(groups, list(range(len(groups))), return_dtype=pl.Int32),
+        p=pl.col("prompt").replace_strict(prompts, list(range(len(prompts))), return_dtype=pl.Int32),
+    )
+    timesteps = store.read_table("steps").sort("step")["timestep"].to_numpy()
+    partitions, pending = _partitions(store, manifest)
+    if not partitions:
+        raise DifflensError(f"{store.root} has no activity tables; rerun `python cli.py capture`")
+    return RunInputs(store, manifest, gens, groups, timesteps, partitions, pending)
+
+
+def _partitions(store: RunStore, manifest: dict) -> tuple[list[Partition], list[str]]:
+    stages = manifest.get("stages", {})
+    features_stage = stages.get("features")
+    out, pending = [], []
+    for kind_dir in sorted(store.table_dir("activity").glob("layer=*/kind=*")):
+        layer, kind = kind_dir.parent.name.split("=", 1)[1], kind_dir.name.split("=", 1)[1]
+        files = sorted(str(p) for p in kind_dir.glob("*.parquet"))
+        if not files:
+            continue
+        if kind == "feature" and features_stage is not None and features_stage.get("status") != "done":
+            pending.append(f"{layer}/feature: the feature pass has not finished (rerun run-all)")
+            continue
+        out.append(Partition(layer, kind, files, _n_units(store, layer, kind, files)))
+    return out, pending
+
+
+def _n_units(store: RunStore, layer: str, kind: str, files: list[str]) -> int:
+    """Channels: as recorded; features: the SAE's width (never-active features still count as units)."""
+    cfg_path = store.sae_dir(layer) / "cfg.json"
+    if kind == "feature" and cfg_path.is_file():
+        return int(json.loads(cfg_path.read_text())["n_latents"])
+    with duckdb.connect() as con:
+        top = con.execute("SELECT max(unit) FROM read_parquet(?)", [files]).fetchone()[0]
+    return int(top) + 1 if top is not None else 0
+
+
+def fingerprint(inputs: RunInputs) -> str:
+    """Changes whenever an input table file changes (name, size or modification time)."""
+    h = hashlib.sha256()
+    paths = [f for p in inputs.partitions for f in p.files]
+    paths += sorted(str(p) for p in inputs.store.table_dir("generations").glob("*.parquet"))
+    for path in paths:
+        st = Path(path).stat()
+        h.update(f"{Path(path).relative_to(inputs.store.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
