@@ -247,12 +247,15 @@ def _print_analysis(summary: dict) -> None:
         typer.echo(f"  pending: {note}")
     rows = (summary.get("concepts") or {}).get("summary", [])
     if rows:
-        typer.echo(f"  {'layer':<28} {'kind':<8} {'mean best AUROC':>16} {'localisation':>13}")
+        typer.echo(f"  {'layer':<28} {'kind':<8} {'mean best AUROC':>16} {'shape-unit localisation':>24} "
+                   f"{'best localising unit':>21}")
     for r in rows:
         loc = "-" if r["localisation"] is None else f"{r['localisation']:.1%}"
-        typer.echo(f"  {r['layer']:<28} {r['kind']:<8} {r['mean_best_auroc']:>16.3f} {loc:>13}")
+        best = ("-" if r.get("best_localisation") is None
+                else f"{r['best_localisation']:.1%} (#{r['best_localising_unit']})")
+        typer.echo(f"  {r['layer']:<28} {r['kind']:<8} {r['mean_best_auroc']:>16.3f} {loc:>24} {best:>21}")
     typer.echo(f"tables: {summary['out_dir']}/tables (units, profiles, peaks, examples, frequencies, comparisons, "
-               f"concepts); figures: {summary['out_dir']}/media/")
+               f"concepts, localisation, concept_summary); figures: {summary['out_dir']}/media/")
 
 
 @app.command()
@@ -312,6 +315,33 @@ def plots(
 
     paths = write_run_plots(run, config_of_run(run, plot_top_units=units))
     typer.echo(f"wrote {len(paths)} figures to {run}/media/plots/")
+
+
+@app.command()
+@user_errors
+def dream(
+    run: AnalysedRunOpt = Path("runs/demo"),
+    layer: Annotated[str, typer.Option(help="Hook point of the unit (see `python cli.py layers`).")]
+    = "up_blocks.1.attentions.1",
+    kind: Annotated[str, typer.Option(help="channel, or feature (needs the run's SAE of the layer).")] = "channel",
+    unit: Annotated[int, typer.Option(help="Channel index, or SAE feature index.")] = 0,
+    seeds: Annotated[int, typer.Option(help="Dreams optimised together, with seeds 0..n-1.")] = 4,
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 100,
+    snapshot_every: Annotated[int, typer.Option(help="Record activation, penalties and image every N steps.")] = 10,
+) -> None:
+    """Deep dream: optimise an image so one unit fires at step 0 and its peak steps; snapshots go to `dreams`."""
+    from backend.dream import default_config, dream_run
+
+    cfg = default_config(kind)
+    cfg.opt_steps, cfg.snapshot_every = steps, snapshot_every
+    s = dream_run(run, layer, kind, unit, cfg, seeds=list(range(seeds)))
+    for note in s["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"dreamed {layer} / {kind} {unit} at steps {s['target_steps']} ({len(s['seeds'])} seeds, "
+               f"{s['opt_steps']} steps, {s['seconds']:.1f} s): activation {s['activation_start']:.3f} -> "
+               f"{s['activation_end']:.3f}")
+    typer.echo(f"table: {run}/{s['table']}")
+    typer.echo(f"images: {run}/{s['images']}/ (final: {', '.join(s['final_images'])})")
 
 
 @demo_app.command("train")

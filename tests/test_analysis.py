@@ -13,7 +13,14 @@ from typer.testing import CliRunner
 
 from backend.analysis import AnalysisConfig
 from backend.analysis.compare import check_same_seeds, compare_groups, compare_run, log_odds_ratio
-from backend.analysis.concepts import auroc_PC, concept_labels, heatmap_centroid, localisation, nearest_region
+from backend.analysis.concepts import (
+    auroc_PC,
+    concept_labels,
+    heatmap_centroid,
+    localisation,
+    nearest_region,
+    unit_localisation,
+)
 from backend.analysis.examples import select_examples
 from backend.analysis.frequencies import frequencies_table
 from backend.analysis.inputs import connect, load_inputs
@@ -266,6 +273,25 @@ def test_localisation_counts_examples_whose_centroid_is_in_the_prompt_region():
                              "heatmap": [left.ravel().tolist(), right.ravel().tolist(), right.ravel().tolist(),
                                          left.ravel().tolist()], "height": [4] * 4, "width": [4] * 4})
     assert localisation(examples, gens, [7], "position", POSITION_CENTRES) == (2, 3)
+
+
+def test_unit_localisation_ranks_units_and_counts_positions():
+    left, right = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32)
+    left[:, 0], right[:, 3] = 1, 1
+    pos = ("left", "right", "left", "right")
+    gens = pl.DataFrame({"gen_id": [0, 1, 2, 3], "attributes": [json.dumps({"position": p}) for p in pos]})
+    maps = {"left": left.ravel().tolist(), "right": right.ravel().tolist()}
+    # unit 3 follows the object (4/4 over 2 positions); unit 5 always lights the left (2/4); unit 9 has one
+    # left example (1/1, 1 position); the step-3 row of unit 5 does not count
+    rows = [(3, -1, g, maps[pos[g]]) for g in range(4)] + [(5, -1, g, maps["left"]) for g in range(4)]
+    rows += [(9, -1, 0, maps["left"]), (5, 3, 1, maps["right"])]
+    examples = pl.DataFrame({"unit": [r[0] for r in rows], "step": [r[1] for r in rows],
+                             "gen_id": [r[2] for r in rows], "heatmap": [r[3] for r in rows],
+                             "height": [4] * len(rows), "width": [4] * len(rows)})
+    got = unit_localisation(examples, gens, "position", POSITION_CENTRES)
+    assert got.select("unit", "examples", "positions", "hits", "rank").rows() == [
+        (3, 4, 2, 4, 1), (9, 1, 1, 1, 2), (5, 4, 2, 2, 3)]
+    assert got["share"].to_list() == [1.0, 1.0, 0.5]
 
 
 # ---------------------------------------------------------------- the compare command on a hand-made run

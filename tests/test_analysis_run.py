@@ -21,7 +21,7 @@ from sae.io import save_sae
 from sae.train import SAETrainConfig, train
 
 FEATURE_LAYER = "up_blocks.1.attentions.1"
-TABLES = ("units", "profiles", "peaks", "examples", "frequencies", "comparisons", "concepts")
+TABLES = ("units", "profiles", "peaks", "examples", "frequencies", "comparisons", "concepts", "localisation")
 SMALL = dict(examples_top_n=3)  # what `python cli.py analyze --examples 3` runs
 
 
@@ -59,6 +59,7 @@ def test_every_table_is_written_for_every_layer_and_kind(run_dir):
     summary = pl.read_parquet(run_dir / "tables" / "concept_summary.parquet")
     assert summary.height == 3 and summary["mean_best_auroc"].is_between(0.5, 1.0).all()
     assert (summary["localised_examples"] > 0).all()
+    assert summary["best_localisation"].drop_nulls().is_between(0.0, 1.0).all()
     figures = list((run_dir / "media" / "plots").rglob("*.png"))
     assert figures and all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)
     assert len(list((run_dir / "media" / "compare").glob("*.png"))) == 4 * 3  # every ordered pair of colours

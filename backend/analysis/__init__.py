@@ -7,6 +7,7 @@ concept recovery and figures (tables of ../shared/DESIGN.md, per (layer, kind) a
   3. examples                 top generations per unit, heat-maps by replay (examples.py)
   4. comparisons              every ordered pair of prompt groups, when there are few (compare.py)
   5. concepts                 AUROC per attribute value, heat-map localisation of position (concepts.py)
+                              -> concepts, localisation, concept_summary
   6. plots                    profile figures of top units (plots.py)
 Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; a
 change of the inputs (activity or generations files) or of the config recomputes everything.
@@ -163,7 +164,13 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
     import pyarrow as pa
 
     from backend import shapes
-    from backend.analysis.concepts import best_auroc, concept_labels, concepts_table, localisation
+    from backend.analysis.concepts import (
+        best_auroc,
+        concept_labels,
+        concepts_table,
+        localisation,
+        unit_localisation,
+    )
 
     labels = concept_labels(inputs.gens, cfg.spatial_attributes)
     if labels is None:
@@ -178,19 +185,28 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
         table = concepts_table(labels.names, best_UC, step_UC, cfg.concepts_top_n)
         _write_part(inputs.store, "concepts", part, table)
         row = {"layer": part.layer, "kind": part.kind, "concepts": len(labels.names),
-               "mean_best_auroc": float(best_UC.max(0).mean()), "localisation": None, "localised_examples": 0}
+               "mean_best_auroc": float(best_UC.max(0).mean()), "localisation": None, "localised_examples": 0,
+               "best_localisation": None, "best_localising_unit": None}
         if can_localise:
+            examples = read_part(inputs.store, "examples", part)
             prefix = f"{cfg.localise_attribute}="
             best_units = [int(best_UC[:, c].argmax()) for c, n in enumerate(labels.names) if n.startswith(prefix)]
             if best_units:
-                hits, total = localisation(read_part(inputs.store, "examples", part), inputs.gens, best_units,
-                                           spatial, shapes.POSITION_CENTRES)
+                hits, total = localisation(examples, inputs.gens, best_units, spatial, shapes.POSITION_CENTRES)
                 row["localisation"] = hits / total if total else None
                 row["localised_examples"] = total
+            per_unit = unit_localisation(examples, inputs.gens, spatial, shapes.POSITION_CENTRES)
+            _write_part(inputs.store, "localisation", part, per_unit.to_arrow())
+            full = per_unit.filter((pl.col("examples") >= cfg.examples_top_n)
+                                   & (pl.col("positions") >= cfg.localise_min_positions))
+            if full.height:
+                row["best_localisation"] = float(full["share"][0])
+                row["best_localising_unit"] = int(full["unit"][0])
         rows.append(row)
     inputs.store.write_table("concept_summary", pa.Table.from_pylist(rows, schema=pa.schema([
         ("layer", pa.string()), ("kind", pa.string()), ("concepts", pa.int32()), ("mean_best_auroc", pa.float64()),
-        ("localisation", pa.float64()), ("localised_examples", pa.int32())])))
+        ("localisation", pa.float64()), ("localised_examples", pa.int32()), ("best_localisation", pa.float64()),
+        ("best_localising_unit", pa.int32())])))
     return {"summary": rows}
 
 

@@ -8,9 +8,14 @@ Mann-Whitney statistic on ranks (ties get average ranks), vectorised over units,
     AUROC = (sum of positive ranks - P (P + 1) / 2) / (P N)
 
 A unit that fires *less* for a concept scores below 0.5: only units that signal presence count.
-Spatial attributes (position) are scored by heat-map localisation instead: for the best unit of each value of
-cfg.localise_attribute (shape), the share of its top examples (step -1) whose heat-map centroid (weights:
-the map above its own mean) is nearer the centre of the prompt's position than any other position centre.
+Spatial attributes (position) are scored by heat-map localisation instead. A unit's localisation is the share
+of its top examples (step -1) whose heat-map centroid (weights: the map above its own mean) is nearer the
+centre of the prompt's position than any other position centre. Two summaries per (layer, kind):
+  - `localisation`: pooled over the best unit of each value of cfg.localise_attribute (shape) — do the units
+    that say *what* the object is also say *where* it is?
+  - `best_localisation`: the best-localising unit among those whose top examples show the object in at least
+    cfg.localise_min_positions different positions (so a unit that only fires for "on the left" cannot win by
+    firing on the left) — does any unit follow the object around? The `localisation` table ranks every unit.
 
 Activity is read in chunks of units (the files are sorted by unit, so DuckDB skips the rest); memory is one
 chunk of [units, steps, generations].
@@ -128,6 +133,31 @@ def nearest_region(xy: tuple[float, float], centres: dict[str, tuple[float, floa
     names = list(centres)
     d = [(xy[0] - centres[n][0]) ** 2 + (xy[1] - centres[n][1]) ** 2 for n in names]
     return names[int(np.argmin(d))]
+
+
+def unit_localisation(examples: pl.DataFrame, gens: pl.DataFrame, position_attr: str,
+                      centres: dict[str, tuple[float, float]]) -> pl.DataFrame:
+    """Per unit: examples (step -1 rows with a positioned prompt), positions (distinct prompt positions among
+    them), hits (centroid in the prompt's region), share = hits / examples, rank (by share, then examples)."""
+    rows = (examples.filter(pl.col("step") == -1)
+            .join(gens.select("gen_id", "attributes"), on="gen_id")
+            .select("unit", "heatmap", "height", "width", "attributes"))
+    units, hits, targets = [], [], []
+    for unit, heatmap, h, w, attrs in rows.iter_rows():
+        target = json.loads(attrs).get(position_attr)
+        if target not in centres:
+            continue
+        xy = heatmap_centroid(np.asarray(heatmap, np.float32).reshape(h, w))
+        units.append(unit)
+        hits.append(xy is not None and nearest_region(xy, centres) == target)
+        targets.append(target)
+    per = (pl.DataFrame({"unit": units, "hit": hits, "target": targets},
+                        schema={"unit": pl.Int32, "hit": pl.Int32, "target": pl.String})
+           .group_by("unit").agg(examples=pl.len().cast(pl.Int32), positions=pl.col("target").n_unique().cast(pl.Int32),
+                                 hits=pl.col("hit").sum()))
+    return (per.with_columns(share=pl.col("hits") / pl.col("examples"))
+            .sort(["share", "examples", "unit"], descending=[True, True, False])
+            .with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32)))
 
 
 def localisation(examples: pl.DataFrame, gens: pl.DataFrame, units: list[int], position_attr: str,

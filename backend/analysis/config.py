@@ -50,6 +50,8 @@ class AnalysisConfig:
     """Prompt attributes scored by heat-map localisation instead of AUROC."""
     localise_attribute: str = "shape"
     """The best unit of each value of this attribute is checked for localisation of the spatial attribute."""
+    localise_min_positions: int = 3
+    """The best-localising unit is chosen among units whose top examples span at least this many positions."""
     plot_top_units: int = 6
     """Units per (layer, kind) that get a profile figure: best concept units, then the highest peaks."""
     duckdb_memory_limit: str = "2GB"

@@ -20,7 +20,7 @@ from backend.errors import DifflensError
 from backend.store import RunStore
 
 ANALYSIS_TABLES = ("profiles", "units", "peaks", "examples", "frequencies", "comparisons", "concepts",
-                   "concept_summary")
+                   "localisation", "concept_summary")
 
 
 @dataclass
