@@ -184,9 +184,14 @@ def run_all(
     tokens_per_step: TokensOpt = None, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
     sae_k: Annotated[int | None, typer.Option(help="SAE active latents per token. [default: 16]")] = None,
     sae_total_tokens: Annotated[int | None, typer.Option(help="SAE training tokens per layer. [default: 4M]")] = None,
+    interventions_top_units: Annotated[int | None, typer.Option(
+        help="Units per layer and kind steered and dreamed. [default: 2]")] = None,
+    interventions_dream_steps: Annotated[int | None, typer.Option(
+        help="Deep-dream optimisation steps. [default: 100]")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run every stage (capture, SAE training, feature recording, analysis) on the demo model or a config."""
+    """Run every stage (capture, SAE training, feature recording, analysis, interventions) on the demo model or a
+    config."""
     from backend.pipeline import run_all as run_pipeline
 
     summary = run_pipeline(_config_from_options(locals()), overwrite=overwrite)
@@ -195,6 +200,9 @@ def run_all(
     if "analysis" in summary.stages:
         typer.echo("analysis:")
         _print_analysis(summary.stages["analysis"])
+    if "interventions" in summary.stages:
+        typer.echo("interventions:")
+        _print_interventions(summary.out_dir, summary.stages["interventions"])
     typer.echo(f"run directory: {summary.out_dir} (manifest.json, images/, activations/, sae/, tables/, media/)")
     _next_steps(summary.out_dir)
 
@@ -342,6 +350,151 @@ def dream(
                f"{s['activation_end']:.3f}")
     typer.echo(f"table: {run}/{s['table']}")
     typer.echo(f"images: {run}/{s['images']}/ (final: {', '.join(s['final_images'])})")
+
+
+@app.command()
+@user_errors
+def intervene(run: AnalysedRunOpt = Path("runs/demo")) -> None:
+    """run-all's interventions stage on an analysed run: steered priors and dreams of the top units, feature
+    edits, concept steering, block ablation (settings: the run config's [interventions] section)."""
+    from backend.intervention_stage import InterventionsConfig, run_interventions
+    from backend.store import RunStore
+
+    saved = ((RunStore(run).read_manifest() or {}).get("config") or {}).get("interventions") or {}
+    summary = run_interventions(run, InterventionsConfig(**saved))
+    _print_interventions(run, summary)
+
+
+def _print_interventions(run: Path, summary: dict) -> None:
+    for name, result in (summary.get("results") or {}).items():
+        typer.echo(f"  {name}: {result}")
+    typer.echo(f"tables: {run}/tables (interventions, steering_success, ablations, dreams); images: {run}/media/")
+
+
+def _seeds(text: str) -> list[int]:
+    from backend.errors import DifflensError
+
+    try:
+        if "-" in text.strip("-"):
+            a, b = text.split("-", 1)
+            return list(range(int(a), int(b) + 1))
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise DifflensError(f"seeds {text!r} not understood; use a range 0-7 or a list 0,3,5") from None
+
+
+SeedsOpt = Annotated[str, typer.Option(help="Seeds: a range 0-7 or a list 0,3,5.")]
+NStepsOpt = Annotated[int | None, typer.Option(help="Denoising steps. [default: the run's]")]
+RunGuidanceOpt = Annotated[float | None, typer.Option(help="CFG scale with --prompt. [default: the run's]")]
+
+
+@app.command()
+@user_errors
+def steer(
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Hook point whose output is steered.")],
+    unit: Annotated[int, typer.Option(help="Channel or feature index.")],
+    kind: Annotated[str, typer.Option(help="channel, or feature (an SAE decoder row; needs sae/<layer>/).")]
+    = "feature",
+    run: AnalysedRunOpt = Path("runs/demo"),
+    scale: Annotated[float, typer.Option(help="Strength = scale x the unit's max activation (units table).")] = 4.0,
+    strength: Annotated[float | None, typer.Option(help="Absolute strength; overrides --scale.")] = None,
+    steps: Annotated[str, typer.Option(help="active (the unit's active steps), all, late, or a window 3-8.")]
+    = "active",
+    mask: Annotated[str | None, typer.Option(help="left, right, top, bottom, center, object (demo), or a .npy/.png.")]
+    = None,
+    prompt: Annotated[str | None, typer.Option(help="Steer this prompt, shown beside the unsteered image; without "
+                                                    "it: the steered prior (empty prompt, no guidance).")] = None,
+    seeds: SeedsOpt = "0-3", n_steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+) -> None:
+    """Add strength x a unit's direction to a layer's output and compare with the unsteered images."""
+    from backend.interventions import steer_run
+
+    res = steer_run(run, layer, kind, unit, scale=scale, strength=strength, steps=steps, mask=mask,
+                    mode="prompt" if prompt else "prior", prompt=prompt, seeds=_seeds(seeds), n_steps=n_steps,
+                    guidance=guidance)
+    rows = res.rows
+    typer.echo(f"steered {kind} {unit} of {layer}: strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
+    for r in rows.iter_rows(named=True):
+        changed = r["changed_attributes"] if r["changed_attributes"] not in (None, "{}") else ""
+        typer.echo(f"  seed {r['seed']}: effect {r['effect']:.3f} {changed}")
+    typer.echo(f"grid: {res.grid}\ntable: {res.shard}")
+
+
+@app.command("steer-report")
+@user_errors
+def steer_report(
+    run: AnalysedRunOpt = Path("runs/demo"),
+    layer: Annotated[str | None, typer.Option("--layer", "-l", help="Layer. [default: every layer in concepts]")]
+    = None,
+    kind: Annotated[str, typer.Option(help="feature or channel.")] = "feature",
+    scale: Annotated[float | None, typer.Option(help="Relative strength. [default: 6, chosen on the demo]")] = None,
+    steps: Annotated[str, typer.Option(help="late, all, active, or a window 3-8.")] = "late",
+    mask: Annotated[str, typer.Option(help="object (the shape in each baseline), none, or a region.")] = "object",
+    attribute: Annotated[list[str] | None, typer.Option("--attribute", help="Attribute; repeat. [default: colour]")]
+    = None,
+    seeds: SeedsOpt = "0-9",
+) -> None:
+    """Demo model: how often steering each concept's best unit turns images to that concept."""
+    from backend.interventions import REPORT_SCALE, concept_steering_report
+
+    table = concept_steering_report(run, layer, kind, scale=REPORT_SCALE if scale is None else scale, steps=steps,
+                                    mask=None if mask == "none" else mask, seeds=_seeds(seeds),
+                                    attributes=tuple(attribute or ("colour",)))
+    for r in table.iter_rows(named=True):
+        typer.echo(f"  {r['layer']:<28} {r['concept']:<18} {kind} {r['unit']:>5} (AUROC {r['auroc']:.3f}, rank "
+                   f"{r['rank']}): {r['hits']}/{r['seeds']} = {r['rate']:.0%} (clean {r['clean_rate']:.0%}, "
+                   f"unsteered {r['baseline_hits']})")
+    typer.echo(f"table: {run}/tables/steering_success; images: {run}/media/steer/")
+
+
+@app.command()
+@user_errors
+def edit(
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Layer with an SAE (sae/<layer>/).")],
+    run: AnalysedRunOpt = Path("runs/demo"),
+    preset: Annotated[list[str] | None, typer.Option("--preset", help="none, frequent, rare, all; repeat. "
+                                                                      "[default: all four]")] = None,
+    n: Annotated[int, typer.Option(help="Features zeroed by frequent / rare.")] = 8,
+    zero: Annotated[list[int] | None, typer.Option("--zero", help="Also zero these features; repeat.")] = None,
+    scale_feature: Annotated[list[int] | None, typer.Option("--scale-feature", help="Scale by --factor; repeat.")]
+    = None,
+    factor: Annotated[float, typer.Option(help="Factor for --scale-feature (negative flips the feature).")] = 0.0,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt; repeat. [default: the run's first]")]
+    = None,
+    seeds: SeedsOpt = "0-3",
+    steps: Annotated[str, typer.Option(help="all, late, or a window 3-8.")] = "all",
+) -> None:
+    """Zero or scale SAE features (decode(edited codes) + reconstruction error) next to the unedited images."""
+    from backend.interventions import PRESETS, edit_run
+
+    res = edit_run(run, layer, presets=tuple(preset) if preset else PRESETS, n=n, zero=zero or (),
+                   scale=scale_feature or (), factor=factor, prompts=prompt, seeds=_seeds(seeds), steps=steps)
+    for (name,), rows in res.rows.group_by(["preset"], maintain_order=True):
+        typer.echo(f"  {name:<14} {len(rows['features'][0]):>5} features  mean effect {rows['effect'].mean():.3f}")
+    typer.echo(f"grid: {res.grid}\ntable: {res.shard}")
+
+
+@app.command()
+@user_errors
+def ablate(
+    run: AnalysedRunOpt = Path("runs/demo"),
+    block: Annotated[list[str] | None, typer.Option("--block", "-b", help="Block to skip; repeat. [default: "
+                                                    "every block whose input and output shapes match]")] = None,
+    mode: Annotated[str, typer.Option(help="skip (return the block's input) or remove_delta.")] = "skip",
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt; repeat. [default: the run's first "
+                                                                      "4]")] = None,
+    seeds: SeedsOpt = "0", n_steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+) -> None:
+    """Skip each block in turn on a fixed prompt set; image grid and effect score per block."""
+    from backend.ablation import ablate_run
+
+    summary, grid = ablate_run(run, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=n_steps,
+                               guidance=guidance)
+    typer.echo(f"  {'block':<48} {'effect':>7} {'changed':>8}")
+    for r in summary.iter_rows(named=True):
+        changed = "-" if r["changed"] is None else f"{r['changed']:.0%}"
+        typer.echo(f"  {r['layer']:<48} {r['effect']:>7.3f} {changed:>8}")
+    typer.echo(f"grid: {grid}\ntable: {run}/tables/ablations")
 
 
 @demo_app.command("train")

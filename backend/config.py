@@ -30,6 +30,10 @@ A run.toml looks like this (every key optional; these are the defaults for the d
     [analysis]                          # every field of backend/analysis/config.py AnalysisConfig
     top_k_channels = 20                 # a channel is active when among its step's top-k channels
     examples_top_n = 8                  # top generations per unit (over all steps and per peak step)
+
+    [interventions]                     # every field of backend/intervention_stage.py InterventionsConfig
+    top_units = 2                       # units per (layer, kind) steered and dreamed
+    dream_steps = 100
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 
 from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
+from backend.intervention_stage import InterventionsConfig
 from sae.train import SAETrainConfig
 
 DEMO_LAYERS = ["mid_block.attentions.0", "up_blocks.1.attentions.1"]
@@ -102,6 +107,7 @@ class RunConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -111,7 +117,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig, "analysis": AnalysisConfig}
+SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig, "analysis": AnalysisConfig,
+            "interventions": InterventionsConfig}
 
 
 def _check_keys(obj: dict, cls, where: str) -> None:
@@ -165,8 +172,10 @@ def override(cfg: RunConfig, **options) -> RunConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     from backend.analysis.config import validate as validate_analysis
+    from backend.intervention_stage import validate as validate_interventions
 
     validate_analysis(cfg.analysis)
+    validate_interventions(cfg.interventions)
     c = cfg.capture
     if c.read not in ("output", "delta"):
         raise DifflensError(f"capture.read is {c.read!r}; use output or delta")

@@ -2,6 +2,7 @@
 
 capture -> sae (train one SAE per layer, splice test) -> features (capture pass recording SAE feature activity)
 -> analysis (profiles, peaks, examples, frequencies, comparisons, concepts, plots; rank 0 only)
+-> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
             summary.stages["features"] = capture(cfg, encoders=encoders, progress=progress)
         if distributed.from_env().is_main:  # analysis needs no collectives: the other ranks are done here
             from backend.analysis import analyze
+            from backend.intervention_stage import run_interventions
 
             summary.stages["analysis"] = analyze(cfg.out_dir, cfg.analysis, progress=progress)
+            if cfg.interventions.enabled:
+                summary.stages["interventions"] = run_interventions(cfg.out_dir, cfg.interventions, progress=progress)
     return summary

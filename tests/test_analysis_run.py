@@ -150,3 +150,46 @@ def test_not_a_run_is_a_one_line_error(tmp_path):
         analyze(tmp_path)
     result = CliRunner().invoke(app, ["analyze", "--run", str(tmp_path)])
     assert result.exit_code == 1 and result.output.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_interventions_stage_writes_every_table_and_resumes(run_dir, tmp_path, monkeypatch):
+    """run-all's interventions stage on the analysed tiny run: steered priors, edits, concept report, ablation and
+    dreams land in their tables with their images; a rerun loads no model and rewrites nothing."""
+    from backend import intervention_stage
+    from backend.intervention_stage import InterventionsConfig, run_interventions
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = InterventionsConfig(top_units=1, steer_seeds=[0], edit_features=2, concept_seeds=2, dream_steps=3,
+                              dream_seeds=1)
+    summary = run_interventions(copy, cfg, progress=False)
+    steered = {k for k in summary["results"] if k.startswith("steer-")}
+    assert len(steered) == 3  # one unit for each of the three analysed (layer, kind)
+    assert {f"edit-{FEATURE_LAYER}", "concept-report", "ablation"} <= set(summary["results"])
+    for name in ("interventions", "ablations", "dreams", "steering_success"):
+        rows = table(copy, name)
+        assert rows.height > 0, name
+    images = table(copy, "interventions")["image"].to_list() + table(copy, "dreams")["image"].to_list()
+    assert all((copy / p).read_bytes()[:4] == b"\x89PNG" for p in images)
+    assert json.loads((copy / "manifest.json").read_text())["stages"]["interventions"]["status"] == "done"
+
+    def no_model(_manifest):
+        raise AssertionError("a finished stage must not load the model again")
+
+    monkeypatch.setattr(intervention_stage, "_load_run_model", no_model)
+    before = {p: p.stat().st_mtime_ns for p in (copy / "tables").rglob("*.parquet")}
+    run_interventions(copy, cfg, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (copy / "tables").rglob("*.parquet")} == before
+
+
+def test_interventions_need_an_analysed_run(tmp_path):
+    from backend.intervention_stage import InterventionsConfig, run_interventions, validate
+
+    with pytest.raises(DifflensError, match="not a run directory"):
+        run_interventions(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {}}))
+    with pytest.raises(DifflensError, match="has not been analysed"):
+        run_interventions(tmp_path)
+    with pytest.raises(DifflensError, match="top_units must be at least 1"):
+        validate(InterventionsConfig(top_units=0))

@@ -16,7 +16,10 @@ README = (ROOT / "README.md").read_text()
 SHORTER = {
     ("demo-model", "train"): ["--steps", "2", "--batch-size", "4", "--out-dir", "scratch-model",
                               "--work-dir", "scratch-train"],
-    ("run-all",): ["--sae-total-tokens", "200000"],
+    ("run-all",): ["--sae-total-tokens", "200000", "--interventions-top-units", "1", "--interventions-dream-steps",
+                   "10"],
+    ("dream",): ["--steps", "10", "--seeds", "2"],
+    ("steer-report",): ["--seeds", "0-1"],
     ("train-sae",): ["--total-tokens", "200000"],
 }
 PROMPT_SUBSAMPLE = 6  # the scratch copy of data/prompts/demo.jsonl keeps every 6th prompt (60 of 360)
