@@ -497,6 +497,19 @@ def ablate(
     typer.echo(f"grid: {grid}\ntable: {run}/tables/ablations")
 
 
+@app.command()
+def inspect(
+    runs: Annotated[Path, typer.Option(help="Directory holding the runs (or one run directory).")] = Path("runs"),
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
+    address: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 and use an SSH tunnel.")]
+    = "127.0.0.1",
+) -> None:
+    """Browse runs in the Streamlit inspector (prints the SSH tunnel command for a remote machine)."""
+    from inspector.launch import serve
+
+    raise typer.Exit(serve(runs, port=port, address=address))  # serve() execs streamlit; returns only on error
+
+
 @demo_app.command("train")
 @user_errors
 def demo_train(

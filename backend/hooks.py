@@ -35,7 +35,9 @@ def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of to_tokens for a tensor shaped like `like`."""
     if like.ndim == 4:
         b, c, h, w = like.shape
-        return tokens.transpose(1, 2).reshape(b, c, h, w)
+        out = tokens.transpose(1, 2).reshape(b, c, h, w)  # a channels-last view of the tokens
+        # hand the next block the memory layout it expects: convolutions on a channels-last view run slower
+        return out.contiguous() if like.is_contiguous() else out
     return tokens
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/sae_train.py            # d=256, n=8192, k=32, batch 4096, fp32, 2 threads
 
-Both start from the same weights (unit-norm decoder rows, encoder = decoder^T, b_dec = data mean), see the same
+Both start from the same weights (unit-norm decoder rows, encoder = decoder^T scaled so the first reconstructions
+have the data's norm, as sae.train.init_sae does; b_dec = data mean), see the same
 batches in the same order, use Adam at the same learning rate with gradient clipping at 1.0, and run in this one
 process with their steps interleaved (ours, SAELens's, one dense GEMM, ...), so that load from other processes
 slows all three alike. Reported: tokens/s of each and their ratio, the one-GEMM bound (batch / time of one dense
@@ -34,6 +35,19 @@ def fvu(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
+def encoder_scale(init: dict, d: int, n: int, k: int, sample_ND: torch.Tensor) -> float:
+    """The factor sae.train.scale_encoder_to_data gives the transposed-decoder encoder on this data."""
+    from sae.model import SAE, SAEConfig
+    from sae.train import scale_encoder_to_data
+
+    sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k))
+    with torch.no_grad():
+        sae.W_dec.copy_(init["W_dec"])
+        sae.W_enc_T.copy_(init["W_dec"])
+        sae.b_dec.copy_(init["b_dec"])
+    return scale_encoder_to_data(sae, sample_ND)
+
+
 def our_trainer(d: int, n: int, k: int, batch: int, lr: float, init: dict):
     from sae.model import SAE, SAEConfig
     from sae.train import SAETrainConfig, Trainer
@@ -41,7 +55,7 @@ def our_trainer(d: int, n: int, k: int, batch: int, lr: float, init: dict):
     sae = SAE(SAEConfig(d_in=d, n_latents=n, k=k))
     with torch.no_grad():
         sae.W_dec.copy_(init["W_dec"])
-        sae.W_enc_T.copy_(init["W_dec"])
+        sae.W_enc_T.copy_(init["W_enc_T"])
         sae.b_dec.copy_(init["b_dec"])
     cfg = SAETrainConfig(n_latents=n, k=k, batch_size=batch, total_tokens=batch * 10**6, lr=lr, warmup_steps=0,
                          dead_tokens=1000 * batch)
@@ -57,7 +71,7 @@ def saelens_trainer(d: int, n: int, k: int, lr: float, init: dict):
                                                 aux_loss_coefficient=1 / 32))
     with torch.no_grad():
         sae.W_dec.copy_(init["W_dec"])
-        sae.W_enc.copy_(init["W_dec"].T)
+        sae.W_enc.copy_(init["W_enc_T"].T)
         sae.b_enc.zero_()
         sae.b_dec.copy_(init["b_dec"])
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
@@ -112,6 +126,7 @@ def main() -> None:
     held_out = synthetic_batch(-1, b, d, atoms)
     w = torch.randn(n, d, generator=g)
     init = {"W_dec": w / w.norm(dim=1, keepdim=True), "b_dec": torch.cat(batches[:2]).mean(0)}
+    init["W_enc_T"] = init["W_dec"] * encoder_scale(init, d, n, k, batches[0])
 
     W_DN = init["W_dec"].T.contiguous()
     gemm = []

@@ -1,0 +1,164 @@
+"""Lab (live): generate with the run's model, see the top units of that image at a step with heat-maps, and steer
+units (strength, step window, rectangular mask), original and steered side by side.
+
+Only this page loads a model, and only when asked (the "Load model" button); the model stays loaded for every
+session (`st.cache_resource`), and generations and steered images are cached on their inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from inspector import live, overlay, queries, ui
+
+LOADED = "lab.loaded"
+GEN = "lab.generation"
+
+st.title("Lab")
+run = ui.require_run()
+man = {}
+with ui.guard():
+    man = queries.manifest(run)
+config = man.get("config") or {}
+spec = str(config.get("model", "demo"))
+device, dtype = str(config.get("device", "cpu")), str(config.get("dtype", "float32"))
+layers = queries.run_layers(man)
+capture_stage = (man.get("stages") or {}).get("capture") or {}
+run_steps = int(capture_stage.get("n_steps") or (config.get("capture") or {}).get("steps") or 0) or None
+run_guidance = capture_stage.get("guidance")
+read = str((config.get("capture") or {}).get("read", "output"))
+
+problem = live.model_problem(spec)
+if problem:
+    st.info(f"The Lab runs this run's model live, but {problem}. Browse the precomputed results on the other pages.")
+    st.stop()
+if not layers:
+    st.info("this run records no layers: run `python cli.py capture`")
+    st.stop()
+
+st.caption(f"model `{spec}` on {device} ({dtype})")
+if not st.session_state.get(LOADED):
+    st.write("The model is loaded on request and then kept in memory for every session.")
+    if st.button("Load model", type="primary", icon=":material/play_arrow:"):
+        st.session_state[LOADED] = True
+        st.rerun()
+    st.stop()
+
+with st.spinner(f"loading {spec} ..."):
+    try:
+        model = live.load_model(spec, device, dtype)
+    except Exception as exc:  # noqa: BLE001 - shown in the page
+        ui.show_error(exc, "loading the model")
+        st.stop()
+
+# ------------------------------------------------------------------------------------------------ generate
+
+sae_layers = {layer for layer in layers if (queries.safe_path(run.path, f"sae/{layer}") / "cfg.json").is_file()}
+prompts = []
+with ui.guard():
+    prompts = queries.first_prompts(run, 50)
+with st.form("generate"):
+    c1, c2 = st.columns([3, 1])
+    layer = c1.selectbox("Layer", layers, key="lab.layer")
+    kind = c2.selectbox("Kind", ["channel", "feature"] if sae_layers else ["channel"], key="lab.kind",
+                        help="features need the layer's SAE (sae/<layer>/)")
+    prompt = st.text_input("Prompt", value=prompts[0] if prompts else "", key="lab.prompt")
+    c3, c4, c5 = st.columns(3)
+    seed = int(c3.number_input("Seed", min_value=0, value=0, step=1, key="lab.seed"))
+    n_steps = int(c4.number_input("Steps", min_value=1, max_value=200, value=run_steps or model.default_steps,
+                                  key="lab.steps"))
+    guidance = float(c5.number_input("Guidance", min_value=1.0, max_value=30.0, step=0.25, key="lab.guidance",
+                                     value=float(run_guidance if run_guidance is not None else model.default_guidance)))
+    if st.form_submit_button("Generate", type="primary"):
+        st.session_state[GEN] = (layer, kind, prompt, seed, n_steps, guidance)
+if prompts:
+    st.caption("prompts of this run, e.g.: " + " · ".join(f"`{p}`" for p in prompts[:3]))
+
+if GEN not in st.session_state:
+    st.stop()
+layer, kind, prompt, seed, n_steps, guidance = st.session_state[GEN]
+if kind == "feature" and layer not in sae_layers:
+    st.info(f"`{layer}` has no SAE in this run; showing channels")
+    kind = "channel"
+sae = None
+try:
+    with st.spinner("generating ..."):
+        cap = live.capture(model, spec, layer, prompt, seed, n_steps, guidance, read)
+        sae = live.load_sae(str(queries.safe_path(run.path, f"sae/{layer}")), device) if kind == "feature" else None
+except Exception as exc:  # noqa: BLE001 - e.g. a word the demo tokenizer does not know
+    ui.show_error(exc, "generating")
+    st.stop()
+
+st.subheader("Top units of this image")
+left, right = st.columns([1, 3])
+with left:
+    st.image(overlay.to_jpeg(overlay.thumbnail(cap.image, 256)), caption=prompt or "(empty prompt)")
+with right:
+    s1, s2 = st.columns([3, 1])
+    step = int(s1.slider("Step", 0, n_steps - 1, value=min(n_steps - 1, n_steps // 2), key="lab.step"))
+    k = int(s2.number_input("Top", min_value=1, max_value=32, value=8, key="lab.k"))
+    tops = live.top_units(cap, step, kind, sae, k)
+    cols = st.columns(4)
+    small = overlay.thumbnail(cap.image, 160)
+    for i, t in enumerate(tops):
+        with cols[i % 4]:
+            tile = overlay.overlay_jpeg(small, t["heatmap"].tobytes(), *t["heatmap"].shape, 160)
+            st.image(tile, caption=f"{kind} {t['unit']} · mean {t['mean']:.3g} · max {t['max']:.3g}")
+            st.page_link(ui.UNIT_PAGE, label=f"open {kind} {t['unit']}",
+                         query_params=ui.unit_params(run, layer, kind, t["unit"], step))
+
+# ------------------------------------------------------------------------------------------------ steer
+
+st.subheader("Steer")
+default_units = ", ".join(str(t["unit"]) for t in tops[:1])
+with st.form("steer"):
+    c1, c2 = st.columns([2, 2])
+    units_text = c1.text_input(f"{kind}s to steer (comma-separated)", value=default_units, key="lab.units")
+    strength = c2.slider("Strength (x the unit's largest recorded activation)", -10.0, 10.0, 2.0, 0.25,
+                         key="lab.strength")
+    window = st.slider("Step window", 0, n_steps - 1, (0, n_steps - 1), key="lab.window")
+    use_mask = st.toggle("Spatial mask (rectangle)", key="lab.mask")
+    m1, m2 = st.columns(2)
+    mx = m1.slider("x (left → right)", 0.0, 1.0, (0.0, 0.5), 0.05, key="lab.mask_x")
+    my = m2.slider("y (top → bottom)", 0.0, 1.0, (0.0, 1.0), 0.05, key="lab.mask_y")
+    go = st.form_submit_button("Steer", type="primary")
+
+try:
+    units = [int(u) for u in units_text.replace(" ", "").split(",") if u]
+except ValueError:
+    st.error("units must be integers separated by commas")
+    st.stop()
+if not go and "lab.steered" not in st.session_state:
+    st.stop()
+items = []
+with ui.guard("strength"):
+    for u in units:
+        row = queries.unit_row(run, layer, kind, u) if "units" in queries.tables(run) else None
+        items.append((kind, u, float(strength) * live.strength_unit(kind, u, row["max"] if row else None, sae)))
+res = model.default_resolution
+mask = live.rect_mask(res, mx, my) if use_mask else None
+if mask is not None and mask.sum() == 0:
+    st.error("the mask rectangle covers no pixel; widen it")
+    st.stop()
+try:
+    with st.spinner("steering ..."):
+        steered = live.steer_cached(model, sae, spec, layer, prompt, seed, n_steps, guidance, tuple(items),
+                                    tuple(window), None if mask is None else mask.tobytes(),
+                                    None if mask is None else mask.shape)
+    st.session_state["lab.steered"] = True
+except Exception as exc:  # noqa: BLE001 - e.g. a unit out of range
+    ui.show_error(exc, "steering")
+    st.stop()
+effect = float(np.abs(steered.astype(np.float32) - cap.image.astype(np.float32)).mean() / 255.0)
+a, b, c = st.columns(3)
+with a:
+    st.image(overlay.to_jpeg(overlay.thumbnail(cap.image, 256)), caption="original")
+with b:
+    st.image(overlay.to_jpeg(overlay.thumbnail(steered, 256)),
+             caption=f"steered: {', '.join(f'{k} {u} x{s:.3g}' for k, u, s in items)} · steps {window[0]}-{window[1]}")
+with c:
+    if mask is not None:
+        st.image(overlay.overlay_jpeg(overlay.thumbnail(cap.image, 256), mask.tobytes(), *mask.shape, 256, 0.5),
+                 caption="mask")
+st.metric("effect (mean |Δ pixel|)", f"{effect:.4f}")
