@@ -98,6 +98,33 @@ def test_feature_profiles_count_missing_rows_as_inactive_zeros(tmp_path):
     assert units["dense"].to_list() == [True, False, False, False, False]
 
 
+def test_histograms_match_numpy_per_unit_and_stat(tmp_path):
+    from backend.analysis.histograms import histograms_table
+    from backend.analysis.inputs import connect, load_inputs
+
+    rng = np.random.default_rng(3)
+    max_NSU = np.where(rng.random((6, 3, 4)) < 0.5, rng.exponential(2.0, (6, 3, 4)), 0).astype(np.float32)
+    max_NSU[:, :, 3] = 0  # unit 3 never fires: no histogram rows
+    max_NSU[0, 0, 2], max_NSU[1:, :, 2] = 1.5, 0  # unit 2 fires once: all in the first bin
+    mean_NSU = (max_NSU / 3).astype(np.float32)
+    run = make_run(tmp_path, gens_for(6, ["a"]), 3, {(L, "feature"): sparse_activity(mean_NSU, max_NSU)},
+                   shard_gens=4, n_latents={L: 4})
+    inputs = load_inputs(run.root)
+    got = pl.from_arrow(histograms_table(connect(AnalysisConfig()), inputs.partitions[0], bins=5))
+    assert sorted(got["unit"].unique().to_list()) == [0, 1, 2]
+    for unit in (0, 1, 2):
+        for stat, arr in (("max", max_NSU), ("mean", mean_NSU)):
+            v = arr[:, :, unit][max_NSU[:, :, unit] > 0].astype(np.float64)
+            rows = got.filter((pl.col("unit") == unit) & (pl.col("stat") == stat)).sort("lo")
+            assert rows.height == 5 and rows["count"].sum() == len(v)
+            if v.max() > v.min():
+                expected, edges = np.histogram(v, bins=5, range=(v.min(), v.max()))
+                np.testing.assert_array_equal(rows["count"].to_numpy(), expected)
+                np.testing.assert_allclose(rows["lo"].to_numpy(), edges[:-1], rtol=1e-5)
+            else:
+                assert rows["count"].to_list() == [1, 0, 0, 0, 0]
+
+
 def test_incomplete_channel_activity_is_a_one_line_error(tmp_path):
     rows = dense_activity(np.ones((2, 2, 3), np.float32))
     keep = ~((rows["gen_id"] == 1) & (rows["unit"] == 2))

@@ -3,6 +3,7 @@ concept recovery and figures (tables of ../shared/DESIGN.md, per (layer, kind) a
 
 `analyze(run_dir, cfg)` runs every part in order, each per activity partition (layer, kind):
   1. profiles + frequencies   streaming pass over the activity shards (profiles.py, frequencies.py)
+     + histograms             per-unit activation histograms, two streaming aggregations (histograms.py)
   2. units + peaks            find_peaks on each profile, dead/dense flags (peaks.py)
   3. examples                 top generations per unit, heat-maps by replay (examples.py)
   4. comparisons              every ordered pair of prompt groups, when there are few (compare.py)
@@ -103,6 +104,7 @@ def _write_part(store: RunStore, table: str, part: Partition, data) -> None:
 
 def _profiles_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
     from backend.analysis.frequencies import frequencies_table
+    from backend.analysis.histograms import histograms_table
     from backend.analysis.peaks import peaks_and_units
     from backend.analysis.profiles import count_activity, profile_arrays, profiles_table
 
@@ -111,6 +113,7 @@ def _profiles_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
         counts = count_activity(con, inputs, part, cfg, progress)
         _write_part(inputs.store, "profiles", part, profiles_table(counts))
         _write_part(inputs.store, "frequencies", part, frequencies_table(counts, inputs.groups))
+        _write_part(inputs.store, "histograms", part, histograms_table(con, part, cfg.histogram_bins))
         peaks, units = peaks_and_units(profile_arrays(counts), inputs.timesteps, cfg)
         _write_part(inputs.store, "peaks", part, peaks)
         _write_part(inputs.store, "units", part, units)

@@ -16,6 +16,8 @@ class AnalysisConfig:
     """A feature is active in a (generation, step) when its spatial max code exceeds this."""
     pool: str = "mean"
     """Spatial pooling that ranks channels for top-k and scores concepts: "mean" or "max" of the map."""
+    histogram_bins: int = 30
+    """Bins of each unit's activation histograms (spatial max and mean; the `histograms` table)."""
     active_freq: float = 0.05
     """A step is an active step of a unit when the unit's freq there exceeds this (first/last_active)."""
     peak_on: str = "freq"
@@ -73,8 +75,8 @@ def validate(cfg: AnalysisConfig) -> AnalysisConfig:
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise DifflensError(f"analysis.{name} is {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
-    for name in ("top_k_channels", "peaks_top_n", "examples_top_n", "replay_batch_size", "concepts_top_n",
-                 "duckdb_threads"):
+    for name in ("top_k_channels", "histogram_bins", "peaks_top_n", "examples_top_n", "replay_batch_size",
+                 "concepts_top_n", "duckdb_threads"):
         if getattr(cfg, name) < 1:
             raise DifflensError(f"analysis.{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.compare_pseudo_count <= 0:

@@ -19,7 +19,7 @@ from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
 from backend.store import RunStore
 
-ANALYSIS_TABLES = ("profiles", "units", "peaks", "examples", "frequencies", "comparisons", "concepts",
+ANALYSIS_TABLES = ("profiles", "units", "peaks", "examples", "frequencies", "histograms", "comparisons", "concepts",
                    "localisation", "concept_summary")
 
 
