@@ -57,3 +57,20 @@ def untrained_demo_dir(tiny_root) -> Path:
     out = tiny_root / "demo-untrained"
     demo.new_pipeline().save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (restored after): for tests of the tiny demo model."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The shipped demo model, loaded once per module."""
+    from backend.models import load_model
+
+    return load_model("demo")

@@ -12,23 +12,14 @@ from test_interventions import GUIDANCE, PROMPT, STEPS, make_intervention_run, n
 
 from backend import ablation
 from backend.errors import DifflensError
-from backend.models import load_model
 from backend.models.base import to_uint8
 
 BLOCK = "mid_block.attentions.0"  # Transformer2DModel, (64, 4, 4) -> (64, 4, 4)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("demo")
+def _one_thread(one_thread):
+    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
 
 
 def test_skip_equals_replacing_the_block_by_the_identity(model, monkeypatch):

@@ -21,17 +21,8 @@ LATE = "up_blocks.1.attentions.1"  # 8x8 tokens, 64 channels
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These batches are tiny: one thread is as fast, and does not stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("demo")
+def _one_thread(one_thread):
+    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
 
 
 def quick(kind: str, **overrides) -> DreamConfig:

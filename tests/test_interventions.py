@@ -15,7 +15,6 @@ import torch
 from backend import interventions as iv
 from backend.errors import DifflensError
 from backend.hooks import edit_activations, from_tokens, to_tokens
-from backend.models import load_model
 from backend.models.base import to_uint8
 from backend.store import RunStore
 from sae.io import save_sae
@@ -30,17 +29,8 @@ N_LATENTS = 128
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The demo model is tiny: one thread is fastest, and spares the cores other jobs share."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("demo")
+def _one_thread(one_thread):
+    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
 
 
 @pytest.fixture(scope="module")
