@@ -27,6 +27,11 @@ from backend.fileio import atomic_path, atomic_write_json, atomic_write_with
 MANIFEST = "manifest.json"
 
 
+ROW_GROUP_ROWS = 8192
+"""Parquet row-group size: tables are sorted by unit, so a reader asking for one unit decodes only the row groups
+whose unit range covers it (DuckDB and pyarrow skip the rest by their min/max statistics)."""
+
+
 def shard_name(first_gen_id: int) -> str:
     return f"part-{first_gen_id:07d}"
 
@@ -100,7 +105,8 @@ class RunStore:
 
     # ------------------------------------------------------------------ writers
     def write_parquet(self, path: Path, table: pa.Table) -> Path:
-        atomic_write_with(path, lambda p: pq.write_table(table, p, compression="zstd"), suffix=".parquet")
+        atomic_write_with(path, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=ROW_GROUP_ROWS),
+                          suffix=".parquet")
         return path
 
     def write_table_shard(self, table: str, name: str, data: pa.Table, layer: str | None = None,
