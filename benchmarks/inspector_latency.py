@@ -11,7 +11,7 @@ peaks and units from that activity with the backend's own functions; top example
 with 16x16 heat-maps; comparisons of every group pair; concepts; SAE curves; interventions, dreams and ablations for
 a few units; 512x512 PNG images (48 distinct pictures, hard-linked so that each generation has its own file).
 Tables are written through RunStore, i.e. exactly as the batch job writes them
-(one Parquet row group per file up to 1Mi rows); --row-group-size N rewrites the large tables with N-row groups
+(row groups of RunStore's ROW_GROUP_ROWS rows); --row-group-size N rewrites the large tables with N-row groups
 instead, to measure that layout.
 
 Measured:
