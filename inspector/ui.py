@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import streamlit as st
 
 from inspector import overlay, queries
@@ -89,6 +90,17 @@ def guard(what: str = "") -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ URL state
+
+
+def run_partitions(run: Run) -> pl.DataFrame:
+    """The run's (layer, kind) partitions (queries.partitions); an empty frame, with a note on the page, when it has
+    none or they cannot be read."""
+    parts = pl.DataFrame()
+    with guard():
+        parts = queries.partitions(run)
+        if parts.is_empty():
+            st.info("this run has no units yet: run `python cli.py capture` and `python cli.py analyze`")
+    return parts
 
 
 def seed_from_url(params: dict[str, tuple[str, Callable[[str], object]]]) -> None:

@@ -18,11 +18,7 @@ LAYER, KIND, UNIT, STEP = "unit.layer", "unit.kind", "unit.unit", "unit.step"
 
 run = ui.require_run()
 
-parts = pl.DataFrame()
-with ui.guard():
-    parts = queries.partitions(run)
-    if parts.is_empty():
-        st.info("this run has no units yet: run `python cli.py capture` and `python cli.py analyze`")
+parts = ui.run_partitions(run)
 if parts.is_empty() or parts["units"].null_count() == parts.height:
     if not parts.is_empty():
         st.info(f"units are not computed yet: run `python cli.py analyze --run {run.arg}`")
@@ -113,6 +109,21 @@ def section(name: str, what: str = "") -> bool:
     elif name in data["missing"]:
         st.info(f"{what or name}: not computed yet: run `{data['missing'][name]}`")
     return False
+
+
+def recorded(name: str, command: str, what: str) -> pl.DataFrame | None:
+    """This unit's rows of a per-unit table, or None after saying why there are none (a read error, the table not
+    computed yet, or nothing recorded for this unit; the last two name the command that fills it)."""
+    rows = data.get(name)
+    if name in data["errors"]:
+        section(name)
+    elif rows is None:
+        st.info(f"not computed yet: run `{command}`")
+    elif rows.is_empty():
+        st.info(f"no {what} recorded for this {kind}: run `{command}`")
+    else:
+        return rows
+    return None
 
 
 row = data.get("row")
@@ -254,14 +265,8 @@ with ui.guard("examples"):
 st.subheader("Steering and interventions")
 steer_cmd = f"python cli.py steer --run {run.arg} --layer {layer} --kind {kind} --unit {unit}"
 with ui.guard("interventions"):
-    iv = data.get("interventions")
-    if "interventions" in data["errors"]:
-        section("interventions")
-    elif iv is None:
-        st.info(f"not computed yet: run `{steer_cmd}`")
-    elif iv.is_empty():
-        st.info(f"no interventions recorded for this {kind}: run `{steer_cmd}`")
-    else:
+    iv = recorded("interventions", steer_cmd, "interventions")
+    if iv is not None:
         keys = [c for c in ("method", "mode", "spec") if c in iv.columns]
         for _, group in iv.group_by(keys, maintain_order=True):
             first_row = group.row(0, named=True)
@@ -293,14 +298,8 @@ with ui.guard("interventions"):
 st.subheader("Deep dream")
 dream_cmd = f"python cli.py dream --run {run.arg} --layer {layer} --kind {kind} --unit {unit}"
 with ui.guard("dreams"):
-    dr = data.get("dreams")
-    if "dreams" in data["errors"]:
-        section("dreams")
-    elif dr is None:
-        st.info(f"not computed yet: run `{dream_cmd}`")
-    elif dr.is_empty():
-        st.info(f"no dream recorded for this {kind}: run `{dream_cmd}`")
-    else:
+    dr = recorded("dreams", dream_cmd, "dream")
+    if dr is not None:
         targets = sorted(dr["step"].unique().to_list())
         d1, d2 = st.columns([2, 5])
         target = d1.selectbox("target step", targets, format_func=_step_label, key=f"dream-target-{unit}")

@@ -12,11 +12,7 @@ LAYER, KIND = "units.layer", "units.kind"
 st.title("Units")
 run = ui.require_run()
 
-parts = pl.DataFrame()
-with ui.guard():
-    parts = queries.partitions(run)
-    if parts.is_empty():
-        st.info("this run has no units yet: run `python cli.py capture` and `python cli.py analyze`")
+parts = ui.run_partitions(run)
 if parts.is_empty():
     st.stop()
 
