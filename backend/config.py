@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.analysis.config import AnalysisConfig
+from backend.analysis.config import validate as validate_analysis
 from backend.errors import DifflensError
 from backend.intervention_stage import InterventionsConfig
+from backend.intervention_stage import validate as validate_interventions
 from sae.train import SAETrainConfig
 
 DEMO_LAYERS = ["mid_block.attentions.0", "up_blocks.1.attentions.1"]
@@ -171,9 +173,6 @@ def override(cfg: RunConfig, **options) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    from backend.analysis.config import validate as validate_analysis
-    from backend.intervention_stage import validate as validate_interventions
-
     validate_analysis(cfg.analysis)
     validate_interventions(cfg.interventions)
     c = cfg.capture

@@ -104,8 +104,9 @@ def planned_parts(store: RunStore, cfg: InterventionsConfig, has_attributes: boo
     """(marker name, call) for every part of the stage, in order."""
     parts: list[tuple[str, dict]] = []
     partitions = analysed_partitions(store)
-    for layer, kind in partitions:
-        for unit in chosen_units(store, layer, kind, cfg.top_units):
+    top = {(layer, kind): chosen_units(store, layer, kind, cfg.top_units) for layer, kind in partitions}
+    for (layer, kind), units in top.items():
+        for unit in units:
             parts.append((f"steer-{layer}-{kind}-{unit}", {"do": "steer", "layer": layer, "kind": kind, "unit": unit}))
     for layer in sorted({layer for layer, kind in partitions if kind == "feature"}):
         parts.append((f"edit-{layer}", {"do": "edit", "layer": layer}))
@@ -114,8 +115,8 @@ def planned_parts(store: RunStore, cfg: InterventionsConfig, has_attributes: boo
     if cfg.ablation:
         parts.append(("ablation", {"do": "ablate"}))
     if cfg.dream:
-        for layer, kind in partitions:
-            for unit in chosen_units(store, layer, kind, cfg.top_units):
+        for (layer, kind), units in top.items():
+            for unit in units:
                 parts.append((f"dream-{layer}-{kind}-{unit}",
                               {"do": "dream", "layer": layer, "kind": kind, "unit": unit}))
     return parts

@@ -171,7 +171,7 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
         best_auroc,
         concept_labels,
         concepts_table,
-        localisation,
+        pooled_localisation,
         unit_localisation,
     )
 
@@ -192,14 +192,14 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
                "best_localisation": None, "best_localising_unit": None}
         if can_localise:
             examples = read_part(inputs.store, "examples", part)
+            per_unit = unit_localisation(examples, inputs.gens, spatial, shapes.POSITION_CENTRES)
+            _write_part(inputs.store, "localisation", part, per_unit.to_arrow())
             prefix = f"{cfg.localise_attribute}="
             best_units = [int(best_UC[:, c].argmax()) for c, n in enumerate(labels.names) if n.startswith(prefix)]
             if best_units:
-                hits, total = localisation(examples, inputs.gens, best_units, spatial, shapes.POSITION_CENTRES)
+                hits, total = pooled_localisation(per_unit, best_units)
                 row["localisation"] = hits / total if total else None
                 row["localised_examples"] = total
-            per_unit = unit_localisation(examples, inputs.gens, spatial, shapes.POSITION_CENTRES)
-            _write_part(inputs.store, "localisation", part, per_unit.to_arrow())
             full = per_unit.filter((pl.col("examples") >= cfg.examples_top_n)
                                    & (pl.col("positions") >= cfg.localise_min_positions))
             if full.height:

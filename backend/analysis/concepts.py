@@ -160,14 +160,14 @@ def unit_localisation(examples: pl.DataFrame, gens: pl.DataFrame, position_attr:
             .with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int32)))
 
 
+def pooled_localisation(per_unit: pl.DataFrame, units: list[int]) -> tuple[int, int]:
+    """(hits, examples) of units pooled, from a unit_localisation table."""
+    mine = per_unit.filter(pl.col("unit").is_in(units))
+    return int(mine["hits"].sum()), int(mine["examples"].sum())
+
+
 def localisation(examples: pl.DataFrame, gens: pl.DataFrame, units: list[int], position_attr: str,
                  centres: dict[str, tuple[float, float]]) -> tuple[int, int]:
-    """(hits, total) over the step -1 examples of units: centroid region == the prompt's position."""
-    rows = (examples.filter((pl.col("step") == -1) & pl.col("unit").is_in(units))
-            .join(gens.select("gen_id", "attributes"), on="gen_id"))
-    hits = 0
-    for heatmap, h, w, attrs in rows.select("heatmap", "height", "width", "attributes").iter_rows():
-        target = json.loads(attrs).get(position_attr)
-        xy = heatmap_centroid(np.asarray(heatmap, np.float32).reshape(h, w))
-        hits += xy is not None and nearest_region(xy, centres) == target
-    return hits, len(rows)
+    """(hits, total) over the step -1 examples of units whose prompt has a known position: centroid region ==
+    the prompt's position."""
+    return pooled_localisation(unit_localisation(examples, gens, position_attr, centres), units)
