@@ -32,7 +32,7 @@ import torch
 
 from backend.errors import DifflensError
 from backend.hooks import _main_input, _main_output, _replace_main_output, module
-from backend.interventions import Effect, digest, effects, is_demo, open_run, safe_name, to_json, write_grid, write_png
+from backend.interventions import Effect, digest, effects, is_demo, open_run, safe_name, to_json, write_grid
 from backend.models.base import DiffusionModel, to_uint8
 
 AblationMode = Literal["skip", "remove_delta"]
@@ -222,13 +222,13 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
     result = ablate_blocks(model, blocks, s_prompts, s_seeds, check_mode(mode), n_steps, guidance)
     key = digest([s_prompts, s_seeds, n_steps, guidance])
     folder = f"media/ablation/{key}"
-    base = [write_png(ctx.store, f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", result.baseline_NHW3[i])
+    base = [ctx.store.write_png(f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", result.baseline_NHW3[i])
             for i, s in enumerate(s_seeds)]
     for block in blocks:
         rows = []
         for i, (prompt, seed) in enumerate(zip(s_prompts, s_seeds, strict=True)):
             fx = result.effects[block][i]
-            image = write_png(ctx.store, f"{folder}/{mode}/{safe_name(block)}/{i:03d}-seed-{seed:06d}.png",
+            image = ctx.store.write_png(f"{folder}/{mode}/{safe_name(block)}/{i:03d}-seed-{seed:06d}.png",
                               result.images[block][i])
             rows.append({"mode": mode, "prompt": prompt, "seed": seed, "n_steps": n_steps, "guidance": guidance,
                          "image": image, "baseline_image": base[i], "effect": fx.effect,

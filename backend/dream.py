@@ -594,14 +594,6 @@ def dreams_table(result: DreamResult, layer: str, kind: str, unit: int) -> pa.Ta
     })
 
 
-def write_png(path: Path, img_HW3: np.ndarray) -> None:
-    from PIL import Image
-
-    from backend.fileio import atomic_write_with
-
-    atomic_write_with(path, lambda p: Image.fromarray(img_HW3).save(p, format="PNG"), suffix=".png")
-
-
 def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamConfig | None = None,
               seeds: list[int] | None = None, init_latents: torch.Tensor | None = None,
               progress: bool = True) -> dict:
@@ -648,7 +640,7 @@ def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamC
     written = set()
     for (seed, opt_step), img in result.images.items():
         rel = image_rel_path(layer, kind, unit, seed, opt_step)
-        write_png(store.root / rel, img)
+        store.write_png(rel, img)
         written.add(rel)
     table = dreams_table(result, layer, kind, unit)
     shard = store.write_table_shard(TABLE, shard_name(unit), table, layer=layer, kind=kind)

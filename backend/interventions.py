@@ -35,8 +35,8 @@ of 20 changed nothing) and under each baseline image's object mask (steering eve
 background), and counts the seeds whose scored image takes the concept (`hits`) and those where nothing else
 changed (`clean_hits`).
 
-Media. Table shards go through RunStore; PNGs are written with backend.fileio's atomic temp + rename under the run
-(RunStore has no writer for arbitrary media paths), at paths derived from a digest of the intervention's settings.
+Media. Table shards and PNGs go through RunStore (atomic temp + rename), at paths derived from a digest of the
+intervention's settings.
 """
 
 from __future__ import annotations
@@ -585,22 +585,11 @@ def safe_name(name: str) -> str:
     return name.replace("/", "_").replace("=", "-").replace(" ", "_")
 
 
-def write_png(store: RunStore, rel: str, img_HW3: np.ndarray) -> str:
-    """Write a uint8 image under the run (atomically) and return its run-relative path."""
-    from PIL import Image
-
-    from backend.fileio import atomic_write_with
-
-    path = store.root / rel
-    atomic_write_with(path, lambda p: Image.fromarray(np.asarray(img_HW3, np.uint8)).save(p, format="PNG"),
-                      suffix=".png")
-    return store.relative(path)
-
-
 def write_grid(store: RunStore, rel: str, images_NHW3: np.ndarray, labels: list[str], cols: int) -> Path:
-    from backend.grid import labelled_grid, save_png
+    from backend.grid import labelled_grid
 
-    return save_png(labelled_grid(np.asarray(images_NHW3), labels, cols=max(1, cols)), store.root / rel)
+    store.write_png(rel, labelled_grid(np.asarray(images_NHW3), labels, cols=max(1, cols)))
+    return store.root / rel
 
 
 def _rows_frame(rows: list[dict], schema: pa.Schema) -> pa.Table:
@@ -701,8 +690,8 @@ def _steer_rows(store: RunStore, common: dict, prompts: list[str], seeds: list[i
     for i, (seed, prompt) in enumerate(zip(seeds, prompts, strict=True)):
         hit = None if concept is None or fx[i].attributes is None else _has_concept(fx[i].attributes, concept)
         rows.append({**common, "prompt": prompt, "seed": seed,
-                     "image": write_png(store, f"{folder}/seed-{seed:06d}.png", steered[i]),
-                     "baseline_image": write_png(store, f"{base_folder}/seed-{seed:06d}-{i:03d}.png", baseline[i]),
+                     "image": store.write_png(f"{folder}/seed-{seed:06d}.png", steered[i]),
+                     "baseline_image": store.write_png(f"{base_folder}/seed-{seed:06d}-{i:03d}.png", baseline[i]),
                      "effect": fx[i].effect, "attributes": to_json(fx[i].attributes),
                      "baseline_attributes": to_json(fx[i].baseline_attributes),
                      "changed_attributes": to_json(fx[i].changed), "concept_hit": hit})
@@ -776,7 +765,7 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     baseline = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, None, n_steps, guidance))
     key = digest([layer, [asdict(e) for e in edits], samples, n_steps, guidance, window])
     folder = f"media/edit/{safe_name(layer)}/{key}"
-    base_rel = [write_png(ctx.store, f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", baseline[i])
+    base_rel = [ctx.store.write_png(f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", baseline[i])
                 for i, s in enumerate(s_seeds)]
     common = {"mode": "edit", "strength": float("nan"), "steps": describe_window(window, n_steps), "mask": "",
               "n_steps": n_steps, "guidance": guidance, "spec": key}
@@ -784,7 +773,7 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     for edit, fn in zip(edits, fns, strict=True):
         images = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, fn, n_steps, guidance))
         fx = effects(baseline, images, is_demo(model))
-        rels = [write_png(ctx.store, f"{folder}/{safe_name(edit.name)}/{i:03d}-seed-{s:06d}.png", images[i])
+        rels = [ctx.store.write_png(f"{folder}/{safe_name(edit.name)}/{i:03d}-seed-{s:06d}.png", images[i])
                 for i, s in enumerate(s_seeds)]
         rows += [_edit_row(common, edit, p, s, rel, base, f) for p, s, rel, base, f in
                  zip(s_prompts, s_seeds, rels, base_rel, fx, strict=True)]

@@ -140,10 +140,16 @@ class RunStore:
         return meta
 
     def write_image(self, gen_id: int, img_HW3: np.ndarray) -> str:
+        return self.write_png(self.relative(self.image_path(gen_id)), img_HW3)
+
+    def write_png(self, rel: str | Path, image) -> str:
+        """Write a PNG (a uint8 [H, W, 3] array or a PIL image) at a run-relative path; returns that path."""
         from PIL import Image
 
-        path = self.image_path(gen_id)
-        atomic_write_with(path, lambda p: Image.fromarray(img_HW3).save(p, format="PNG"), suffix=".png")
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image, np.uint8))
+        path = self.root / rel
+        atomic_write_with(path, lambda p: image.save(p, format="PNG"), suffix=".png")
         return self.relative(path)
 
     # ------------------------------------------------------------------ readers

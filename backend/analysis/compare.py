@@ -80,7 +80,7 @@ def pair_name(group_a: str, group_b: str) -> str:
 def write_comparison(store, freqs: pl.DataFrame, ranked: pl.DataFrame, group_a: str, group_b: str,
                      top_n: int = 5) -> Path:
     """Write the comparisons rows (one shard per layer/kind and pair) and the histogram PNG; returns its path."""
-    from backend.analysis.plots import frequency_histogram, save_png
+    from backend.analysis.plots import frequency_histogram
 
     name = pair_name(group_a, group_b)
     panels = []
@@ -91,8 +91,9 @@ def write_comparison(store, freqs: pl.DataFrame, ranked: pl.DataFrame, group_a: 
         fb = part.filter(pl.col("group") == group_b).sort("unit")["freq"].to_numpy()
         marked = list(zip(rows["unit"].head(top_n).to_list(), rows["freq_a"].head(top_n).to_list(), strict=True))
         panels.append((f"{layer} / {kind}", fa, fb, marked))
-    return save_png(store, Path("media") / "compare" / f"{name}.png",
-                    frequency_histogram(panels, group_a, group_b))
+    rel = Path("media") / "compare" / f"{name}.png"
+    store.write_png(rel, frequency_histogram(panels, group_a, group_b))
+    return store.root / rel
 
 
 def compare_run(run_dir: str | Path, group_a: str, group_b: str, cfg: AnalysisConfig | None = None

@@ -10,13 +10,6 @@ import polars as pl
 from PIL import Image
 
 from backend.analysis.draw import PALETTE, Axes, canvas
-from backend.fileio import atomic_write_with
-
-
-def save_png(store, rel_path: Path, img: Image.Image) -> Path:
-    path = store.root / rel_path
-    atomic_write_with(path, lambda p: img.save(p, format="PNG"), suffix=".png")
-    return path
 
 
 def profile_figure(title: str, profile: pl.DataFrame, peaks: pl.DataFrame, peak_on: str) -> Image.Image:
@@ -81,7 +74,9 @@ def write_profile_plots(store, layer: str, kind: str, profiles: pl.DataFrame, pe
     for unit in units:
         fig = profile_figure(f"{layer} {kind} {unit}", profiles.filter(pl.col("unit") == unit).sort("step"),
                              peaks.filter(pl.col("unit") == unit).sort("rank"), peak_on)
-        paths.append(save_png(store, Path("media") / "plots" / layer / f"{kind}-{unit:05d}.png", fig))
+        rel = Path("media") / "plots" / layer / f"{kind}-{unit:05d}.png"
+        store.write_png(rel, fig)
+        paths.append(store.root / rel)
     return paths
 
 
