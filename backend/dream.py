@@ -596,10 +596,11 @@ def dreams_table(result: DreamResult, layer: str, kind: str, unit: int) -> pa.Ta
 
 def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamConfig | None = None,
               seeds: list[int] | None = None, init_latents: torch.Tensor | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, model: DiffusionModel | None = None) -> dict:
     """Dream one unit of a run: its model, read setting, SAE and peak steps come from the run directory.
 
-    cfg defaults to default_config(kind); seeds, when given, replace cfg.seeds.
+    cfg defaults to default_config(kind); seeds, when given, replace cfg.seeds; `model`, when given, is the run's
+    model already loaded (so a caller dreaming several units loads it once).
 
     Writes media/dreams/<layer>/<kind>-<unit>/seed<seed>-opt<N>.png and replaces the unit's shard
     tables/dreams/layer=<layer>/kind=<kind>/unit-<unit>.parquet; returns a summary (also in the manifest).
@@ -616,7 +617,7 @@ def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamC
     manifest = store.read_manifest()
     if manifest is None or "config" not in manifest:
         raise DifflensError(f"{run_dir} is not a difflens run (no manifest.json with a config); "
-                            "run `python cli.py run` or `capture` first")
+                            "run `python cli.py run-all` or `capture` first")
     config = manifest["config"]
     device = config.get("device", "cpu")
     read = config.get("capture", {}).get("read", "output")
@@ -629,7 +630,8 @@ def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamC
         notes.append(f"{kind} {unit} of {layer} has no peaks (a dead unit?): dreaming at step 0 only")
     targets = choose_target_steps(peaks, cfg.max_target_steps)
     sae = load_run_sae(store, layer, device) if kind == "feature" else None
-    model = load_model(config["model"], device=device, dtype=parse_dtype(config.get("dtype", "float32")))
+    if model is None:
+        model = load_model(config["model"], device=device, dtype=parse_dtype(config.get("dtype", "float32")))
     n_steps = run_steps(store, config, model)
     if progress:
         for note in notes:

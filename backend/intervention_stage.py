@@ -195,7 +195,7 @@ def _run_part(run_dir: Path, call: dict, cfg: InterventionsConfig, model) -> dic
         dcfg = dream.default_config(call["kind"])
         dcfg.opt_steps = cfg.dream_steps
         s = dream.dream_run(run_dir, call["layer"], call["kind"], call["unit"], dcfg,
-                            seeds=list(range(cfg.dream_seeds)), progress=False)
+                            seeds=list(range(cfg.dream_seeds)), progress=False, model=model)
         return {"activation": [round(s["activation_start"], 4), round(s["activation_end"], 4)],
                 "target_steps": s["target_steps"]}
     raise ValueError(f"unknown part {do!r}")
