@@ -50,7 +50,7 @@ def layers(
     dtype: DtypeOpt = "float32",
 ) -> None:
     """List hook points: name, module type, output shape, channels; * marks the usual SAE targets."""
-    from backend.layers import hook_points
+    from backend.models.layers import hook_points
 
     points = hook_points(_load(model, device, dtype), all_modules=all_modules)
     width = max(len(p.name) for p in points)
@@ -63,12 +63,12 @@ def layers(
 
 
 def _run_config(config: Path | None, **options):
-    from backend.config import load_config, override
+    from backend.run.config import load_config, override
 
     return override(load_config(config), **options)
 
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run.toml (backend/config.py); options win.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run.toml (backend/run/config.py); options win.")]
 RunModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory.")]
 RunDeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")]
 RunDtypeOpt = Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")]
@@ -137,7 +137,7 @@ def query(
     import duckdb
 
     from backend.errors import DifflensError
-    from backend.query import connect, table_sources
+    from backend.run.query import connect, table_sources
 
     con = connect(run)
     try:
@@ -162,8 +162,8 @@ def capture(
         help="LAYER=PATH of a trained SAE: also record its feature activity (on a finished run: only that).")] = None,
 ) -> None:
     """Generate images for a prompt set and record per-timestep activity of the chosen layers."""
-    from backend.capture import SAEEncoder, parse_sae_options
-    from backend.capture import capture as run_capture
+    from backend.stages.capture import SAEEncoder, parse_sae_options
+    from backend.stages.capture import capture as run_capture
 
     options = dict(locals())
     saes = parse_sae_options(options.pop("sae"))
@@ -192,7 +192,7 @@ def run_all(
 ) -> None:
     """Run every stage (capture, SAE training, feature recording, analysis, interventions) on the demo model or a
     config."""
-    from backend.pipeline import run_all as run_pipeline
+    from backend.stages.pipeline import run_all as run_pipeline
 
     summary = run_pipeline(_config_from_options(locals()), overwrite=overwrite)
     _print_capture(summary.stages["capture"])
@@ -221,8 +221,8 @@ def train_sae(
     splice_samples: Annotated[int, typer.Option(help="Generations for the splice test (0: skip).")] = 32,
 ) -> None:
     """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/ and tables/sae_training."""
-    from backend.config import SAEStageConfig
-    from backend.sae_stage import train_saes
+    from backend.run.config import SAEStageConfig
+    from backend.stages.sae import train_saes
 
     cfg = SAEStageConfig(architecture=architecture, expansion=expansion, k=k, total_tokens=total_tokens,
                          batch_size=batch_size, lr=lr, layers=layer or [], splice_samples=splice_samples)
@@ -239,7 +239,7 @@ def export_sae(
     out: Annotated[Path | None, typer.Option(help="Output directory (default: sae/<layer>/<format>/).")] = None,
 ) -> None:
     """Export trained SAEs for other tools (SAELens: `SAE.load_from_disk(dir)`)."""
-    from backend.sae_stage import export_saes
+    from backend.stages.sae import export_saes
 
     for name, path in export_saes(run, layer or None, format, out).items():
         typer.echo(f"{name}: {path}")
@@ -276,8 +276,8 @@ def analyze(
                                                       "[default: the run's setting, else 8]")] = None,
 ) -> None:
     """Profiles, peaks, top examples with heat-maps, group frequencies and comparisons, concept recovery, plots."""
-    from backend.analysis import analyze as run_analysis
-    from backend.analysis import config_of_run
+    from backend.stages.analysis import analyze as run_analysis
+    from backend.stages.analysis import config_of_run
 
     cfg = config_of_run(run, top_k_channels=top_k, examples_top_n=examples)
     _print_analysis(run_analysis(run, cfg))
@@ -294,8 +294,8 @@ def compare(
     top: Annotated[int, typer.Option(help="Units to print per layer and kind.")] = 10,
 ) -> None:
     """Rank units by how much more often they fire for group A's prompts than for group B's (log-odds ratio)."""
-    from backend.analysis import config_of_run
     from backend.analysis.compare import compare_run
+    from backend.stages.analysis import config_of_run
 
     ranked, png = compare_run(run, group_a, group_b,
                               config_of_run(run, compare_multiplier=multiplier, compare_pseudo_count=pseudo_count))
@@ -318,8 +318,8 @@ def plots(
     units: Annotated[int, typer.Option(help="Units per layer and kind (best concept units, then top peaks).")] = 6,
 ) -> None:
     """Write activity-profile figures (PNG, peaks marked) of the top units of an analysed run."""
-    from backend.analysis import config_of_run
     from backend.analysis.plots import write_run_plots
+    from backend.stages.analysis import config_of_run
 
     paths = write_run_plots(run, config_of_run(run, plot_top_units=units))
     typer.echo(f"wrote {len(paths)} figures to {run}/media/plots/")
@@ -338,7 +338,7 @@ def dream(
     snapshot_every: Annotated[int, typer.Option(help="Record activation, penalties and image every N steps.")] = 10,
 ) -> None:
     """Deep dream: optimise an image so one unit fires at step 0 and its peak steps; snapshots go to `dreams`."""
-    from backend.dream import default_config, dream_run
+    from backend.interventions.dream import default_config, dream_run
 
     cfg = default_config(kind)
     cfg.opt_steps, cfg.snapshot_every = steps, snapshot_every
@@ -357,8 +357,8 @@ def dream(
 def intervene(run: AnalysedRunOpt = Path("runs/demo")) -> None:
     """run-all's interventions stage on an analysed run: steered priors and dreams of the top units, feature
     edits, concept steering, block ablation (settings: the run config's [interventions] section)."""
-    from backend.intervention_stage import InterventionsConfig, run_interventions
-    from backend.store import RunStore
+    from backend.run.store import RunStore
+    from backend.stages.interventions import InterventionsConfig, run_interventions
 
     saved = ((RunStore(run).read_manifest() or {}).get("config") or {}).get("interventions") or {}
     summary = run_interventions(run, InterventionsConfig(**saved))
@@ -407,7 +407,7 @@ def steer(
     seeds: SeedsOpt = "0-3", n_steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
 ) -> None:
     """Add strength x a unit's direction to a layer's output and compare with the unsteered images."""
-    from backend.interventions import steer_run
+    from backend.interventions.steer import steer_run
 
     res = steer_run(run, layer, kind, unit, scale=scale, strength=strength, steps=steps, mask=mask,
                     mode="prompt" if prompt else "prior", prompt=prompt, seeds=_seeds(seeds), n_steps=n_steps,
@@ -435,7 +435,7 @@ def steer_report(
     seeds: SeedsOpt = "0-9",
 ) -> None:
     """Demo model: how often steering each concept's best unit turns images to that concept."""
-    from backend.interventions import REPORT_SCALE, concept_steering_report
+    from backend.interventions.steer import REPORT_SCALE, concept_steering_report
 
     table = concept_steering_report(run, layer, kind, scale=REPORT_SCALE if scale is None else scale, steps=steps,
                                     mask=None if mask == "none" else mask, seeds=_seeds(seeds),
@@ -465,7 +465,7 @@ def edit(
     steps: Annotated[str, typer.Option(help="all, late, or a window 3-8.")] = "all",
 ) -> None:
     """Zero or scale SAE features (decode(edited codes) + reconstruction error) next to the unedited images."""
-    from backend.interventions import PRESETS, edit_run
+    from backend.interventions.steer import PRESETS, edit_run
 
     res = edit_run(run, layer, presets=tuple(preset) if preset else PRESETS, n=n, zero=zero or (),
                    scale=scale_feature or (), factor=factor, prompts=prompt, seeds=_seeds(seeds), steps=steps)
@@ -486,7 +486,7 @@ def ablate(
     seeds: SeedsOpt = "0", n_steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
 ) -> None:
     """Skip each block in turn on a fixed prompt set; image grid and effect score per block."""
-    from backend.ablation import ablate_run
+    from backend.interventions.ablate import ablate_run
 
     summary, grid = ablate_run(run, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=n_steps,
                                guidance=guidance)
@@ -523,7 +523,7 @@ def demo_train(
     threads: Annotated[int, typer.Option(help="torch threads (0: default).")] = 0,
 ) -> None:
     """Train the demo model from scratch (resumes from --work-dir after an interruption)."""
-    from backend.demo_train import DemoTrainConfig, train_demo_model
+    from backend.demo.train import DemoTrainConfig, train_demo_model
 
     out = train_demo_model(DemoTrainConfig(steps=steps, batch_size=batch_size, lr=lr, out_dir=str(out_dir),
                                            work_dir=str(work_dir), threads=threads))
@@ -541,7 +541,7 @@ def demo_sample(
     model: ModelOpt = "demo", device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
 ) -> None:
     """Write a labelled grid of demo-model samples."""
-    from backend.demo_eval import sample_grid
+    from backend.demo.evaluate import sample_grid
 
     path = sample_grid(_load(model, device, dtype), out, n=n, seed=seed, steps=steps, guidance=guidance)
     typer.echo(f"wrote {path}")
@@ -557,7 +557,7 @@ def demo_evaluate(
     model: ModelOpt = "demo", device: DeviceOpt = "cpu", dtype: DtypeOpt = "float32",
 ) -> None:
     """Score generated images against their prompts: per-attribute accuracy."""
-    from backend.demo_eval import evaluate
+    from backend.demo.evaluate import evaluate
 
     report = evaluate(_load(model, device, dtype), n=n, steps=steps, guidance=guidance, out=out)
     typer.echo(f"{report['n_images']} images, {report['steps']} steps, guidance {report['guidance']}")
@@ -574,7 +574,7 @@ def demo_prompts(
     group_by: Annotated[str, typer.Option(help="Attribute that names each prompt's group.")] = "colour",
 ) -> None:
     """Write the balanced demo prompt set (every attribute combination once) as JSONL."""
-    from backend import shapes
+    from backend.demo import shapes
     from backend.errors import DifflensError
 
     if group_by not in shapes.ATTRIBUTES:
@@ -590,7 +590,7 @@ def prompts(file: Annotated[Path, typer.Argument(help="A .txt or .jsonl prompt f
     """Check a prompt file and summarise it (count per group)."""
     from collections import Counter
 
-    from backend.prompts import load_prompts
+    from backend.run.prompts import load_prompts
 
     records = load_prompts(file)
     groups = Counter(r.group for r in records)

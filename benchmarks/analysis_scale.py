@@ -50,7 +50,7 @@ def step_distributions(rng: np.random.Generator) -> np.ndarray:
 
 def write_run(root: Path, rows: int, seed: int = 0) -> int:
     """A run directory with about `rows` feature-activity rows (whole shards); returns the number of generations."""
-    from backend.store import RunStore
+    from backend.run.store import RunStore
 
     store = RunStore(root)
     root.mkdir(parents=True)
@@ -99,8 +99,8 @@ def _draw(cdf_SF: np.ndarray, step: np.ndarray, rng: np.random.Generator) -> np.
 
 def analyse(run_dir: str, memory_limit: str, threads: int) -> dict:
     """Child process: profiles + frequencies + units + peaks, writing the tables like analyze does."""
-    from backend.analysis import AnalysisConfig, _profiles_part
     from backend.analysis.inputs import connect, load_inputs
+    from backend.stages.analysis import AnalysisConfig, _profiles_part
 
     cfg = AnalysisConfig(duckdb_memory_limit=memory_limit, duckdb_threads=threads)
     t0 = time.perf_counter()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.capture import capture, plan_generations  # noqa: E402
-from backend.config import DEMO_LAYERS, RunConfig, validate  # noqa: E402
 from backend.models import load_model  # noqa: E402
-from backend.prompts import DEMO_PROMPTS, load_prompts  # noqa: E402
+from backend.run.config import DEMO_LAYERS, RunConfig, validate  # noqa: E402
+from backend.run.prompts import DEMO_PROMPTS, load_prompts  # noqa: E402
+from backend.stages.capture import capture, plan_generations  # noqa: E402
 
 
 def main() -> None:

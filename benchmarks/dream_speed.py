@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from backend.dream import default_config, dream_unit
+    from backend.interventions.dream import default_config, dream_unit
     from backend.models import load_model
     from sae.model import SAE, SAEConfig
 

@@ -59,7 +59,7 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
     from backend.analysis.compare import compare_groups
     from backend.analysis.config import AnalysisConfig
     from backend.analysis.peaks import peaks_and_units
-    from backend.store import RunStore
+    from backend.run.store import RunStore
 
     t0 = time.time()
     rng = np.random.default_rng(seed)

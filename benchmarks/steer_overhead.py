@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from backend import interventions as iv  # noqa: E402
+from backend.interventions import steer as iv  # noqa: E402
 from backend.models import load_model  # noqa: E402
-from backend.prompts import DEMO_PROMPTS, load_prompts  # noqa: E402
+from backend.run.prompts import DEMO_PROMPTS, load_prompts  # noqa: E402
 
 LAYER = "up_blocks.1.attentions.1"
 

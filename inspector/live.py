@@ -2,7 +2,7 @@
 the units of that image at a step, and steer units. Everything heavy (torch, diffusers, the backend's model code)
 is imported inside the functions, so importing this module costs nothing until the Lab asks for a model.
 
-Steering uses backend/interventions.py (unit directions, strength schedules, masked steering edits), the same
+Steering uses backend/interventions/steer.py (unit directions, strength schedules, masked steering edits), the same
 code `python cli.py steer` runs, so the Lab shows what the batch job would produce.
 """
 
@@ -70,7 +70,7 @@ def load_sae(sae_dir: str, device: str = "cpu"):
 
 
 def layer_channels(model, layer: str) -> int:
-    from backend.interventions import layer_channels as _channels
+    from backend.interventions.steer import layer_channels as _channels
 
     return _channels(model, layer)
 
@@ -81,8 +81,8 @@ def capture(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int,
     """Generate one image and keep the layer's tokens at every step (cached per inputs)."""
     import torch
 
-    from backend.hooks import read_activations
     from backend.models.base import to_uint8
+    from backend.models.hooks import read_activations
 
     kept: dict[int, np.ndarray] = {}
     grid: list[tuple[int, int] | None] = [None]
@@ -147,7 +147,7 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
     direction) at the steps of window (inclusive), under the mask; uint8 [H, W, 3]."""
     import torch
 
-    from backend.interventions import edited_generate, steering_edit, strength_schedule, unit_direction
+    from backend.interventions.steer import edited_generate, steering_edit, strength_schedule, unit_direction
     from backend.models.base import to_uint8
 
     n_channels = layer_channels(model, layer)
@@ -177,10 +177,10 @@ def steer_cached(_model, _sae, spec: str, layer: str, prompt: str, seed: int, n_
 
 def strength_unit(kind: str, unit: int, unit_max: float | None, sae=None) -> float:
     """What strength 1.0 (relative) means for a unit: its largest recorded activation (x its decoder-row norm for a
-    feature), as backend.interventions does; 1.0 when the run has no units table."""
+    feature), as backend.interventions.steer does; 1.0 when the run has no units table."""
     ref = float(unit_max) if unit_max else 1.0
     if kind == "feature" and sae is not None:
-        from backend.interventions import decoder_norm
+        from backend.interventions.steer import decoder_norm
 
         ref *= decoder_norm(sae, unit)
     return ref

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from backend.store import RunStore
+from backend.run.store import RunStore
 
 
 def make_run(root, gens: list[dict], n_steps: int, activity: dict[tuple[str, str], dict[str, np.ndarray]],

@@ -71,7 +71,7 @@ def test_readme_starts_with_the_two_setup_commands():
 
 
 def test_config_files_parse():
-    from backend.config import load_config
+    from backend.run.config import load_config
 
     for path in (ROOT / "configs").glob("*.toml"):
         load_config(path)

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from backend.analysis.config import AnalysisConfig
 from backend.analysis.inputs import Partition, RunInputs
 from backend.errors import DifflensError
-from backend.hooks import HookEvent, read_activations
-from backend.store import RunStore, shard_name
+from backend.models.hooks import HookEvent, read_activations
+from backend.run.store import RunStore, shard_name
 
 REPLAY_STAGE = "analysis-heatmaps"
 

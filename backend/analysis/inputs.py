@@ -17,7 +17,7 @@ import polars as pl
 
 from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
-from backend.store import RunStore
+from backend.run.store import RunStore
 
 ANALYSIS_TABLES = ("profiles", "units", "peaks", "examples", "frequencies", "histograms", "comparisons", "concepts",
                    "localisation", "concept_summary")

@@ -82,8 +82,8 @@ def write_profile_plots(store, layer: str, kind: str, profiles: pl.DataFrame, pe
 
 def write_run_plots(run_dir: str | Path, cfg, partitions=None) -> list[Path]:
     """Profile figures of the top units of every analysed (layer, kind) of a run; needs `analyze` first."""
-    from backend.analysis import read_part
     from backend.analysis.inputs import load_inputs
+    from backend.stages.analysis import read_part
 
     inputs = load_inputs(run_dir)
     out = []

@@ -52,7 +52,7 @@ class DiffusionModel:
         self.spec = spec
         # a private scheduler: stateful schedulers must not be shared with the pipeline's own __call__
         self.scheduler = copy.deepcopy(pipe.scheduler)
-        # read by hooks (backend/hooks.py): the step being denoised and whether the batch is [uncond; cond]
+        # read by hooks (backend/models/hooks.py): the step being denoised and whether the batch is [uncond; cond]
         self.step_index = 0
         self.cfg_active = False
 

@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from backend import shapes
+from backend.demo import shapes
 from backend.errors import UnknownWordError
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-model"

@@ -1,0 +1,1 @@
+"""The demo world: coloured shapes with known concepts, the demo model's training and evaluation."""

@@ -1,0 +1,72 @@
+"""Prompt files: TXT (one prompt per line) or JSONL (`{"prompt": ..., "group": ..., "attributes": {...}}`).
+
+Blank lines and lines starting with `#` are skipped in both formats. `group` defaults to "all" and
+`attributes` to `{}`. Any malformed line is an error that names the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.errors import PromptFileError
+
+DEMO_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "prompts" / "demo.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+    group: str = "all"
+    attributes: dict = field(default_factory=dict)
+
+
+def _record_from_json(obj, where: str) -> PromptRecord:
+    if not isinstance(obj, dict):
+        raise PromptFileError(f"{where}: expected a JSON object with a 'prompt' key, got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptFileError(f"{where}: 'prompt' must be a non-empty string")
+    unknown = set(obj) - {"prompt", "group", "attributes"}
+    if unknown:
+        keys = ", ".join(sorted(unknown))
+        raise PromptFileError(f"{where}: unknown key(s) {keys}; allowed: prompt, group, attributes")
+    group = obj.get("group", "all")
+    attributes = obj.get("attributes", {})
+    if not isinstance(group, str) or not group:
+        raise PromptFileError(f"{where}: 'group' must be a non-empty string")
+    plain = isinstance(attributes, dict) and all(isinstance(v, str | int | float | bool) for v in attributes.values())
+    if not plain:
+        raise PromptFileError(f"{where}: 'attributes' must be an object of plain values")
+    return PromptRecord(prompt.strip(), group, dict(attributes))
+
+
+def load_prompts(path: str | Path) -> list[PromptRecord]:
+    """Read a .txt or .jsonl prompt file; raises PromptFileError naming the line of any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {path} not found; give a .txt (one prompt per line) or .jsonl file")
+    is_jsonl = path.suffix.lower() in {".jsonl", ".json"}
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    for lineno, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        if is_jsonl:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                msg = f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object"
+                raise PromptFileError(msg) from exc
+            records.append(_record_from_json(obj, where))
+        else:
+            records.append(PromptRecord(text))
+    if not records:
+        raise PromptFileError(f"{path} holds no prompts; write one prompt per line")
+    return records

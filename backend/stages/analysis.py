@@ -1,0 +1,220 @@
+"""The analysis stage: from recorded activity to profiles, peaks, top examples, frequencies, comparisons,
+concept recovery and figures (tables of ../shared/DESIGN.md, per (layer, kind) as hive partitions).
+
+`analyze(run_dir, cfg)` runs every part in order, each per activity partition (layer, kind):
+  1. profiles + frequencies   streaming pass over the activity shards (profiles.py, frequencies.py)
+     + histograms             per-unit activation histograms, two streaming aggregations (histograms.py)
+  2. units + peaks            find_peaks on each profile, dead/dense flags (peaks.py)
+  3. examples                 top generations per unit, heat-maps by replay (examples.py)
+  4. comparisons              every ordered pair of prompt groups, when there are few (compare.py)
+  5. concepts                 AUROC per attribute value, heat-map localisation of position (concepts.py)
+                              -> concepts, localisation, concept_summary
+  6. plots                    profile figures of top units (plots.py)
+Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; a
+change of the inputs (activity or generations files) or of the config recomputes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+
+from backend.analysis.config import AnalysisConfig, validate
+from backend.analysis.inputs import ANALYSIS_TABLES, Partition, RunInputs, connect, fingerprint, load_inputs
+from backend.errors import DifflensError
+from backend.run.store import RunStore
+
+__all__ = ["AnalysisConfig", "analyze", "config_of_run"]
+
+STAGE = "analysis"
+SHARD = "part-0000000"
+
+
+def analyze(run_dir: str | Path, cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
+    """Run (or resume) every analysis part on run_dir; returns a summary (also stored in the manifest)."""
+    from backend.analysis.examples import REPLAY_STAGE
+
+    cfg = validate(cfg or AnalysisConfig())
+    t0 = time.time()
+    inputs = load_inputs(run_dir)
+    store = inputs.store
+    key = hashlib.sha256(json.dumps([fingerprint(inputs), cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    if inputs.manifest.get("stages", {}).get(STAGE, {}).get("key") != key:
+        _reset(store, REPLAY_STAGE)
+    store.update_stage(STAGE, status="running", key=key, started=t0, config=cfg.to_dict(), pending=inputs.pending,
+                       partitions=[p.name for p in inputs.partitions])
+    con = connect(cfg)
+    steps = [("profiles", _profiles_part), ("examples", _examples_part), ("comparisons", _comparisons_part),
+             ("concepts", _concepts_part), ("plots", _plots_part)]
+    results: dict = {}
+    for name, part_fn in steps:
+        if store.batch_done(STAGE, name):
+            results[name] = (store.read_manifest()["stages"][STAGE].get("results") or {}).get(name)
+            continue
+        results[name] = part_fn(con, inputs, cfg, progress)
+        store.mark_batch_done(STAGE, name)
+        store.update_stage(STAGE, results=results)
+    seconds = round(time.time() - t0, 3)
+    store.update_stage(STAGE, status="done", finished=time.time(), seconds=seconds, results=results)
+    return {"out_dir": str(store.root), "partitions": [p.name for p in inputs.partitions], "pending": inputs.pending,
+            "seconds": seconds, **results}
+
+
+def config_of_run(run_dir: str | Path, **overrides) -> AnalysisConfig:
+    """The settings a run was last analysed with (else its run config's [analysis], else the defaults), with
+    the overrides that are not None applied."""
+    manifest = RunStore(run_dir).read_manifest() or {}
+    saved = (manifest.get("stages", {}).get(STAGE, {}).get("config")
+             or manifest.get("config", {}).get("analysis") or {})
+    known = {f for f in AnalysisConfig.__dataclass_fields__}
+    cfg = AnalysisConfig(**{k: v for k, v in saved.items() if k in known})
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def _reset(store: RunStore, replay_stage: str) -> None:
+    """Forget every analysis output: the inputs or the config changed."""
+    for table in ANALYSIS_TABLES:
+        shutil.rmtree(store.table_dir(table), ignore_errors=True)
+        (store.root / "tables" / f"{table}.parquet").unlink(missing_ok=True)
+    shutil.rmtree(store.root / "_work" / "analysis", ignore_errors=True)
+    shutil.rmtree(store.root / "media" / "plots", ignore_errors=True)
+    store.clear_stage_markers(STAGE)
+    store.clear_stage_markers(replay_stage)
+
+
+def read_part(store: RunStore, table: str, part: Partition) -> pl.DataFrame:
+    path = store.partition_dir(table, part.layer, part.kind) / f"{SHARD}.parquet"
+    if not path.is_file():
+        raise DifflensError(f"{store.root} has no {table} table for {part.name}; run `python cli.py analyze` first")
+    return pl.read_parquet(path)
+
+
+def _write_part(store: RunStore, table: str, part: Partition, data) -> None:
+    store.write_table_shard(table, SHARD, data, layer=part.layer, kind=part.kind)
+
+
+def _profiles_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    from backend.analysis.frequencies import frequencies_table
+    from backend.analysis.histograms import histograms_table
+    from backend.analysis.peaks import peaks_and_units
+    from backend.analysis.profiles import count_activity, profile_arrays, profiles_table
+
+    out = {}
+    for part in inputs.partitions:
+        counts = count_activity(con, inputs, part, cfg, progress)
+        _write_part(inputs.store, "profiles", part, profiles_table(counts))
+        _write_part(inputs.store, "frequencies", part, frequencies_table(counts, inputs.groups))
+        _write_part(inputs.store, "histograms", part, histograms_table(con, part, cfg.histogram_bins))
+        peaks, units = peaks_and_units(profile_arrays(counts), inputs.timesteps, cfg)
+        _write_part(inputs.store, "peaks", part, peaks)
+        _write_part(inputs.store, "units", part, units)
+        dead, dense = units["dead"].to_numpy(), units["dense"].to_numpy()
+        out[part.name] = {"rows": counts.rows, "units": part.n_units, "dead": int(dead.sum()),
+                          "dense": int(dense.sum()), "peaks": peaks.num_rows}
+    return out
+
+
+def _examples_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    from backend.analysis.examples import REPLAY_STAGE, examples_with_heatmaps, replay_heatmaps, select_examples
+
+    chosen = {part.name: select_examples(con, part, read_part(inputs.store, "peaks", part), cfg)
+              for part in inputs.partitions}
+    requests = pl.concat([
+        chosen[p.name].select("unit", "gen_id", "heatmap_step", "activation")
+        .with_columns(layer=pl.lit(p.layer), kind=pl.lit(p.kind)) for p in inputs.partitions
+    ]).unique(["layer", "kind", "unit", "gen_id", "heatmap_step"], keep="first", maintain_order=True)
+    batches = replay_heatmaps(inputs, requests, cfg, progress)
+    out = {"generations_replayed": requests["gen_id"].n_unique(), "batches": batches}
+    for part in inputs.partitions:
+        _write_part(inputs.store, "examples", part, examples_with_heatmaps(inputs.store, part, chosen[part.name]))
+        out[part.name] = len(chosen[part.name])
+    shutil.rmtree(inputs.store.root / "_work" / "analysis", ignore_errors=True)
+    inputs.store.clear_stage_markers(REPLAY_STAGE)
+    return out
+
+
+def _comparisons_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    from backend.analysis.compare import check_same_seeds, compare_groups, write_comparison
+
+    groups = inputs.groups
+    if not 2 <= len(groups) <= cfg.compare_all_pairs_max_groups:
+        return {"skipped": f"{len(groups)} prompt groups (pairs are written for 2..{cfg.compare_all_pairs_max_groups};"
+                           " use `python cli.py compare A B`)"}
+    freqs = inputs.store.read_table("frequencies")
+    out = {}
+    for a, b in itertools.permutations(groups, 2):
+        try:
+            check_same_seeds(inputs.gens, a, b)
+        except DifflensError as exc:
+            out[f"{a} vs {b}"] = f"skipped: {exc}"
+            continue
+        ranked = compare_groups(freqs, a, b, inputs.n_steps, cfg)
+        png = write_comparison(inputs.store, freqs, ranked, a, b)
+        out[f"{a} vs {b}"] = {"units": len(ranked), "histogram": inputs.store.relative(png)}
+    return out
+
+
+def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    import pyarrow as pa
+
+    from backend.analysis.concepts import (
+        best_auroc,
+        concept_labels,
+        concepts_table,
+        pooled_localisation,
+        unit_localisation,
+    )
+    from backend.demo import shapes
+
+    labels = concept_labels(inputs.gens, cfg.spatial_attributes)
+    if labels is None:
+        return {"skipped": "prompts carry no attributes"}
+    attrs = [json.loads(a) for a in inputs.gens["attributes"].to_list()]
+    positions = {a.get(p) for a in attrs for p in cfg.spatial_attributes}
+    spatial = next(iter(cfg.spatial_attributes), None)
+    can_localise = spatial is not None and positions <= set(shapes.POSITION_CENTRES)
+    rows = []
+    for part in inputs.partitions:
+        best_UC, step_UC = best_auroc(con, inputs, part, labels, cfg)
+        table = concepts_table(labels.names, best_UC, step_UC, cfg.concepts_top_n)
+        _write_part(inputs.store, "concepts", part, table)
+        row = {"layer": part.layer, "kind": part.kind, "concepts": len(labels.names),
+               "mean_best_auroc": float(best_UC.max(0).mean()), "localisation": None, "localised_examples": 0,
+               "best_localisation": None, "best_localising_unit": None}
+        if can_localise:
+            examples = read_part(inputs.store, "examples", part)
+            per_unit = unit_localisation(examples, inputs.gens, spatial, shapes.POSITION_CENTRES)
+            _write_part(inputs.store, "localisation", part, per_unit.to_arrow())
+            prefix = f"{cfg.localise_attribute}="
+            best_units = [int(best_UC[:, c].argmax()) for c, n in enumerate(labels.names) if n.startswith(prefix)]
+            if best_units:
+                hits, total = pooled_localisation(per_unit, best_units)
+                row["localisation"] = hits / total if total else None
+                row["localised_examples"] = total
+            full = per_unit.filter((pl.col("examples") >= cfg.examples_top_n)
+                                   & (pl.col("positions") >= cfg.localise_min_positions))
+            if full.height:
+                row["best_localisation"] = float(full["share"][0])
+                row["best_localising_unit"] = int(full["unit"][0])
+        rows.append(row)
+    inputs.store.write_table("concept_summary", pa.Table.from_pylist(rows, schema=pa.schema([
+        ("layer", pa.string()), ("kind", pa.string()), ("concepts", pa.int32()), ("mean_best_auroc", pa.float64()),
+        ("localisation", pa.float64()), ("localised_examples", pa.int32()), ("best_localisation", pa.float64()),
+        ("best_localising_unit", pa.int32())])))
+    return {"summary": rows}
+
+
+def _plots_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    from backend.analysis.plots import write_run_plots
+
+    paths = write_run_plots(inputs.store.root, cfg, partitions=inputs.partitions)
+    return {"figures": len(paths), "dir": "media/plots"}

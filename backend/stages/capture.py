@@ -1,0 +1,394 @@
+"""Capture: generate images for a prompt set and record per-timestep activity of chosen blocks.
+
+Per layer and batch of generations it writes
+  - tables/activity/layer=L/kind=channel/part-G.parquet: (gen_id, step, unit, mean, max), the spatial mean and
+    max of every channel, sorted by (unit, step, gen_id);
+  - activations/L/part-G.{npy,parquet}: a random sample of token vectors per (generation, step), fp16, with
+    (gen_id, step, position);
+  - with SAEs given, tables/activity/layer=L/kind=feature/part-G.parquet for active features only;
+and per batch the generations rows and images. A batch is complete once its marker is written, so a killed
+capture resumes at the first incomplete batch and ends with the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from backend.errors import DifflensError
+from backend.models.base import DiffusionModel, to_uint8
+from backend.models.hooks import HookEvent, read_activations
+from backend.run import distributed
+from backend.run.config import RunConfig, file_digest, validate
+from backend.run.prompts import PromptRecord, load_prompts
+from backend.run.store import RunStore, shard_name
+
+STAGE = "capture"
+FEATURES_STAGE = "features"  # a later pass that records SAE features of an already captured run
+# A feature encoder maps tokens [N, C] to sparse codes: (values [N, k], indices [N, k]) with zeros allowed.
+FeatureEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Generation:
+    gen_id: int
+    prompt: PromptRecord
+    seed: int
+
+
+def plan_generations(prompts: list[PromptRecord], images_per_prompt: int, seed: int) -> list[Generation]:
+    """gen_id = prompt_index * images_per_prompt + image_index; image i of every prompt uses seed + i."""
+    return [
+        Generation(p * images_per_prompt + i, rec, seed + i)
+        for p, rec in enumerate(prompts)
+        for i in range(images_per_prompt)
+    ]
+
+
+def run_identity(cfg: RunConfig) -> dict:
+    """What must match for a run directory to be resumed rather than refused."""
+    import dataclasses
+
+    return {"model": cfg.model, "prompts_digest": file_digest(cfg.prompts), "dtype": cfg.dtype,
+            "capture": dataclasses.asdict(cfg.capture)}
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    from backend import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "difflens": __version__}
+
+
+def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
+    """Create or reopen the run directory; refuse one holding a run of another config unless overwrite."""
+    import shutil
+
+    store = RunStore(cfg.out_dir)
+    manifest = store.read_manifest()
+    root = store.root
+    if manifest is None and root.exists() and any(root.iterdir()):
+        raise DifflensError(f"{root} exists and is not a difflens run (no manifest.json); choose another --name")
+    if manifest is not None and manifest.get("identity") != run_identity(cfg):
+        if not overwrite:
+            raise DifflensError(
+                f"{root} holds a run with a different config (model, prompts, dtype or capture settings); "
+                "pass --overwrite to replace it, or choose another --name"
+            )
+        shutil.rmtree(root)
+        manifest = None
+    if manifest is not None:
+        store.remove_stale_temporaries()
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        store.write_manifest({"identity": run_identity(cfg), "config": cfg.to_dict(), "versions": versions(),
+                              "created": time.time(), "stages": {}})
+    return store
+
+
+class _Recorder:
+    """Hook callback: accumulates per-(generation, step) channel stats and token samples on the device."""
+
+    def __init__(self, gens: list[Generation], n_steps: int, tokens_per_step: int,
+                 encoders: dict[str, FeatureEncoder]):
+        self.gens = gens
+        self.n_steps = n_steps
+        self.k = tokens_per_step
+        self.encoders = encoders
+        self.mean: dict[str, torch.Tensor] = {}
+        self.max: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, torch.Tensor] = {}
+        self.positions: dict[str, torch.Tensor] = {}
+        self.features: dict[str, list] = {}
+        self.spatial: dict[str, tuple[int, int] | None] = {}
+
+    def _positions(self, n_tokens: int, device) -> torch.Tensor:
+        """[B, S, k] token positions, deterministic per (gen_id, step); all positions when k >= n_tokens."""
+        b, s = len(self.gens), self.n_steps
+        if self.k >= n_tokens:
+            return torch.arange(n_tokens, device=device).expand(b, s, n_tokens)
+        out = torch.empty(b, s, self.k, dtype=torch.long)
+        for i, g in enumerate(self.gens):
+            gen = torch.Generator().manual_seed(1_000_003 * g.gen_id + n_tokens)
+            for step in range(s):
+                out[i, step] = torch.randperm(n_tokens, generator=gen)[: self.k].sort().values
+        return out.to(device)
+
+    def __call__(self, ev: HookEvent) -> None:
+        tok = ev.tokens
+        b, t, c = tok.shape
+        if b != len(self.gens):
+            raise DifflensError(f"layer {ev.layer} saw batch {b}, expected {len(self.gens)} (use half='cond')")
+        if ev.layer not in self.mean:
+            self.mean[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
+            self.max[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
+            self.positions[ev.layer] = self._positions(t, tok.device)
+            k = self.positions[ev.layer].shape[-1]
+            self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=torch.float16, device=tok.device)
+            self.features[ev.layer] = []
+            self.spatial[ev.layer] = ev.spatial
+            width = getattr(self.encoders.get(ev.layer), "d_in", c)
+            if width != c:
+                raise DifflensError(f"the SAE given for {ev.layer} takes width {width}, but the layer has {c} "
+                                    "channels; pass an SAE trained on this layer")
+        tokf = tok.float()
+        self.mean[ev.layer][:, ev.step] = tokf.mean(1)
+        self.max[ev.layer][:, ev.step] = tokf.amax(1)
+        pos = self.positions[ev.layer][:, ev.step]
+        self.samples[ev.layer][:, ev.step] = torch.gather(tokf, 1, pos[..., None].expand(-1, -1, c)).half()
+        if ev.layer in self.encoders:
+            self.features[ev.layer].append((ev.step, feature_stats(self.encoders[ev.layer], tokf)))
+
+
+def feature_stats(encoder: FeatureEncoder, tokens_BTC: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Sparse per-generation feature activity: (gen_index, feature, mean, max) of active features only.
+
+    Mean is over all positions (inactive positions count as 0), max over positions.
+    """
+    b, t, c = tokens_BTC.shape
+    values, indices = encoder(tokens_BTC.reshape(b * t, c))
+    values = values.float()
+    gen_idx = torch.arange(b, device=values.device).repeat_interleave(t)[:, None].expand_as(indices)
+    active = values > 0
+    g, f, v = gen_idx[active], indices[active].long(), values[active]
+    width = int(indices.max()) + 1 if indices.numel() else 1
+    key = g * width + f
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    sums = torch.zeros(len(uniq), device=v.device).index_add_(0, inverse, v)
+    maxs = torch.zeros(len(uniq), device=v.device).scatter_reduce_(0, inverse, v, "amax", include_self=False)
+    return ((uniq // width).cpu().numpy(), (uniq % width).cpu().numpy(), (sums / t).cpu().numpy(),
+            maxs.cpu().numpy())
+
+
+class SAEEncoder:
+    """A FeatureEncoder from a trained (folded) SAE: its sparse codes of raw activations."""
+
+    def __init__(self, path: str | Path, device="cpu"):
+        from sae.io import SAELoadError, load_sae
+
+        try:
+            self.sae = load_sae(path, device=device)
+        except SAELoadError as exc:
+            raise DifflensError(str(exc)) from exc
+        self.d_in = self.sae.cfg.d_in
+        self.path = str(path)
+        self.identity = file_digest(Path(path) / "sae.safetensors")
+
+    @torch.no_grad()
+    def __call__(self, x_NC: torch.Tensor):
+        codes = self.sae.encode(x_NC.to(self.sae.W_dec.dtype))
+        return codes.values, codes.indices
+
+
+def parse_sae_options(options: list[str] | None) -> dict[str, str]:
+    """["LAYER=PATH", ...] -> {layer: path}."""
+    out = {}
+    for opt in options or []:
+        layer, sep, path = opt.partition("=")
+        if not sep or not layer or not path:
+            example = "up_blocks.1.attentions.1=runs/demo/sae/up_blocks.1.attentions.1"
+            raise DifflensError(f"--sae takes LAYER=PATH (e.g. {example}); got {opt!r}")
+        out[layer] = path
+    return out
+
+
+def _activity_table(gen_ids: np.ndarray, mean_BSC: np.ndarray, max_BSC: np.ndarray) -> pa.Table:
+    """Rows sorted by (unit, step, gen_id)."""
+    b, s, c = mean_BSC.shape
+    return pa.table({
+        "gen_id": np.tile(gen_ids, c * s).astype(np.int32),
+        "step": np.tile(np.repeat(np.arange(s, dtype=np.int16), b), c),
+        "unit": np.repeat(np.arange(c, dtype=np.int32), s * b),
+        "mean": mean_BSC.transpose(2, 1, 0).ravel().astype(np.float32),
+        "max": max_BSC.transpose(2, 1, 0).ravel().astype(np.float32),
+    })
+
+
+def _feature_table(gen_ids: np.ndarray, per_step: list) -> pa.Table:
+    cols = {"gen_id": [], "step": [], "unit": [], "mean": [], "max": []}
+    for step, (g, f, mean, mx) in per_step:
+        cols["gen_id"].append(gen_ids[g].astype(np.int32))
+        cols["step"].append(np.full(len(g), step, dtype=np.int16))
+        cols["unit"].append(f.astype(np.int32))
+        cols["mean"].append(mean.astype(np.float32))
+        cols["max"].append(mx.astype(np.float32))
+    cols = {k: np.concatenate(v) if v else np.array([], dtype=np.float32) for k, v in cols.items()}
+    order = np.lexsort((cols["gen_id"], cols["step"], cols["unit"]))
+    return pa.table({k: v[order] for k, v in cols.items()})
+
+
+@dataclass
+class WriteStats:
+    activity_rows: int = 0
+    token_bytes: int = 0
+    seconds: float = 0.0
+
+
+def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recorder, images: np.ndarray,
+                 n_steps: int, guidance: float, stats: WriteStats, stage: str = STAGE) -> None:
+    t0 = time.perf_counter()
+    gen_ids = np.array([g.gen_id for g in gens], dtype=np.int64)
+    if stage == FEATURES_STAGE:
+        for layer in rec.mean:
+            if rec.encoders.get(layer) is not None:
+                store.write_table_shard("activity", name, _feature_table(gen_ids, rec.features[layer]),
+                                        layer=layer, kind="feature")
+        store.mark_batch_done(stage, name, n=len(gens))
+        stats.seconds += time.perf_counter() - t0
+        return
+    for layer in rec.mean:
+        activity = _activity_table(gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy())
+        store.write_table_shard("activity", name, activity, layer=layer, kind="channel")
+        stats.activity_rows += activity.num_rows
+        samples = rec.samples[layer].cpu().numpy()
+        stats.token_bytes += samples.nbytes
+        b, s, k, c = samples.shape
+        pos = rec.positions[layer].cpu().numpy()
+        index = pa.table({
+            "gen_id": np.repeat(gen_ids, s * k).astype(np.int32),
+            "step": np.tile(np.repeat(np.arange(s, dtype=np.int16), k), b),
+            "position": pos.reshape(-1).astype(np.int32),
+        })
+        store.write_token_shard(layer, name, samples.reshape(-1, c), index)
+        if rec.encoders.get(layer) is not None:
+            store.write_table_shard("activity", name, _feature_table(gen_ids, rec.features[layer]),
+                                    layer=layer, kind="feature")
+    import json
+
+    image_paths = [store.write_image(g.gen_id, img) for g, img in zip(gens, images, strict=True)]
+    store.write_table_shard("generations", name, pa.table({
+        "gen_id": gen_ids.astype(np.int32),
+        "prompt": [g.prompt.prompt for g in gens],
+        "seed": np.array([g.seed for g in gens], dtype=np.int64),
+        "group": [g.prompt.group for g in gens],
+        "attributes": [json.dumps(g.prompt.attributes, sort_keys=True) for g in gens],
+        "image": image_paths,
+        "n_steps": np.full(len(gens), n_steps, dtype=np.int16),
+        "guidance": np.full(len(gens), guidance, dtype=np.float32),
+    }))
+    store.mark_batch_done(STAGE, name, n=len(gens))
+    stats.seconds += time.perf_counter() - t0
+
+
+def _steps_table(model: DiffusionModel, n_steps: int) -> pa.Table:
+    ts = model.timesteps(n_steps).cpu().numpy()
+    return pa.table({"step": np.arange(len(ts), dtype=np.int16), "timestep": ts.astype(np.float32)})
+
+
+def _result_or_user_error(future: Future, store: RunStore) -> None:
+    """Wait for a batch write; an OS error (disk full, permissions) becomes a one-line, resumable error."""
+    try:
+        future.result()
+    except OSError as exc:
+        raise DifflensError(f"writing to {store.root} failed ({exc.strerror or exc}); nothing half-written was "
+                            "kept: fix the cause and rerun the same command to resume") from exc
+
+
+@dataclass
+class CaptureSummary:
+    out_dir: Path
+    generations: int
+    batches_run: int
+    batches_skipped: int
+    seconds: float
+    token_counts: dict[str, int]
+    writes: WriteStats
+
+
+def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | None = None,
+            encoders: dict[str, FeatureEncoder] | None = None, progress: bool = True) -> CaptureSummary:
+    """Run (or resume) the capture stage of cfg into cfg.out_dir.
+
+    With encoders (SAEs by layer), feature activity is recorded too: in the same pass while the run is being
+    captured, or, once capture is complete, in a features pass that rewrites only the feature tables.
+    """
+    from backend.models import load_model, parse_dtype
+
+    cfg = validate(cfg)
+    prompts = load_prompts(cfg.prompts)
+    with distributed.distributed(cfg.device) as dist:
+        device = distributed.local_device(cfg.device)
+        if dist.is_main:
+            store = prepare_run_dir(cfg, overwrite)
+        dist.barrier()
+        store = RunStore(cfg.out_dir)
+        manifest = store.read_manifest() or {}
+        captured = manifest.get("stages", {}).get(STAGE, {}).get("status") == "done"
+        stage = FEATURES_STAGE if encoders and captured else STAGE
+        sae_ids = {layer: getattr(e, "identity", "") for layer, e in (encoders or {}).items()}
+        if stage == FEATURES_STAGE:
+            dist.barrier()
+            if dist.is_main and manifest.get("stages", {}).get(FEATURES_STAGE, {}).get("sae_ids") != sae_ids:
+                store.clear_stage_markers(FEATURES_STAGE)  # other SAEs than last time: recompute everything
+            dist.barrier()
+        model = model or load_model(cfg.model, device=device, dtype=parse_dtype(cfg.dtype))
+        from backend.models.layers import check_layers
+
+        check_layers(model, cfg.capture.layers)
+        c = cfg.capture
+        unknown = sorted(set(encoders or {}) - set(c.layers))
+        if unknown:
+            raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
+                                f"(layers: {', '.join(c.layers)})")
+        hooked = [layer for layer in c.layers if layer in (encoders or {})] if stage == FEATURES_STAGE else c.layers
+        n_steps = c.steps or model.default_steps
+        guidance = model.default_guidance if c.guidance < 0 else c.guidance
+        if c.half == "both" and guidance > 1:
+            raise DifflensError("capture.half='both' with CFG records two rows per generation; use cond or uncond")
+        gens = plan_generations(prompts, c.images_per_prompt, c.seed)
+        mine = [g for g in gens if g.gen_id % dist.world == dist.rank]
+        batches = [mine[i:i + c.batch_size] for i in range(0, len(mine), c.batch_size)]
+        t0 = time.perf_counter()
+        if dist.is_main:
+            store.write_table("steps", _steps_table(model, n_steps))
+            store.update_stage(stage, status="running", started=time.time(), layers=c.layers, n_steps=n_steps,
+                               guidance=guidance, generations=len(gens),
+                               **({"sae_ids": sae_ids} if stage == FEATURES_STAGE else {}))
+        run, skipped = 0, 0
+        stats = WriteStats()
+        pending: list[Future] = []
+        desc = stage if dist.world == 1 else f"{stage} rank {dist.rank}"
+        with ThreadPoolExecutor(max_workers=1) as writer, \
+                tqdm(total=len(mine), desc=desc, unit="img", disable=not progress) as bar:
+            for batch in batches:
+                name = shard_name(batch[0].gen_id)
+                if store.batch_done(stage, name):
+                    skipped += 1
+                    bar.update(len(batch))
+                    continue
+                rec = _Recorder(batch, n_steps, c.tokens_per_step, encoders or {})
+                with read_activations(model, hooked, rec, read=c.read, half=c.half):
+                    images = to_uint8(model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch],
+                                                     n_steps, guidance))
+                # writes overlap the next batch's generation; at most one batch waits
+                for f in pending:
+                    _result_or_user_error(f, store)
+                pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats,
+                                         stage)]
+                run += 1
+                bar.update(len(batch))
+            for f in pending:
+                _result_or_user_error(f, store)
+        dist.barrier()
+        token_counts = {}
+        if dist.is_main and stage == FEATURES_STAGE:
+            store.update_stage(stage, status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
+                               saes={layer: getattr(e, "path", "") for layer, e in (encoders or {}).items()})
+        elif dist.is_main:
+            token_counts = {layer: store.finish_token_meta(layer)["count"] for layer in c.layers}
+            store.update_stage(stage, status="done", finished=time.time(),
+                               seconds=round(time.perf_counter() - t0, 3), token_counts=token_counts,
+                               world_size=dist.world)
+        return CaptureSummary(store.root, len(gens), run, skipped, time.perf_counter() - t0, token_counts, stats)

@@ -1,0 +1,45 @@
+"""run-all: every stage in order on one config, each resuming where it stopped.
+
+capture -> sae (train one SAE per layer, splice test) -> features (capture pass recording SAE feature activity)
+-> analysis (profiles, peaks, examples, frequencies, comparisons, concepts, plots; rank 0 only)
+-> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.run import distributed
+from backend.run.config import RunConfig
+
+
+@dataclass
+class RunAllSummary:
+    out_dir: Path
+    stages: dict[str, object] = field(default_factory=dict)
+
+
+def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunAllSummary:
+    """Run every stage into cfg.out_dir; a finished stage is skipped, an interrupted one resumes."""
+    from backend.run.store import RunStore
+    from backend.stages.capture import SAEEncoder, capture
+    from backend.stages.sae import train_saes
+
+    summary = RunAllSummary(cfg.out_dir)
+    with distributed.distributed(cfg.device):  # one process group for every stage under torchrun / srun
+        summary.stages["capture"] = capture(cfg, overwrite=overwrite, progress=progress)
+        summary.stages["sae"] = train_saes(cfg.out_dir, cfg.sae, progress=progress)
+        if cfg.sae.record_features:
+            store = RunStore(cfg.out_dir)
+            encoders = {layer: SAEEncoder(store.sae_dir(layer), device=distributed.local_device(cfg.device))
+                        for layer in summary.stages["sae"]}
+            summary.stages["features"] = capture(cfg, encoders=encoders, progress=progress)
+        if distributed.from_env().is_main:  # analysis needs no collectives: the other ranks are done here
+            from backend.stages.analysis import analyze
+            from backend.stages.interventions import run_interventions
+
+            summary.stages["analysis"] = analyze(cfg.out_dir, cfg.analysis, progress=progress)
+            if cfg.interventions.enabled:
+                summary.stages["interventions"] = run_interventions(cfg.out_dir, cfg.interventions, progress=progress)
+    return summary

@@ -1,0 +1,77 @@
+"""A hand-made analysed run and helpers shared by the steering, edit and ablation tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from backend.run.store import RunStore
+from sae.io import save_sae
+from sae.model import SAE
+
+LAYER = "up_blocks.1.attentions.1"  # 64 channels on an 8x8 grid
+
+
+OTHER = "mid_block.attentions.0"  # no SAE in the hand-made run
+
+
+PROMPT = "a large blue circle on the left, gray background"
+
+
+STEPS = 4
+
+
+GUIDANCE = 1.5
+
+
+N_LATENTS = 128
+
+
+def gen(model, prompts=(PROMPT,), seeds=(0,), **kw):
+    return model.generate(list(prompts), list(seeds), STEPS, kw.pop("guidance", GUIDANCE), **kw)
+
+
+def no_hooks_left(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.denoiser.modules())
+
+
+def one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def make_intervention_run(root, sae: SAE | None, n_steps: int = STEPS) -> RunStore:
+    """A run directory as capture + train-sae + analyze leave it, for LAYER: generations, units (channel and
+    feature), concepts (rank-1 feature of colour=red) and sae/LAYER (when sae is given)."""
+    store = RunStore(root)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.write_manifest({"config": {"model": "demo", "device": "cpu", "dtype": "float32"},
+                          "stages": {"capture": {"status": "done", "n_steps": n_steps, "guidance": GUIDANCE}}})
+    prompts = [PROMPT, "a small red square at the top, black background"]
+    store.write_table_shard("generations", "part-0000000", pa.table({
+        "gen_id": np.arange(2, dtype=np.int32), "prompt": prompts, "seed": np.zeros(2, np.int64),
+        "group": ["blue", "red"], "attributes": ["{}", "{}"], "image": ["images/000000.png", "images/000001.png"],
+        "n_steps": np.full(2, n_steps, np.int16), "guidance": np.full(2, GUIDANCE, np.float32)}))
+    rng = np.random.default_rng(0)
+    for kind, n in (("channel", 64), ("feature", N_LATENTS)):
+        density = rng.uniform(0, 1, n).astype(np.float32)
+        density[:4] = 0  # dead
+        store.write_table_shard("units", "part-0000000", pa.table({
+            "unit": np.arange(n, dtype=np.int32), "density": density,
+            "max": np.linspace(0.5, 2.0, n).astype(np.float32),
+            "first_active": np.where(density > 0, 1, -1).astype(np.int16),
+            "last_active": np.where(density > 0, 2, -1).astype(np.int16)}), layer=LAYER, kind=kind)
+    store.write_table_shard("units", "part-0000000", pa.table({
+        "unit": np.arange(64, dtype=np.int32), "density": np.ones(64, np.float32), "max": np.ones(64, np.float32),
+        "first_active": np.zeros(64, np.int16), "last_active": np.full(64, n_steps - 1, np.int16)}),
+        layer=OTHER, kind="channel")
+    store.write_table_shard("concepts", "part-0000000", pa.table({
+        "concept": ["colour=red", "colour=red", "shape=circle"], "unit": np.array([17, 3, 5], np.int32),
+        "auroc": np.array([0.9, 0.8, 0.7], np.float32), "rank": np.array([1, 2, 1], np.int16),
+        "step": np.zeros(3, np.int16)}), layer=LAYER, kind="feature")
+    if sae is not None:
+        save_sae(sae, store.sae_dir(LAYER))
+    return store
+
+

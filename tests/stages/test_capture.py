@@ -1,0 +1,338 @@
+"""Capture: table contents, resume after SIGKILL, torchrun equivalence, and the error paths."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from capture_runs import LAYERS, make_cfg
+from conftest import ROOT
+
+from backend.errors import DifflensError, PromptFileError, UnknownLayerError
+from backend.models import load_model
+from backend.models.hooks import read_activations
+from backend.run.config import load_config, override
+from backend.run.prompts import DEMO_PROMPTS, load_prompts
+from backend.stages.capture import capture, plan_generations
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    lines = DEMO_PROMPTS.read_text().splitlines()[::30]  # 12 prompts, 4 colours
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+
+
+def cli_args(model_dir, prompt_file, runs_dir, name):
+    args = ["--model", str(model_dir), "--prompts", str(prompt_file), "--runs-dir", str(runs_dir), "--name", name,
+            "--images-per-prompt", "2", "--steps", "3", "--batch-size", "8", "--tokens-per-step", "16"]
+    for layer in LAYERS:
+        args += ["--layer", layer]
+    return args
+
+
+def snapshot(run_dir):
+    """Everything a capture wrote, in a canonical order."""
+    run_dir = os.fspath(run_dir)
+    out = {}
+    for table, keys in [("activity", ["layer", "kind", "unit", "step", "gen_id"]), ("generations", ["gen_id"])]:
+        out[table] = pl.read_parquet(f"{run_dir}/tables/{table}/**/*.parquet", hive_partitioning=True).sort(keys)
+    out["steps"] = pl.read_parquet(f"{run_dir}/tables/steps.parquet")
+    for layer in LAYERS:
+        d = f"{run_dir}/activations/{layer}"
+        index = pl.read_parquet(f"{d}/part-*.parquet")
+        shards = sorted(f for f in os.listdir(d) if f.endswith(".npy"))
+        toks = np.concatenate([np.load(f"{d}/{f}") for f in shards])
+        order = np.lexsort((index["position"].to_numpy(), index["step"].to_numpy(), index["gen_id"].to_numpy()))
+        out[f"tokens/{layer}"] = toks[order]
+        out[f"index/{layer}"] = index[order]
+        out[f"meta/{layer}"] = {k: v for k, v in json.load(open(f"{d}/meta.json")).items() if k != "shards"}
+    out["images"] = {f: open(f"{run_dir}/images/{f}", "rb").read() for f in sorted(os.listdir(f"{run_dir}/images"))}
+    return out
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], pl.DataFrame):
+            assert a[k].equals(b[k]), k
+        elif isinstance(a[k], np.ndarray):
+            assert np.array_equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def reference_run(untrained_demo_dir, prompt_file, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = make_cfg(untrained_demo_dir, prompt_file, runs)
+    summary = capture(cfg, progress=False)
+    return cfg, summary
+
+
+def test_tables_hold_what_the_hooks_saw(reference_run, untrained_demo_dir, prompt_file):
+    cfg, summary = reference_run
+    snap = snapshot(summary.out_dir)
+    gens = plan_generations(load_prompts(prompt_file), 2, 0)
+    g = gens[5]
+    model = load_model(str(untrained_demo_dir))
+    events = []
+    with read_activations(model, LAYERS, events.append):
+        image = model.generate([g.prompt.prompt], [g.seed], n_steps=3, guidance=model.default_guidance)
+    act = snap["activity"]
+    for ev in events:
+        rows = act.filter((pl.col("layer") == ev.layer) & (pl.col("gen_id") == g.gen_id) & (pl.col("step") == ev.step))
+        rows = rows.sort("unit")
+        tok = ev.tokens[0]
+        assert rows["kind"].unique().to_list() == ["channel"]
+        np.testing.assert_allclose(rows["mean"].to_numpy(), tok.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rows["max"].to_numpy(), tok.amax(0).numpy(), rtol=1e-4, atol=1e-5)
+        idx = snap[f"index/{ev.layer}"]
+        sel = ((idx["gen_id"] == g.gen_id) & (idx["step"] == ev.step)).to_numpy()
+        positions = idx["position"].to_numpy()[sel]
+        assert len(positions) == min(16, tok.shape[0]) and len(set(positions)) == len(positions)
+        np.testing.assert_allclose(snap[f"tokens/{ev.layer}"][sel], tok[positions].half().numpy(), rtol=1e-3,
+                                   atol=1e-3)
+    from PIL import Image
+
+    from backend.models.base import to_uint8
+
+    saved = np.array(Image.open(summary.out_dir / "images" / f"{g.gen_id:06d}.png"))
+    assert np.abs(saved.astype(int) - to_uint8(image)[0].astype(int)).max() <= 1
+    gen_row = snap["generations"].filter(pl.col("gen_id") == g.gen_id).row(0, named=True)
+    assert gen_row["prompt"] == g.prompt.prompt and gen_row["seed"] == g.seed
+    assert json.loads(gen_row["attributes"]) == g.prompt.attributes and gen_row["image"] == "images/000005.png"
+
+
+def test_counts_sorting_and_manifest(reference_run):
+    cfg, summary = reference_run
+    snap = snapshot(summary.out_dir)
+    assert snap["generations"].height == 24 and snap["steps"].height == 3
+    assert snap["activity"].height == 24 * 3 * 64 * 2
+    assert snap["meta/mid_block.attentions.0"] == {"d": 64, "dtype": "float16", "count": 24 * 3 * 16,
+                                                   "layout": "row-major"}
+    shard = pl.read_parquet(summary.out_dir / "tables/activity/layer=mid_block.attentions.0/kind=channel"
+                            / "part-0000000.parquet")
+    assert shard.equals(shard.sort(["unit", "step", "gen_id"]))
+    manifest = json.loads((summary.out_dir / "manifest.json").read_text())
+    assert manifest["stages"]["capture"]["status"] == "done"
+    assert manifest["config"]["capture"]["layers"] == LAYERS
+    assert {"torch", "diffusers", "difflens"} <= set(manifest["versions"])
+
+
+def test_rerun_is_a_no_op(reference_run):
+    cfg, summary = reference_run
+    before = snapshot(summary.out_dir)
+    again = capture(cfg, progress=False)
+    assert again.batches_run == 0 and again.batches_skipped == 3
+    assert_same(before, snapshot(summary.out_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_markers", [0, 1])
+def test_resume_after_sigkill_matches_uninterrupted(reference_run, untrained_demo_dir, prompt_file, tmp_path,
+                                                    kill_after_markers):
+    _, summary = reference_run
+    args = [sys.executable, str(ROOT / "cli.py"), "capture", *cli_args(untrained_demo_dir, prompt_file, tmp_path,
+                                                                       "k")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = tmp_path / "k" / "_done" / "capture"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        n = len(list(markers.glob("*.json"))) if markers.exists() else 0
+        if n > kill_after_markers or (kill_after_markers == 0 and (tmp_path / "k" / "images").exists()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(markers.glob("*.json"))) < 3, "capture finished before it could be killed"
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same(snapshot(summary.out_dir), snapshot(tmp_path / "k"))
+    assert not list((tmp_path / "k").rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(reference_run, untrained_demo_dir, prompt_file, tmp_path):
+    _, summary = reference_run
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "cli.py"), "capture", *cli_args(untrained_demo_dir, prompt_file, tmp_path, "t")]
+    proc = subprocess.run(args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "t" / "tables" / "generations").iterdir())
+    assert names[:2] == ["part-0000000.parquet", "part-0000001.parquet"]  # each rank wrote its own shards
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["stages"]["capture"]["world_size"] == 2
+    a, b = snapshot(summary.out_dir), snapshot(tmp_path / "t")
+    for key in a:  # the same rows; float results may differ in the last bit between batch compositions
+        if isinstance(a[key], pl.DataFrame):
+            assert a[key].drop(["mean", "max"], strict=False).equals(b[key].drop(["mean", "max"], strict=False))
+            if "mean" in a[key].columns:
+                np.testing.assert_allclose(a[key]["mean"].to_numpy(), b[key]["mean"].to_numpy(), atol=1e-5)
+        elif isinstance(a[key], np.ndarray):
+            np.testing.assert_allclose(a[key].astype(np.float32), b[key].astype(np.float32), atol=2e-3)
+        elif key != "images":
+            assert a[key] == b[key]
+    assert a["images"].keys() == b["images"].keys()
+
+
+def test_a_different_config_is_refused_unless_overwrite(reference_run):
+    cfg, summary = reference_run
+    other = make_cfg(cfg.model, cfg.prompts, cfg.runs_dir, name=cfg.name, steps=4)
+    with pytest.raises(DifflensError, match="different config.*--overwrite"):
+        capture(other, progress=False)
+    assert json.loads((summary.out_dir / "manifest.json").read_text())["identity"]["capture"]["steps"] == 3
+
+
+def test_overwrite_replaces(untrained_demo_dir, prompt_file, tmp_path):
+    capture(make_cfg(untrained_demo_dir, prompt_file, tmp_path, steps=2, images_per_prompt=1), progress=False)
+    s = capture(make_cfg(untrained_demo_dir, prompt_file, tmp_path, steps=3, images_per_prompt=1),
+                overwrite=True, progress=False)
+    assert pl.read_parquet(s.out_dir / "tables/steps.parquet").height == 3
+
+
+def test_a_non_run_directory_is_refused(untrained_demo_dir, prompt_file, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "thesis.tex").write_text("precious")
+    with pytest.raises(DifflensError, match="not a difflens run"):
+        capture(make_cfg(untrained_demo_dir, prompt_file, tmp_path), progress=False)
+    assert (tmp_path / "r" / "thesis.tex").read_text() == "precious"
+
+
+def test_unknown_layer_and_bad_prompts(untrained_demo_dir, prompt_file, tmp_path):
+    cfg = make_cfg(untrained_demo_dir, prompt_file, tmp_path)
+    cfg.capture.layers = ["up_blocks.1.attentions.9"]
+    with pytest.raises(UnknownLayerError, match="did you mean"):
+        capture(cfg, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(PromptFileError, match=r"bad.jsonl:2"):
+        capture(make_cfg(untrained_demo_dir, bad, tmp_path, name="b"), progress=False)
+
+
+def test_cli_errors_exit_non_zero(untrained_demo_dir, prompt_file, tmp_path):
+    args = cli_args(untrained_demo_dir, prompt_file, tmp_path, "e") + ["--layer", "nope"]
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "capture", *args], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: unknown layer 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_file_and_overrides(tmp_path, untrained_demo_dir, prompt_file):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'name = "x"\nmodel = "{untrained_demo_dir}"\n[capture]\nsteps = 7\nlayers = ["mid_block"]\n')
+    cfg = override(load_config(toml), name="y", capture_steps=None, capture_batch_size=4)
+    assert (cfg.name, cfg.capture.steps, cfg.capture.batch_size, cfg.capture.layers) == ("y", 7, 4, ["mid_block"])
+    toml.write_text("[capture]\nstepz = 3\n")
+    with pytest.raises(DifflensError, match="unknown key.*stepz"):
+        load_config(toml)
+
+
+def test_feature_encoder_rows_are_sparse(untrained_demo_dir, prompt_file, tmp_path):
+    """With an encoder, feature activity holds active features only, with mean over all positions."""
+
+    def relu_encoder(x):  # a stand-in SAE: 64 features = relu of the channels, k = 4 largest
+        vals, idx = torch.relu(x).topk(4, dim=-1)
+        return vals, idx
+
+    cfg = make_cfg(untrained_demo_dir, prompt_file, tmp_path, images_per_prompt=1)
+    s = capture(cfg, encoders={"mid_block.attentions.0": relu_encoder}, progress=False)
+    feats = pl.read_parquet(f"{s.out_dir}/tables/activity/**/*.parquet", hive_partitioning=True).filter(
+        pl.col("kind") == "feature")
+    assert feats.height > 0 and (feats["max"] > 0).all() and (feats["mean"] <= feats["max"]).all()
+    model = load_model(str(untrained_demo_dir))
+    events = []
+    g = plan_generations(load_prompts(prompt_file), 1, 0)[2]
+    with read_activations(model, ["mid_block.attentions.0"], events.append):
+        model.generate([g.prompt.prompt], [g.seed], n_steps=3, guidance=model.default_guidance)
+    vals, idx = relu_encoder(events[1].tokens[0])
+    dense = torch.zeros(vals.shape[0], 64).scatter_(1, idx, vals)
+    rows = feats.filter((pl.col("gen_id") == g.gen_id) & (pl.col("step") == 1)).sort("unit")
+    active = (dense.amax(0) > 0).nonzero().ravel().numpy()
+    assert rows["unit"].to_list() == active.tolist()
+    np.testing.assert_allclose(rows["mean"].to_numpy(), dense.mean(0)[active].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rows["max"].to_numpy(), dense.amax(0)[active].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_failed_write_leaves_the_run_resumable(reference_run, untrained_demo_dir, prompt_file, tmp_path,
+                                                 monkeypatch):
+    from backend.run.store import RunStore
+
+    _, summary = reference_run
+    real = RunStore.write_image
+    calls = {"n": 0}
+
+    def flaky(self, gen_id, img):
+        calls["n"] += 1
+        if calls["n"] == 11:  # in the second batch
+            raise OSError(28, "No space left on device")
+        return real(self, gen_id, img)
+
+    monkeypatch.setattr(RunStore, "write_image", flaky)
+    cfg = make_cfg(untrained_demo_dir, prompt_file, tmp_path, name="f")
+    with pytest.raises(DifflensError, match="No space left on device.*rerun the same command"):
+        capture(cfg, progress=False)
+    monkeypatch.setattr(RunStore, "write_image", real)
+    capture(cfg, progress=False)
+    assert_same(snapshot(summary.out_dir), snapshot(tmp_path / "f"))
+
+
+def _random_sae_dir(tmp_path, d_in, n=32, k=4):
+    from sae.io import save_sae
+    from sae.model import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    return save_sae(SAE(SAEConfig(d_in=d_in, n_latents=n, k=k)), tmp_path / f"sae-{d_in}")
+
+
+def test_sae_option_records_features_on_a_finished_run(reference_run, untrained_demo_dir, prompt_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    _, summary = reference_run
+    runs = tmp_path / "runs"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(summary.out_dir, runs / "s")
+    sae_dir = _random_sae_dir(tmp_path, 64)
+    args = ["capture", *cli_args(untrained_demo_dir, prompt_file, runs, "s"),
+            "--sae", f"mid_block.attentions.0={sae_dir}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    feats = pl.read_parquet(f"{runs}/s/tables/activity/layer=mid_block.attentions.0/kind=feature/*.parquet")
+    assert feats["gen_id"].n_unique() == 24 and feats["unit"].max() < 32
+    assert (feats["max"] > 0).all()
+    manifest = json.loads((runs / "s" / "manifest.json").read_text())
+    assert manifest["stages"]["features"]["status"] == "done"
+    before = snapshot(summary.out_dir)
+    after = snapshot(runs / "s")
+    after["activity"] = after["activity"].filter(pl.col("kind") == "channel")
+    assert_same(before, after)  # the features pass touched nothing else
+
+
+def test_sae_errors(reference_run, untrained_demo_dir, prompt_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    base = ["capture", *cli_args(untrained_demo_dir, prompt_file, tmp_path, "x")]
+    wrong = _random_sae_dir(tmp_path, 32)
+    r = runner.invoke(app, [*base, "--sae", f"mid_block.attentions.0={wrong}"])
+    assert r.exit_code == 1 and "takes width 32, but the layer has 64 channels" in r.output
+    r = runner.invoke(app, [*base, "--sae", f"down_blocks.1.attentions.0={wrong}"])
+    assert r.exit_code == 1 and "does not capture" in r.output
+    r = runner.invoke(app, [*base, "--sae", "mid_block.attentions.0"])
+    assert r.exit_code == 1 and "LAYER=PATH" in r.output
+    r = runner.invoke(app, [*base, "--sae", f"mid_block.attentions.0={tmp_path}"])
+    assert r.exit_code == 1 and "not an SAE directory" in r.output
