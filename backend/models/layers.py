@@ -94,3 +94,12 @@ def check_layers(model: DiffusionModel, layers: list[str]) -> None:
             f"unknown layer {layer!r}; {hint}SAE targets of this model: {', '.join(targets[:12])}"
             f"{' ...' if len(targets) > 12 else ''} (all: python cli.py layers --model {model.spec})"
         )
+
+
+def layer_channels(model: DiffusionModel, layer: str) -> int:
+    """Channels of a layer's output (C of [B, C, H, W] or [B, T, C])."""
+    check_layers(model, [layer])
+    for p in hook_points(model):
+        if p.name == layer:
+            return p.channels
+    raise UnknownLayerError(f"layer {layer!r} produced no tensor output, so it has no channels to read or steer")

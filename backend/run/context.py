@@ -1,0 +1,193 @@
+"""RunContext: one run opened for work, the only way stages and commands reach a run's settings and objects.
+
+It owns
+  - the one "not a run" error (`open_run`), and the "stage X has not run yet" errors (`require`);
+  - the run's resolved config (a RunConfig rebuilt from manifest.json) and its generation settings: captured
+    layers, denoising step count, guidance, read / half (each with one precedence, see the properties);
+  - the run's model, loaded once with the run's device and dtype unless the caller overrides them;
+  - the run's SAEs per layer, its units tables, and unit checks (`n_units`, `check_unit`) that use the one
+    probe pass of backend/models/layers.py for a layer's channel count.
+
+Nothing here writes: writers go through `ctx.store` (backend/run/store.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.errors import DifflensError
+from backend.run.config import RunConfig, from_dict
+from backend.run.store import RunStore
+
+KINDS = ("channel", "feature")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise DifflensError(f"unknown unit kind {kind!r}; use channel or feature")
+    return kind
+
+
+def check_unit(kind: str, unit: int, n_units: int, layer: str = "") -> int:
+    """unit as an int, or a one-line error naming the valid range."""
+    check_kind(kind)
+    if not 0 <= int(unit) < n_units:
+        where = f" of {layer}" if layer else ""
+        raise DifflensError(f"unknown {kind} {unit}{where}: valid {kind}s are 0..{n_units - 1}")
+    return int(unit)
+
+
+def not_a_run(path: str | Path) -> DifflensError:
+    return DifflensError(f"{path} is not a run directory (no manifest.json); make one with `python cli.py run-all` "
+                         "or `python cli.py capture`")
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+class RunContext:
+    """A run directory opened for work (see the module docstring)."""
+
+    def __init__(self, store: RunStore, manifest: dict, device: str | None = None, dtype: str | None = None,
+                 model=None):
+        self.store = store
+        self.manifest = manifest
+        self.config: RunConfig = from_dict(manifest.get("config") or {}, f"{store.root}/manifest.json")
+        self.device = device or self.config.device
+        self.dtype = dtype or self.config.dtype
+        self._model = model
+        self._saes: dict = {}
+
+    # ------------------------------------------------------------------ the run
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def stage(self, name: str) -> dict:
+        return (self.manifest.get("stages") or {}).get(name) or {}
+
+    def stage_done(self, name: str) -> bool:
+        return self.stage(name).get("status") == "done"
+
+    def require(self, stage: str) -> RunContext:
+        """A one-line error unless `stage` has finished on this run, naming the command that runs it."""
+        if self.stage_done(stage):
+            return self
+        fix = {"capture": f"rerun `python cli.py capture` (same options) to complete {self.root}",
+               "sae": f"run `python cli.py train-sae --run {self.root}`",
+               "analysis": f"run `python cli.py analyze --run {self.root}`"}.get(stage, "run `python cli.py run-all`")
+        what = {"capture": "no finished capture", "sae": "no trained SAEs",
+                "analysis": "not been analysed"}.get(stage, f"no finished {stage} stage")
+        raise DifflensError(f"{self.root} has {what}; {fix}")
+
+    def reload(self) -> RunContext:
+        self.manifest = self.store.read_manifest() or self.manifest
+        return self
+
+    # ------------------------------------------------------------------ generation settings
+    @property
+    def layers(self) -> list[str]:
+        """Captured layers (the capture stage's record, else the config's)."""
+        return list(self.stage("capture").get("layers") or self.config.capture.layers)
+
+    @property
+    def n_steps(self) -> int:
+        """Denoising steps of the run's generations: as captured, else as configured, else the model's default."""
+        captured = self.stage("capture").get("n_steps")
+        if captured:
+            return int(captured)
+        return int(self.config.capture.steps or self.model.default_steps)
+
+    @property
+    def guidance(self) -> float:
+        """CFG scale of the run's generations: as captured, else as configured, else the model's default."""
+        captured = self.stage("capture").get("guidance")
+        if captured is not None:
+            return float(captured)
+        g = self.config.capture.guidance
+        return float(self.model.default_guidance if g < 0 else g)
+
+    @property
+    def read(self) -> str:
+        return self.config.capture.read
+
+    @property
+    def half(self) -> str:
+        return self.config.capture.half
+
+    def generations(self):
+        """The generations table (polars), sorted by gen_id."""
+        return self.store.read_table("generations").sort("gen_id")
+
+    # ------------------------------------------------------------------ model and SAEs
+    @property
+    def model(self):
+        """The run's model, loaded on first use with this context's device and dtype."""
+        if self._model is None:
+            from backend.models import load_model, parse_dtype
+
+            self._model = load_model(self.config.model, device=self.device, dtype=parse_dtype(self.dtype))
+        return self._model
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def sae_layers(self) -> list[str]:
+        """Layers with a trained (or imported) SAE in sae/<layer>/."""
+        return sorted(p.parent.name for p in (self.root / "sae").glob("*/cfg.json"))
+
+    def sae(self, layer: str):
+        """The layer's SAE (folded, on the model's device), loaded once."""
+        if layer not in self._saes:
+            from sae.io import SAELoadError, load_sae
+
+            if not (self.store.sae_dir(layer) / "cfg.json").is_file():
+                have = ", ".join(self.sae_layers()) or "none"
+                raise DifflensError(f"{self.root} has no SAE for {layer} (layers with SAEs: {have}); train one with "
+                                    f"`python cli.py train-sae --run {self.root} --layer {layer}`")
+            device = self._model.device if self._model is not None else self.device
+            try:
+                self._saes[layer] = load_sae(self.store.sae_dir(layer), device=device)
+            except SAELoadError as exc:
+                raise DifflensError(str(exc)) from exc
+        return self._saes[layer]
+
+    # ------------------------------------------------------------------ units
+    def units(self, layer: str, kind: str):
+        """The analysed units table of (layer, kind), sorted by unit."""
+        import polars as pl
+
+        files = sorted(self.store.partition_dir("units", layer, check_kind(kind)).glob("*.parquet"))
+        if not files:
+            raise DifflensError(f"{self.root} has no units table for {layer}/{kind}; run "
+                                f"`python cli.py analyze --run {self.root}` first")
+        return pl.concat([pl.read_parquet(f) for f in files]).sort("unit")
+
+    def n_channels(self, layer: str) -> int:
+        from backend.models.layers import layer_channels
+
+        return layer_channels(self.model, layer)
+
+    def n_units(self, layer: str, kind: str) -> int:
+        """Channels of the layer (one probe pass per model), or latents of its SAE."""
+        if check_kind(kind) == "feature":
+            return int(self.sae(layer).cfg.n_latents)
+        return self.n_channels(layer)
+
+    def check_unit(self, layer: str, kind: str, unit: int) -> int:
+        return check_unit(kind, unit, self.n_units(layer, kind), layer)
+
+
+def open_run(run_dir: str | Path, *, device: str | None = None, dtype: str | None = None, model=None,
+             require: str | None = None) -> RunContext:
+    """Open an existing run; `require` names a stage that must have finished (e.g. "capture", "analysis")."""
+    store = RunStore(run_dir)
+    if not is_run(store.root):
+        raise not_a_run(run_dir)
+    manifest = store.read_manifest()
+    ctx = RunContext(store, manifest, device=device, dtype=dtype, model=model)
+    if require:
+        ctx.require(require)
+    return ctx
