@@ -17,6 +17,7 @@ from pathlib import Path
 
 from backend.errors import DifflensError
 from backend.run.config import RunConfig, from_dict
+from backend.run.manifest import captured_guidance, captured_steps, stage
 from backend.run.store import RunStore
 
 KINDS = ("channel", "feature")
@@ -65,7 +66,7 @@ class RunContext:
         return self.store.root
 
     def stage(self, name: str) -> dict:
-        return (self.manifest.get("stages") or {}).get(name) or {}
+        return stage(self.manifest, name)
 
     def stage_done(self, name: str) -> bool:
         return self.stage(name).get("status") == "done"
@@ -94,19 +95,14 @@ class RunContext:
     @property
     def n_steps(self) -> int:
         """Denoising steps of the run's generations: as captured, else as configured, else the model's default."""
-        captured = self.stage("capture").get("n_steps")
-        if captured:
-            return int(captured)
-        return int(self.config.capture.steps or self.model.default_steps)
+        n = captured_steps(self.manifest)
+        return n if n is not None else int(self.model.default_steps)
 
     @property
     def guidance(self) -> float:
         """CFG scale of the run's generations: as captured, else as configured, else the model's default."""
-        captured = self.stage("capture").get("guidance")
-        if captured is not None:
-            return float(captured)
-        g = self.config.capture.guidance
-        return float(self.model.default_guidance if g < 0 else g)
+        g = captured_guidance(self.manifest)
+        return g if g is not None else float(self.model.default_guidance)
 
     @property
     def read(self) -> str:
