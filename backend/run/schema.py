@@ -14,6 +14,53 @@ FORMAT_VERSION = 2
 """manifest.json `format_version`; a run written with another version is refused with a one-line error."""
 
 
+# ------------------------------------------------------------------------------------------------ schemas
+
+INTERVENTIONS = pa.schema([
+    ("unit", pa.int32()),             # -1: an edit of several features (see `features`)
+    ("method", pa.string()),          # steer | zero | scale
+    ("mode", pa.string()),            # prior | prompt (steering), edit
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("strength", pa.float32()),       # absolute steering strength (NaN for edits)
+    ("scale", pa.float32()),          # relative steering scale, or the scaling factor of an edit
+    ("steps", pa.string()),           # the steps the edit applied at, e.g. "all" or "3-12"
+    ("mask", pa.string()),            # region name / "array" / "" (none)
+    ("features", pa.list_(pa.int32())),
+    ("preset", pa.string()),          # edits: none | frequent | rare | all | custom
+    ("n_steps", pa.int16()),
+    ("guidance", pa.float32()),
+    ("image", pa.string()),
+    ("baseline_image", pa.string()),
+    ("effect", pa.float32()),         # mean |image - baseline| on [0, 1]
+    ("attributes", pa.string()),      # JSON: demo attributes of the image (null off the demo)
+    ("baseline_attributes", pa.string()),
+    ("changed_attributes", pa.string()),  # JSON {attribute: [before, after]} (null off the demo)
+    ("concept", pa.string()),         # concept_steering_report: the concept steered towards
+    ("concept_hit", pa.bool_()),      # ... and whether the image took it
+    ("spec", pa.string()),            # the digest naming this intervention's shard and media folder
+])
+
+STEERING_SUCCESS = pa.schema([
+    ("concept", pa.string()), ("unit", pa.int32()), ("auroc", pa.float32()), ("rank", pa.int16()),
+    ("scale", pa.float32()), ("strength", pa.float32()), ("steps", pa.string()), ("mask", pa.string()),
+    ("n_steps", pa.int16()), ("guidance", pa.float32()), ("seeds", pa.int32()), ("hits", pa.int32()),
+    ("rate", pa.float32()), ("clean_hits", pa.int32()), ("clean_rate", pa.float32()), ("baseline_hits", pa.int32()),
+])
+
+DREAMS = pa.schema([
+    ("unit", pa.int32()), ("step", pa.int16()), ("seed", pa.int64()), ("opt_step", pa.int32()),
+    ("activation", pa.float32()), ("penalties", pa.string()), ("image", pa.string()),
+])
+
+ABLATIONS = pa.schema([
+    ("mode", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("n_steps", pa.int16()),
+    ("guidance", pa.float32()), ("image", pa.string()), ("baseline_image", pa.string()), ("effect", pa.float32()),
+    ("attributes", pa.string()), ("baseline_attributes", pa.string()), ("changed_attributes", pa.string()),
+    ("spec", pa.string()),
+])
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -59,13 +106,13 @@ _SPECS = [
     TableSpec("concept_summary", "analysis", "python cli.py analyze --run RUN", False, ("layer", "kind"),
               "concept recovery of one (layer, kind)"),
     TableSpec("interventions", "interventions", "python cli.py steer --run RUN --layer LAYER --kind KIND --unit UNIT",
-              True, ("seed",), "one steered or edited image beside its baseline"),
+              True, ("seed",), "one steered or edited image beside its baseline", INTERVENTIONS),
     TableSpec("steering_success", "interventions", "python cli.py steer-report --run RUN", True, ("concept",),
-              "one concept steered through its best unit"),
+              "one concept steered through its best unit", STEERING_SUCCESS),
     TableSpec("dreams", "interventions", "python cli.py dream --run RUN --layer LAYER --kind KIND --unit UNIT", True,
-              ("step", "seed", "opt_step"), "one snapshot of a deep dream"),
+              ("step", "seed", "opt_step"), "one snapshot of a deep dream", DREAMS),
     TableSpec("ablations", "interventions", "python cli.py ablate --run RUN", True, ("seed",),
-              "one image with one block skipped, beside its baseline"),
+              "one image with one block skipped, beside its baseline", ABLATIONS),
 ]
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}
