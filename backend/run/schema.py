@@ -15,6 +15,152 @@ FORMAT_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------------ schemas
+# Columns stored in the files, in file order. Partition columns (layer, kind) live in the directory names only.
+
+GENERATIONS = pa.schema([
+    ("gen_id", pa.int32()),           # prompt_index * images_per_prompt + image_index
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("group", pa.string()),           # the prompt's group ("" when the prompt file has none)
+    ("attributes", pa.string()),      # JSON object of the prompt's attributes (sorted keys; "{}" when none)
+    ("image", pa.string()),           # run-relative path of the final image, images/<gen_id:06d>.png
+    ("n_steps", pa.int16()),
+    ("guidance", pa.float32()),
+])
+
+STEPS = pa.schema([
+    ("step", pa.int16()),             # 0 .. n_steps - 1, in denoising order
+    ("timestep", pa.float32()),       # the scheduler's timestep at that step
+])
+
+ACTIVITY = pa.schema([
+    ("gen_id", pa.int32()),
+    ("step", pa.int16()),
+    ("unit", pa.int32()),             # channel or SAE feature index
+    ("mean", pa.float32()),           # spatial mean (features: inactive positions count as 0)
+    ("max", pa.float32()),            # spatial max
+])
+
+SAE_TRAINING = pa.schema([
+    ("step", pa.int32()),
+    ("tokens", pa.int64()),           # tokens seen so far
+    ("fvu", pa.float64()),
+    ("l0", pa.float32()),
+    ("dead_frac", pa.float32()),
+    ("lr", pa.float32()),
+])
+
+SAE_METRICS = pa.schema([
+    ("layer", pa.string()),
+    ("fvu", pa.float64()),
+    ("l0", pa.float64()),
+    ("dead_frac", pa.float64()),
+    ("dense_frac", pa.float64()),
+    ("tokens", pa.int64()),
+    ("seconds", pa.float64()),
+    ("loss_clean", pa.float64()),     # splice test (null when it was skipped, splice_samples = 0)
+    ("loss_spliced", pa.float64()),
+    ("loss_zero", pa.float64()),
+    ("frac_loss_recovered", pa.float64()),
+    ("splice_samples", pa.int64()),
+])
+
+PROFILES = pa.schema([
+    ("unit", pa.int32()),
+    ("step", pa.int16()),
+    ("mean", pa.float32()),           # mean over generations of the spatial mean
+    ("max", pa.float32()),            # max over generations of the spatial max
+    ("freq", pa.float32()),           # share of generations in which the unit is active
+])
+
+UNITS = pa.schema([
+    ("unit", pa.int32()),
+    ("density", pa.float32()),        # share of all (generation, step) pairs active
+    ("mean", pa.float32()),
+    ("max", pa.float32()),
+    ("peak_steps", pa.list_(pa.int16())),
+    ("first_active", pa.int16()),     # -1: never active
+    ("last_active", pa.int16()),
+    ("active_steps", pa.int16()),
+    ("dead", pa.bool_()),
+    ("dense", pa.bool_()),
+    ("label", pa.string()),           # reserved (null)
+])
+
+PEAKS = pa.schema([
+    ("unit", pa.int32()),
+    ("step", pa.int16()),
+    ("height", pa.float32()),
+    ("rank", pa.int16()),             # 1 = highest
+])
+
+EXAMPLES = pa.schema([
+    ("unit", pa.int32()),
+    ("step", pa.int16()),             # -1: over all steps; else a peak step
+    ("rank", pa.int16()),             # 1 = highest activation
+    ("gen_id", pa.int32()),
+    ("activation", pa.float32()),
+    ("heatmap_step", pa.int16()),     # the step the heat-map was taken at
+    ("heatmap", pa.list_(pa.float32())),  # row-major height x width
+    ("height", pa.int16()),
+    ("width", pa.int16()),
+])
+
+FREQUENCIES = pa.schema([
+    ("unit", pa.int32()),
+    ("group", pa.string()),
+    ("freq", pa.float32()),           # share of the group's (generation, step) pairs where the unit is active
+    ("mean", pa.float32()),
+    ("generations", pa.int32()),      # generations in the group
+])
+
+HISTOGRAMS = pa.schema([
+    ("unit", pa.int32()),
+    ("stat", pa.string()),            # max | mean
+    ("lo", pa.float32()),             # bin edges
+    ("hi", pa.float32()),
+    ("count", pa.int64()),
+])
+
+COMPARISONS = pa.schema([
+    ("group_a", pa.string()),
+    ("group_b", pa.string()),
+    ("unit", pa.int32()),
+    ("freq_a", pa.float32()),
+    ("freq_b", pa.float32()),
+    ("ratio", pa.float64()),          # freq_a / freq_b (inf when freq_b = 0)
+    ("score", pa.float64()),          # log-odds ratio with pseudo-counts
+    ("rank", pa.int32()),             # 1 = highest score
+])
+
+CONCEPTS = pa.schema([
+    ("concept", pa.string()),         # attribute=value
+    ("unit", pa.int32()),
+    ("auroc", pa.float32()),          # best over steps
+    ("step", pa.int16()),             # the step of that best AUROC
+    ("rank", pa.int16()),             # 1 = best unit for the concept
+])
+
+LOCALISATION = pa.schema([
+    ("unit", pa.int32()),
+    ("examples", pa.int32()),         # examples with a heat-map centroid
+    ("positions", pa.int32()),        # distinct prompt positions among them
+    ("hits", pa.int32()),             # centroid in the prompt's region
+    ("share", pa.float64()),          # hits / examples
+    ("rank", pa.int32()),             # by share, then examples
+])
+
+CONCEPT_SUMMARY = pa.schema([
+    ("layer", pa.string()),
+    ("kind", pa.string()),
+    ("concepts", pa.int32()),
+    ("mean_best_auroc", pa.float64()),
+    ("localisation", pa.float64()),
+    ("localised_examples", pa.int32()),
+    ("best_localisation", pa.float64()),
+    ("best_localising_unit", pa.int32()),
+])
+
 
 INTERVENTIONS = pa.schema([
     ("unit", pa.int32()),             # -1: an edit of several features (see `features`)
@@ -61,6 +207,39 @@ ABLATIONS = pa.schema([
 ])
 
 
+# Files that are not tables but have a fixed schema too.
+
+TOKEN_INDEX = pa.schema([
+    ("gen_id", pa.int32()),
+    ("step", pa.int16()),
+    ("position", pa.int32()),         # row-major token index in the layer's spatial grid
+])
+"""activations/<layer>/part-NNNNNNN.parquet: one row per token vector of the .npy shard of the same name."""
+
+HEATMAP_WORK = pa.schema([
+    ("layer", pa.string()),
+    ("kind", pa.string()),
+    ("unit", pa.int32()),
+    ("gen_id", pa.int32()),
+    ("heatmap_step", pa.int16()),
+    ("heatmap", pa.list_(pa.float32())),
+    ("height", pa.int16()),
+    ("width", pa.int16()),
+])
+"""_work/analysis/heatmaps/part-NNNNNNN.parquet: replayed heat-maps of one batch of generations (work files)."""
+
+
+LAYOUTS = {
+    "file": (),
+    "shards": (),
+    "layer": ("layer",),
+    "layer/kind": ("layer", "kind"),
+}
+"""How a table's files are laid out, and the partition columns each layout puts in the directory names:
+file: tables/<table>.parquet; shards: tables/<table>/<shard>.parquet; layer: tables/<table>/layer=<layer>/<shard>
+.parquet; layer/kind: tables/<table>/layer=<layer>/kind=<kind>/<shard>.parquet."""
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -68,51 +247,81 @@ class TableSpec:
     """The stage (manifest `stages` key) that writes it."""
     command: str
     """The command that (re)computes it; RUN stands for the run directory."""
-    partitioned: bool
-    """Hive-partitioned by layer=<layer>/kind=<kind>/ (the partition columns are not stored in the files)."""
+    layout: str
+    """A key of LAYOUTS."""
+    files: str
+    """File name(s) inside the table's directory (or partition directory)."""
     sort: tuple[str, ...]
-    """Row order within each file."""
+    """Row order within each file (ascending); empty: the order given by `order`."""
     doc: str
     """What one row means."""
-    schema: pa.Schema | None = None
+    schema: pa.Schema
     """Columns stored in the files (without the partition columns)."""
+    order: str = ""
+    """Row order in words, where `sort` does not say it all."""
+
+    @property
+    def partitions(self) -> tuple[str, ...]:
+        """The hive partition columns (in the path, not in the files)."""
+        return LAYOUTS[self.layout]
+
+    @property
+    def partitioned(self) -> bool:
+        return bool(self.partitions)
 
 
+_ANALYZE = "python cli.py analyze --run RUN"
+_PART = "part-0000000.parquet"
+_BATCH = "part-<first gen_id:07d>.parquet, one per capture batch"
 _SPECS = [
-    TableSpec("generations", "capture", "python cli.py capture", False, ("gen_id",), "one generated image"),
-    TableSpec("steps", "capture", "python cli.py capture", False, ("step",), "one denoising step"),
-    TableSpec("activity", "capture", "python cli.py capture", True, ("unit", "step", "gen_id"),
-              "one unit's spatial mean and max in one generation at one step"),
-    TableSpec("sae_training", "sae", "python cli.py train-sae --run RUN", True, ("step",),
-              "one logged SAE training step"),
-    TableSpec("sae_metrics", "sae", "python cli.py train-sae --run RUN", False, ("layer",),
-              "one trained SAE's final metrics"),
-    TableSpec("profiles", "analysis", "python cli.py analyze --run RUN", True, ("unit", "step"),
-              "one unit's activity at one step over all generations"),
-    TableSpec("units", "analysis", "python cli.py analyze --run RUN", True, ("unit",), "one unit's summary"),
-    TableSpec("peaks", "analysis", "python cli.py analyze --run RUN", True, ("unit", "rank"), "one peak of a profile"),
-    TableSpec("examples", "analysis", "python cli.py analyze --run RUN", True, ("unit", "step", "rank"),
-              "one top generation of a unit, overall or at a peak step"),
-    TableSpec("frequencies", "analysis", "python cli.py analyze --run RUN", True, ("unit", "step", "group"),
-              "how often a unit is active for one prompt group at one step"),
-    TableSpec("histograms", "analysis", "python cli.py analyze --run RUN", True, ("unit",),
-              "one unit's activation histogram"),
-    TableSpec("comparisons", "analysis", "python cli.py compare GROUP_A GROUP_B --run RUN", True, ("unit",),
-              "one unit ranked for group A against group B"),
-    TableSpec("concepts", "analysis", "python cli.py analyze --run RUN", True, ("concept", "rank"),
-              "one unit's AUROC for one concept"),
-    TableSpec("localisation", "analysis", "python cli.py analyze --run RUN", True, ("unit",),
-              "how well one unit's heat-maps find the prompt's position"),
-    TableSpec("concept_summary", "analysis", "python cli.py analyze --run RUN", False, ("layer", "kind"),
-              "concept recovery of one (layer, kind)"),
+    TableSpec("generations", "capture", "python cli.py capture", "shards", _BATCH, ("gen_id",),
+              "one generated image", GENERATIONS),
+    TableSpec("steps", "capture", "python cli.py capture", "file", "steps.parquet", ("step",),
+              "one denoising step", STEPS),
+    TableSpec("activity", "capture", "python cli.py capture", "layer/kind",
+              _BATCH + " (kind=feature: written by the features pass when the SAEs come after the capture)",
+              ("unit", "step", "gen_id"), "one unit's spatial mean and max in one generation at one step "
+              "(kind=feature: active features only)", ACTIVITY),
+    TableSpec("sae_training", "sae", "python cli.py train-sae --run RUN", "layer/kind",
+              _PART + " (kind=feature)", ("step",), "one logged SAE training step", SAE_TRAINING),
+    TableSpec("sae_metrics", "sae", "python cli.py train-sae --run RUN", "file", "sae_metrics.parquet",
+              (), "one trained SAE's final metrics", SAE_METRICS, "the layers in the order trained (the capture's)"),
+    TableSpec("profiles", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "step"),
+              "one unit's activity at one step over all generations", PROFILES),
+    TableSpec("units", "analysis", _ANALYZE, "layer/kind", _PART, ("unit",), "one unit's summary", UNITS),
+    TableSpec("peaks", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "rank"), "one peak of a profile",
+              PEAKS),
+    TableSpec("examples", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "step", "rank"),
+              "one top generation of a unit, overall (step -1) or at a peak step, with its heat-map", EXAMPLES),
+    TableSpec("frequencies", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "group"),
+              "how often a unit is active for one prompt group", FREQUENCIES),
+    TableSpec("histograms", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "stat", "lo"),
+              "one bin of a unit's activation histogram (spatial max or mean per generation and step)", HISTOGRAMS),
+    TableSpec("comparisons", "analysis", "python cli.py compare GROUP_A GROUP_B --run RUN", "layer/kind",
+              "<group_a>-vs-<group_b>-<sha1 of the pair, 8 hex>.parquet, one per ordered pair of groups", ("rank",),
+              "one unit more active for group A than for group B", COMPARISONS, "by score descending, then unit"),
+    TableSpec("concepts", "analysis", _ANALYZE, "layer/kind", _PART, ("concept", "rank"),
+              "one of the best units of one concept (attribute=value), by AUROC", CONCEPTS),
+    TableSpec("localisation", "analysis", _ANALYZE, "layer/kind", _PART, ("rank",),
+              "how well one unit's example heat-maps find the prompt's position", LOCALISATION,
+              "by share descending, then examples descending, then unit"),
+    TableSpec("concept_summary", "analysis", _ANALYZE, "file", "concept_summary.parquet", ("layer", "kind"),
+              "concept recovery of one (layer, kind)", CONCEPT_SUMMARY),
     TableSpec("interventions", "interventions", "python cli.py steer --run RUN --layer LAYER --kind KIND --unit UNIT",
-              True, ("seed",), "one steered or edited image beside its baseline", INTERVENTIONS),
-    TableSpec("steering_success", "interventions", "python cli.py steer-report --run RUN", True, ("concept",),
+              "layer/kind", "steer-<kind>-<unit:05d>-<spec>.parquet (steering) or edit-<spec>.parquet "
+              "(feature edits, kind=feature)", (), "one steered or edited image beside its baseline",
+              INTERVENTIONS, "as generated: steering, one row per seed in the order given; edits, per edit "
+              "(none, frequent, rare, all, custom) then per (prompt, seed) sample"),
+    TableSpec("steering_success", "interventions", "python cli.py steer-report --run RUN", "layer/kind",
+              "part-<digest of the report settings>.parquet", ("concept",),
               "one concept steered through its best unit", STEERING_SUCCESS),
-    TableSpec("dreams", "interventions", "python cli.py dream --run RUN --layer LAYER --kind KIND --unit UNIT", True,
-              ("step", "seed", "opt_step"), "one snapshot of a deep dream", DREAMS),
-    TableSpec("ablations", "interventions", "python cli.py ablate --run RUN", True, ("seed",),
-              "one image with one block skipped, beside its baseline", ABLATIONS),
+    TableSpec("dreams", "interventions", "python cli.py dream --run RUN --layer LAYER --kind KIND --unit UNIT",
+              "layer/kind", "unit-<unit:06d>.parquet", ("step", "seed", "opt_step"), "one snapshot of a deep dream",
+              DREAMS),
+    TableSpec("ablations", "interventions", "python cli.py ablate --run RUN", "layer",
+              "<mode>-<digest of prompts, seeds, steps, guidance>.parquet (layer = the ablated block)", (),
+              "one image with one block ablated, beside its baseline", ABLATIONS,
+              "per prompt, then per seed, in the order given"),
 ]
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}
