@@ -143,7 +143,7 @@ class Trainer:
             mse = (x_hat - x).pow(2).sum(-1).mean()
             l1 = (z * sae.W_dec.norm(dim=1)).sum(-1).mean()
             codes = sae.select(pre.detach())
-            return mse + sae.cfg.l1_coeff * l1, codes, x_hat, torch.zeros(())
+            return mse + sae.cfg.l1_coeff * l1, codes, x_hat, torch.zeros((), device=x.device)
         with torch.no_grad():
             pre = sae.pre_acts(x)
             sel = sae.select(pre)
@@ -181,17 +181,19 @@ class Trainer:
         self.opt.step()
         if sae.cfg.architecture != "relu":
             sae.set_decoder_norm_to_unit()
-        self._account(x, x_hat.detach(), codes, float(aux.detach()))
+        self._account(x, x_hat.detach(), codes, aux.detach())
 
     @torch.no_grad()
-    def _account(self, x, x_hat, codes: SparseCodes, aux: float) -> None:
+    def _account(self, x, x_hat, codes: SparseCodes, aux: torch.Tensor) -> None:
+        """Add a step to the counters and the metric window: every sum stays on the training device (one host
+        transfer per step, after the all-reduce)."""
         active = codes.values > 0
         fired = torch.zeros_like(self.fire_count).index_add_(0, codes.indices[active],
                                                              torch.ones_like(codes.indices[active]))
         xd = x.double()
         sums = torch.stack([(x_hat.double() - xd).pow(2).sum(), (xd - xd.mean(0)).pow(2).sum(),
-                            active.sum().double(), torch.tensor(float(x.shape[0]), dtype=torch.float64),
-                            torch.tensor(aux, dtype=torch.float64)])
+                            active.sum().double(), xd.new_tensor(float(x.shape[0])),
+                            aux.to(device=xd.device, dtype=torch.float64)])
         if self.world > 1:
             dist.all_reduce(fired)
             dist.all_reduce(sums)

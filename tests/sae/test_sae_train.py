@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from sae.data import ShardReader
 from sae.io import load_sae, save_sae
-from sae.train import SAETrainConfig, geometric_median, reconstruction_stats, train
+from sae.train import SAETrainConfig, Trainer, geometric_median, reconstruction_stats, train
 
 
 def sparse_data(tmp_path, n=20000, d=16, n_atoms=64, k=3, seed=0):
@@ -63,6 +63,28 @@ def test_checkpoint_round_trip_and_folding(tmp_path):
     x = torch.from_numpy(np.load(data / "part-0000000.npy")[:64].astype(np.float32))
     torch.testing.assert_close(loaded.decode(loaded.encode(x)), result.sae.decode(result.sae.encode(x)))
     assert not loaded.cfg.normalized
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "relu"])
+def test_step_metrics_stay_on_the_training_device(tmp_path, monkeypatch, architecture):
+    """On CUDA a tensor made without a device lands on the CPU, beside the step's CUDA sums: the first step dies.
+
+    Proxy on CPU: train on the CPU with the *default* device set to meta for the loss and the metric accounting,
+    so any tensor made there without the training device lands on meta and mixes devices the same way.
+    """
+    data = sparse_data(tmp_path, n=2048)
+    for name in ("_forward", "_account"):
+        method = getattr(Trainer, name)
+
+        def on_meta_default(self, *args, _method=method, **kwargs):
+            with torch.device("meta"):
+                return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(Trainer, name, on_meta_default)
+    c = cfg(architecture=architecture, total_tokens=4 * 512, log_every=2, dead_tokens=512)  # AuxK from step 2
+    result = train(ShardReader.from_dir(data, 512), c, progress=False)
+    assert [r["tokens"] for r in result.log] == [1024, 2048]
+    assert all(np.isfinite(r["fvu"]) and np.isfinite(r["aux_loss"]) for r in result.log)
 
 
 def test_geometric_median_resists_outliers():
