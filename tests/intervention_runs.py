@@ -41,6 +41,20 @@ def one_line(exc_info) -> str:
     return msg
 
 
+def units_table(density, maximum, first_active, last_active) -> pa.Table:
+    """A `units` table with the columns the interventions read (unit, density, max, first/last_active) as given
+    and the others filled in consistently."""
+    n = len(density)
+    first, last = np.asarray(first_active, np.int16), np.asarray(last_active, np.int16)
+    return pa.table({
+        "unit": np.arange(n, dtype=np.int32), "density": np.asarray(density, np.float32),
+        "mean": np.asarray(density, np.float32) * 0.1, "max": np.asarray(maximum, np.float32),
+        "peak_steps": pa.array([[int(f)] if f >= 0 else [] for f in first], pa.list_(pa.int16())),
+        "first_active": first, "last_active": last,
+        "active_steps": np.where(first >= 0, last - first + 1, 0).astype(np.int16),
+        "dead": first < 0, "dense": np.zeros(n, bool), "label": [""] * n})
+
+
 def make_intervention_run(root, sae: SAE | None, n_steps: int = STEPS) -> RunStore:
     """A run directory as capture + train-sae + analyze leave it, for LAYER: generations, units (channel and
     feature), concepts (rank-1 feature of colour=red) and sae/LAYER (when sae is given)."""
@@ -57,15 +71,12 @@ def make_intervention_run(root, sae: SAE | None, n_steps: int = STEPS) -> RunSto
     for kind, n in (("channel", 64), ("feature", N_LATENTS)):
         density = rng.uniform(0, 1, n).astype(np.float32)
         density[:4] = 0  # dead
-        store.write_table_shard("units", "part-0000000", pa.table({
-            "unit": np.arange(n, dtype=np.int32), "density": density,
-            "max": np.linspace(0.5, 2.0, n).astype(np.float32),
-            "first_active": np.where(density > 0, 1, -1).astype(np.int16),
-            "last_active": np.where(density > 0, 2, -1).astype(np.int16)}), layer=LAYER, kind=kind)
-    store.write_table_shard("units", "part-0000000", pa.table({
-        "unit": np.arange(64, dtype=np.int32), "density": np.ones(64, np.float32), "max": np.ones(64, np.float32),
-        "first_active": np.zeros(64, np.int16), "last_active": np.full(64, n_steps - 1, np.int16)}),
-        layer=OTHER, kind="channel")
+        store.write_table_shard("units", "part-0000000", units_table(
+            density, np.linspace(0.5, 2.0, n).astype(np.float32), np.where(density > 0, 1, -1),
+            np.where(density > 0, 2, -1)), layer=LAYER, kind=kind)
+    store.write_table_shard("units", "part-0000000", units_table(np.ones(64, np.float32), np.ones(64, np.float32),
+                                                                 np.zeros(64), np.full(64, n_steps - 1)),
+                            layer=OTHER, kind="channel")
     store.write_table_shard("concepts", "part-0000000", pa.table({
         "concept": ["colour=red", "colour=red", "shape=circle"], "unit": np.array([17, 3, 5], np.int32),
         "auroc": np.array([0.9, 0.8, 0.7], np.float32), "rank": np.array([1, 2, 1], np.int16),

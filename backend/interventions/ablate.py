@@ -8,7 +8,8 @@ This module owns
     both need the block's input and output shapes to match; otherwise a one-line DifflensError. Only the main
     hidden state is replaced: auxiliary outputs (a down block's skip-connection residuals) pass through as computed.
     The hook applies to the whole batch, both CFG halves: the block is out of the model.
-  - `candidate_blocks`: every block backend/models/layers.py lists whose input and output shapes match (one probe pass);
+  - `candidate_blocks`: every block backend/models/layers.py lists whose input and output shapes match (from the
+    model's one cached probe pass, layers.probe);
   - `ablate_blocks(model, blocks, prompts, seeds, mode)`: baseline and ablated images, per-image effects (pixel
     distance, demo attribute changes via backend/interventions/steer.py) and a per-block effect score;
   - `ablate_run(run_dir, ...)`: the same on a run's model and prompts, writing the `ablations` table
@@ -33,7 +34,8 @@ import torch
 from backend.errors import DifflensError
 from backend.interventions.steer import Effect, digest, effects, is_demo, open_run, safe_name, to_json, write_grid
 from backend.models.base import DiffusionModel, to_uint8
-from backend.models.hooks import _main_input, _main_output, _replace_main_output, module
+from backend.models.hooks import main_input, main_output, module, replace_main_output
+from backend.models.layers import check_layers, probe
 
 AblationMode = Literal["skip", "remove_delta"]
 MODES = ("skip", "remove_delta")
@@ -68,12 +70,12 @@ def ablate_block(model: DiffusionModel, block: str, mode: AblationMode = "skip")
     calls = [0]
 
     def hook(_m, args, kwargs, out):
-        y = _main_output(out)
-        x = _main_input(args, kwargs)
+        y = main_output(out)
+        x = main_input(args, kwargs)
         if x.shape != y.shape:
             raise _shape_error(block, x.shape[1:], y.shape[1:])
         calls[0] += 1
-        return _replace_main_output(out, x if mode == "skip" else y - (y - x))
+        return replace_main_output(out, x if mode == "skip" else y - (y - x))
 
     handle = mod.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -82,38 +84,16 @@ def ablate_block(model: DiffusionModel, block: str, mode: AblationMode = "skip")
         handle.remove()
 
 
-@torch.no_grad()
 def block_shapes(model: DiffusionModel, blocks: Sequence[str] | None = None) -> dict[str, tuple[tuple, tuple]]:
     """(input shape, output shape) without batch of each block (default: every block backend/models/layers.py lists),
-    from one denoiser pass at the default resolution; blocks whose input is not a tensor are left out."""
-    from backend.models.layers import candidate_modules, check_layers
-
+    from the model's one probe pass (layers.probe); blocks whose input is not a tensor are left out."""
     if blocks is None:
-        mods = candidate_modules(model.denoiser)
+        probes = probe(model)
     else:
         check_layers(model, list(blocks))
-        mods = {b: model.denoiser.get_submodule(b) for b in blocks}
-    shapes: dict[str, tuple[tuple, tuple]] = {}
-    handles = []
-    for name, mod in mods.items():
-        def record(_m, args, kwargs, out, name=name):
-            try:
-                x, y = _main_input(args, kwargs), _main_output(out)
-            except DifflensError:
-                return
-            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-                shapes.setdefault(name, (tuple(x.shape[1:]), tuple(y.shape[1:])))
-        handles.append(mod.register_forward_hook(record, with_kwargs=True))
-    try:
-        cond, _ = model.encode_prompts([""], cfg=False)
-        latents = model.initial_latents([torch.Generator().manual_seed(0)])
-        t = model.timesteps(1)[0]
-        model.cfg_active = False
-        model.predict_noise(model.scheduler.scale_model_input(latents, t), t, cond)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: shapes[name] for name in mods if name in shapes}
+        everything = probe(model, all_modules=True)
+        probes = {b: everything[b] for b in blocks if b in everything}
+    return {name: (p.input_shape, p.output_shape) for name, p in probes.items() if p.input_shape is not None}
 
 
 def candidate_blocks(model: DiffusionModel) -> list[str]:

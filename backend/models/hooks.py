@@ -4,6 +4,9 @@ Tensors are normalised to tokens `[B, T, C]`: UNet maps `[B, C, H, W]` become `[
 positions), transformer sequences are already `[B, T, C]`. With classifier-free guidance the denoiser's batch
 is `[uncond; cond]`; readers get the conditional half unless asked otherwise. Every hook is a context
 manager: nothing stays registered after its block exits, even on error.
+
+Public helpers for other hooks (ablation, the layer probe): `main_output` / `replace_main_output` (a block's
+hidden-state output, whatever container it comes in) and `main_input` (the hidden state it was called with).
 """
 
 from __future__ import annotations
@@ -41,27 +44,32 @@ def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def _main_output(out):
-    """The hidden-state tensor of a block's output (blocks may return tuples or output dataclasses)."""
+def main_output(out):
+    """The hidden-state tensor of a block's output (blocks may return tensors, tuples or lists whose first item is
+    the hidden state, or output dataclasses with `.sample`); a one-line DifflensError when it holds none."""
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     if hasattr(out, "sample"):
         return out.sample
     raise DifflensError(f"hook output of type {type(out).__name__} holds no tensor")
 
 
-def _replace_main_output(out, new: torch.Tensor):
+def replace_main_output(out, new: torch.Tensor):
+    """The block's output with its hidden state (see main_output) replaced by new; auxiliary outputs pass through."""
     if isinstance(out, torch.Tensor):
         return new
     if isinstance(out, tuple):
         return (new, *out[1:])
+    if isinstance(out, list):
+        return [new, *out[1:]]
     out.sample = new
     return out
 
 
-def _main_input(args, kwargs) -> torch.Tensor:
+def main_input(args, kwargs) -> torch.Tensor:
+    """The hidden-state tensor a block was called with (its first positional argument, or `hidden_states=`)."""
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     if "hidden_states" in kwargs:
@@ -106,9 +114,9 @@ def read_activations(model: DiffusionModel, layers: list[str], callback: Callabl
             mod = model.denoiser.get_submodule(layer)
 
             def hook(_m, args, kwargs, out, layer=layer):
-                y = _main_output(out)
+                y = main_output(out)
                 if read == "delta":
-                    x = _main_input(args, kwargs)
+                    x = main_input(args, kwargs)
                     if x.shape != y.shape:
                         raise DifflensError(
                             f"layer {layer!r} changes shape {tuple(x.shape)} -> {tuple(y.shape)}, so it has no "
@@ -134,7 +142,7 @@ def edit_activations(model: DiffusionModel, layer: str,
     mod = module(model, layer)
 
     def hook(_m, _args, out):
-        y = _main_output(out)
+        y = main_output(out)
         tok = to_tokens(y)
         if model.cfg_active and half != "both":
             uncond, cond = tok.chunk(2)
@@ -144,7 +152,7 @@ def edit_activations(model: DiffusionModel, layer: str,
                 tok = torch.cat([edit(uncond, model.step_index), cond])
         else:
             tok = edit(tok, model.step_index)
-        return _replace_main_output(out, from_tokens(tok, y))
+        return replace_main_output(out, from_tokens(tok, y))
 
     handle = mod.register_forward_hook(hook)
     try:

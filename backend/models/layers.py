@@ -1,16 +1,41 @@
-"""Hook points of a denoiser: which submodules exist, what they output, and which are usual SAE targets."""
+"""Hook points of a denoiser: which submodules exist, their shapes, and which are usual SAE targets.
+
+This module owns the one probe pass: `probe(model)` runs the denoiser once (one latent, the empty prompt, no CFG)
+with a hook on every submodule and records, per hook point, its module type, input and output shape without batch
+and execution order. The result is cached on the model instance, so every shape question about a model (hook
+points, a layer's channels or token grid, which blocks keep their shape for ablation, dream's unit count) costs
+one denoiser pass per model in all. Shapes are those at the model's default resolution.
+"""
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass
 
 import torch
 
-from backend.errors import UnknownLayerError
+from backend.errors import DifflensError, UnknownLayerError
 from backend.models.base import DiffusionModel
+from backend.models.hooks import main_input, main_output
 
 SAE_TARGET_TYPES = {"Transformer2DModel", "BasicTransformerBlock", "PixArtTransformer2DModel"}
+_CACHE = "_difflens_probe"
+"""Attribute of a DiffusionModel holding (denoiser, probes of every submodule) once probed."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the probe pass saw of one hook point (shapes without batch)."""
+
+    name: str
+    module_type: str
+    input_shape: tuple[int, ...] | None
+    """Shape of the hidden state the module was called with (hooks.main_input); None when it is not a tensor."""
+    output_shape: tuple[int, ...]
+    """Shape of its hidden-state output (hooks.main_output): (C, H, W) for maps, (T, C) for token sequences."""
+    order: int
+    """Execution order (first call): a block comes before its parts."""
 
 
 @dataclass(frozen=True)
@@ -21,16 +46,6 @@ class HookPoint:
     """Output shape of one image, without batch: (C, H, W) for maps, (T, C) for token sequences."""
     channels: int
     sae_target: bool
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
-        return out.sample
-    return None
 
 
 def candidate_modules(denoiser: torch.nn.Module, max_depth: int = 6) -> dict[str, torch.nn.Module]:
@@ -46,38 +61,74 @@ def candidate_modules(denoiser: torch.nn.Module, max_depth: int = 6) -> dict[str
     return out
 
 
-def hook_points(model: DiffusionModel, all_modules: bool = False) -> list[HookPoint]:
-    """Every hook point with its output shape, found by one denoiser pass at the default resolution."""
-    modules = dict(model.denoiser.named_modules()) if all_modules else candidate_modules(model.denoiser)
-    modules.pop("", None)
-    shapes: dict[str, tuple[int, ...]] = {}
+def probe(model: DiffusionModel, all_modules: bool = False) -> dict[str, Probe]:
+    """Per hook point (candidate_modules, or every submodule with all_modules) that outputs a tensor: its Probe, in
+    execution order. One denoiser pass per model, cached on the model (see the module docstring)."""
+    cached = getattr(model, _CACHE, None)
+    if cached is None or cached[0] is not model.denoiser:
+        cached = (model.denoiser, _probe_pass(model))
+        setattr(model, _CACHE, cached)
+    probes = cached[1]
+    if all_modules:
+        return dict(probes)
+    names = candidate_modules(model.denoiser)
+    return {name: p for name, p in probes.items() if name in names}
+
+
+def _tensor_or_none(read) -> torch.Tensor | None:
+    try:
+        x = read()
+    except DifflensError:
+        return None
+    return x if isinstance(x, torch.Tensor) else None
+
+
+@torch.no_grad()
+def _probe_pass(model: DiffusionModel) -> dict[str, Probe]:
+    """One denoiser pass with a hook on every submodule (the model's flags and scheduler are left as they were)."""
+    modules = {name: mod for name, mod in model.denoiser.named_modules() if name}
     order: dict[str, int] = {}
+    shapes: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]] = {}
     handles = []
     for name, mod in modules.items():
-        def enter(_m, _inp, name=name):
+        def enter(_m, _args, name=name):
             order.setdefault(name, len(order))
 
-        def record(_m, _inp, out, name=name):
-            t = _first_tensor(out)
-            if t is not None and name not in shapes:
-                shapes[name] = tuple(t.shape[1:])
+        def record(_m, args, kwargs, out, name=name):
+            if name in shapes:
+                return
+            y = _tensor_or_none(lambda: main_output(out))
+            if y is not None:
+                x = _tensor_or_none(lambda: main_input(args, kwargs))
+                shapes[name] = (None if x is None else tuple(x.shape[1:]), tuple(y.shape[1:]))
         handles.append(mod.register_forward_pre_hook(enter))
-        handles.append(mod.register_forward_hook(record))
+        handles.append(mod.register_forward_hook(record, with_kwargs=True))
+    saved = model.cfg_active, model.step_index
     try:
-        with torch.no_grad():
-            cond, _ = model.encode_prompts([""], cfg=False)
-            gens = [torch.Generator().manual_seed(0)]
-            latents = model.initial_latents(gens)
-            t = model.timesteps(1)[0]
-            model.predict_noise(model.scheduler.scale_model_input(latents, t), t, cond)
+        cond, _ = model.encode_prompts([""], cfg=False)
+        latents = model.initial_latents([torch.Generator().manual_seed(0)])
+        scheduler = copy.deepcopy(model.scheduler)  # as model.timesteps(1), without touching the model's scheduler
+        scheduler.set_timesteps(1, device=model.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        t = scheduler.timesteps[0]
+        model.cfg_active = False
+        model.predict_noise(scheduler.scale_model_input(latents, t), t, cond)
     finally:
+        model.cfg_active, model.step_index = saved
         for h in handles:
             h.remove()
+    return {name: Probe(name, type(modules[name]).__name__, *shapes[name], order[name])
+            for name in sorted(shapes, key=order.__getitem__)}
+
+
+def hook_points(model: DiffusionModel, all_modules: bool = False) -> list[HookPoint]:
+    """Every hook point with its output shape, from the probe pass (execution order, a block before its parts)."""
     points = []
-    for name in sorted(shapes, key=order.__getitem__):  # execution order, a block before its parts
-        mod, shape = modules[name], shapes[name]
+    for p in probe(model, all_modules).values():
+        shape = p.output_shape
         channels = shape[0] if len(shape) == 3 else shape[-1]
-        points.append(HookPoint(name, type(mod).__name__, shape, channels, type(mod).__name__ in SAE_TARGET_TYPES))
+        points.append(HookPoint(p.name, p.module_type, shape, channels, p.module_type in SAE_TARGET_TYPES))
     return points
 
 
@@ -96,10 +147,28 @@ def check_layers(model: DiffusionModel, layers: list[str]) -> None:
         )
 
 
+def layer_probe(model: DiffusionModel, layer: str) -> Probe:
+    """The probe of one layer (any submodule), or a one-line error for an unknown layer or one without tensor
+    output."""
+    check_layers(model, [layer])
+    p = probe(model, all_modules=True).get(layer)
+    if p is None:
+        raise UnknownLayerError(f"layer {layer!r} produced no tensor output, so it has no channels to read or steer")
+    return p
+
+
 def layer_channels(model: DiffusionModel, layer: str) -> int:
     """Channels of a layer's output (C of [B, C, H, W] or [B, T, C])."""
-    check_layers(model, [layer])
-    for p in hook_points(model):
-        if p.name == layer:
-            return p.channels
-    raise UnknownLayerError(f"layer {layer!r} produced no tensor output, so it has no channels to read or steer")
+    shape = layer_probe(model, layer).output_shape
+    return shape[0] if len(shape) == 3 else shape[-1]
+
+
+def layer_tokens_shape(model: DiffusionModel, layer: str) -> tuple[int, int]:
+    """(T, C) of the layer's output read as tokens [B, T, C] (hooks.to_tokens: a [B, C, H, W] map has T = H x W)."""
+    shape = layer_probe(model, layer).output_shape
+    if len(shape) == 3:
+        return shape[1] * shape[2], shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    raise DifflensError(f"layer {layer!r} outputs shape {shape} per image, which is neither a map [C, H, W] nor "
+                        "tokens [T, C]")

@@ -1,10 +1,10 @@
-"""Hook-point listing and layer checks."""
+"""Hook-point listing, the one cached probe pass, and layer checks."""
 
 import pytest
 
 from backend.errors import UnknownLayerError
 from backend.models import load_model
-from backend.models.layers import check_layers, hook_points
+from backend.models.layers import check_layers, hook_points, layer_channels, layer_tokens_shape, probe
 
 
 def test_blocks_come_before_their_parts_in_execution_order(untrained_demo_dir):
@@ -28,3 +28,37 @@ def test_unknown_layer_suggests_and_lists(untrained_demo_dir):
         check_layers(model, ["up_blocks.1.atentions.1"])
     msg = str(exc.value)
     assert "did you mean up_blocks.1.attentions.1" in msg and "SAE targets" in msg and "\n" not in msg
+
+
+def test_one_probe_pass_per_model_answers_every_shape_question(untrained_demo_dir):
+    from backend.interventions.ablate import block_shapes, candidate_blocks, check_blocks
+
+    model = load_model(str(untrained_demo_dir))  # a fresh instance: nothing cached yet
+    calls = []
+    handle = model.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        points = hook_points(model)
+        assert layer_channels(model, "up_blocks.1.attentions.1") == 64
+        assert layer_tokens_shape(model, "up_blocks.1.attentions.1") == (64, 64)  # an 8x8 grid of 64 channels
+        cands = candidate_blocks(model)
+        check_blocks(model, ["mid_block.attentions.0"])
+        block_shapes(model, ["up_blocks.1.attentions.1.transformer_blocks.0"])
+        every = hook_points(model, all_modules=True)
+        probes = probe(model, all_modules=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert "mid_block.attentions.0" in cands and len(every) > len(points)
+    assert [p.name for p in every] == list(probes)  # execution order
+    assert [p.order for p in probes.values()] == sorted(p.order for p in probes.values())
+    mid = probes["mid_block.attentions.0"]
+    assert mid.module_type == "Transformer2DModel" and mid.input_shape == mid.output_shape == (64, 4, 4)
+    assert model.cfg_active is False and model.step_index == 0  # the pass leaves the model's flags alone
+    other = load_model(str(untrained_demo_dir))  # another instance probes once more
+    handle = other.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        hook_points(other)
+        hook_points(other)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
