@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 FORMAT_VERSION = 2
-"""manifest.json `format_version`; a run written with another version is refused with a one-line error."""
+"""manifest.json `format_version`, written by every manifest write. A run without one is format 1 (written before
+the key existed); format 2 only adds to it (format_version, stage keys), so format-1 runs are read as they are.
+Any other version is refused with a one-line error (check_format_version)."""
+
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
 # ------------------------------------------------------------------------------------------------ schemas
@@ -326,6 +330,24 @@ _SPECS = [
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}
 """Every table of the run format, by name, in the order docs/run-format.md lists them."""
+
+
+def format_version(manifest: dict) -> int | object:
+    """A manifest's run-format version (1 when it has none)."""
+    return manifest.get("format_version", 1)
+
+
+def check_format_version(manifest: dict, root) -> None:
+    """Raise a one-line DifflensError unless this difflens reads the run's format."""
+    from backend.errors import DifflensError
+
+    version = format_version(manifest)
+    if version in READABLE_VERSIONS and not isinstance(version, bool):
+        return
+    newer = isinstance(version, int) and version > FORMAT_VERSION
+    raise DifflensError(f"{root} was written by difflens run format {version}; this difflens reads format "
+                        f"{FORMAT_VERSION}: rerun `python cli.py run-all` into a new --name (or read it with "
+                        f"{'a newer' if newer else 'an older'} difflens)")
 
 
 def producer(table: str, run: str = "RUN") -> str:

@@ -1,7 +1,7 @@
 """The run directory: the only code that writes (and the backend's only reader of) `runs/<name>/`.
 
-Layout (see ../shared/DESIGN.md):
-    manifest.json                 config, model spec, layers, versions, stage status and timings
+docs/run-format.md is the normative description of the format; backend/run/schema.py its table catalogue. In short:
+    manifest.json                 format_version, identity, config, versions, stage status, keys and timings
     images/<gen_id:06d>.png       final image of each generation
     activations/<layer>/          part-NNNNNNN.npy fp16 [N, d] + part-NNNNNNN.parquet (gen_id, step, position)
                                   + meta.json (d, dtype, count)
@@ -9,19 +9,27 @@ Layout (see ../shared/DESIGN.md):
     _done/<stage>/<batch>.json    markers: a batch of a stage is complete only once its marker exists
 
 Every file is written to a temporary name and renamed. Shard names derive from the batch (its first gen_id),
-so a resumed or repeated stage replaces files rather than adding new ones.
+so a resumed or repeated stage replaces files rather than adding new ones. Every table file is cast to its
+catalogue schema on the way out (columns that differ from the schema are a ValueError: a bug in the writer).
+
+Stage keys: each stage records `stages.<stage>.key = stage_key(inputs)`, a digest of its resolved inputs;
+`begin_stage` clears the stage's batch markers when the recorded key differs, so the stage runs again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from backend.run import schema
 from backend.run.fileio import atomic_path, atomic_write_json, atomic_write_with
 
 MANIFEST = "manifest.json"
@@ -34,6 +42,38 @@ whose unit range covers it (DuckDB and pyarrow skip the rest by their min/max st
 
 def shard_name(first_gen_id: int) -> str:
     return f"part-{first_gen_id:07d}"
+
+
+def stage_key(inputs) -> str:
+    """The stage key of a stage's resolved inputs (JSON-able: its config section, the keys of the stages it reads,
+    ...): the first 16 hex digits of sha256 over their canonical JSON (sorted keys, no spaces, ASCII)."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def conform(table: str, data: pa.Table) -> pa.Table:
+    """data cast to the catalogue schema of `table` (columns reordered to the schema's order).
+
+    A table not in the catalogue, or data whose column names differ from the schema's, is a ValueError (a bug in
+    the writer); so is a value the cast would change (a fraction into an integer, an integer out of range).
+    """
+    spec = schema.TABLES.get(table)
+    if spec is None:
+        raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+    want = spec.schema
+    missing = [n for n in want.names if n not in data.column_names]
+    extra = [n for n in data.column_names if n not in want.names]
+    if missing or extra or len(set(data.column_names)) != data.num_columns:
+        raise ValueError(f"table {table!r}: columns differ from its schema (missing {missing}, unexpected {extra}"
+                         f"{', duplicated' if len(set(data.column_names)) != data.num_columns else ''})")
+    data = data.select(want.names)
+    if data.schema.remove_metadata().equals(want):
+        return data
+    try:
+        return data.cast(want)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        bad = [f.name for f, w in zip(data.schema, want, strict=True) if not f.type.equals(w.type)]
+        raise ValueError(f"table {table!r}: cannot cast column(s) {bad} to the schema's types: {exc}") from exc
 
 
 class RunStore:
@@ -67,19 +107,53 @@ class RunStore:
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict | None:
+        """manifest.json, or None when there is none; a run of another format version is a DifflensError."""
         path = self.root / MANIFEST
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
+        schema.check_format_version(manifest, self.root)
+        return manifest
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write_json(self.root / MANIFEST, manifest)
+        """Write manifest.json, with `format_version` set to this difflens' format."""
+        atomic_write_json(self.root / MANIFEST, {**manifest, "format_version": schema.FORMAT_VERSION})
 
     def update_stage(self, stage: str, **fields) -> dict:
         manifest = self.read_manifest() or {}
         manifest.setdefault("stages", {}).setdefault(stage, {}).update(fields)
         self.write_manifest(manifest)
         return manifest
+
+    def begin_stage(self, stage: str, key: str, clear: Iterable[str | Path] = (), **fields) -> bool:
+        """Start (or resume) a stage whose resolved inputs have stage_key `key`.
+
+        When the manifest records another key for the stage (or none: it never ran, or ran before stage keys),
+        its batch markers `_done/<stage>/` are deleted, so are the run-relative paths in `clear` (the stage's
+        outputs: files or directories), and its manifest record is replaced; otherwise the record is updated and
+        the stage resumes after its last marker. Either way the record gets status "running", the key and
+        `fields`. Returns True when the stage starts from scratch (the key differed).
+        """
+        manifest = self.read_manifest() or {}
+        stages = manifest.setdefault("stages", {})
+        changed = (stages.get(stage) or {}).get("key") != key
+        if changed:
+            self.clear_stage_markers(stage)
+            for rel in clear:
+                self._remove(rel)
+            stages[stage] = {}
+        stages.setdefault(stage, {}).update(fields, status="running", key=key)
+        self.write_manifest(manifest)
+        return changed
+
+    def _remove(self, rel: str | Path) -> None:
+        path = self.root / rel
+        if self.root.resolve() not in path.resolve().parents:
+            raise ValueError(f"{rel} is not inside the run directory {self.root}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ batch markers
     def _marker(self, stage: str, batch: str) -> Path:
@@ -99,27 +173,64 @@ class RunStore:
         return len(stale)
 
     def clear_stage_markers(self, stage: str) -> None:
-        import shutil
-
         shutil.rmtree(self.root / "_done" / stage, ignore_errors=True)
 
     # ------------------------------------------------------------------ writers
     def write_parquet(self, path: Path, table: pa.Table) -> Path:
+        """Write a Parquet file atomically. A file under tables/ is a catalogue table's: it is conformed to its
+        schema (the table is the first directory under tables/, or the file's stem)."""
+        rel = Path(path).relative_to(self.root) if Path(path).is_relative_to(self.root) else None
+        if rel is not None and len(rel.parts) >= 2 and rel.parts[0] == "tables":
+            name = rel.parts[1][: -len(".parquet")] if len(rel.parts) == 2 else rel.parts[1]
+            table = conform(name, table)
         atomic_write_with(path, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=ROW_GROUP_ROWS),
                           suffix=".parquet")
         return path
 
     def write_table_shard(self, table: str, name: str, data: pa.Table, layer: str | None = None,
                           kind: str | None = None) -> Path:
-        base = self.partition_dir(table, layer, kind) if layer is not None else self.table_dir(table)
-        return self.write_parquet(base / f"{name}.parquet", data)
+        """One file of a sharded or partitioned table: tables/<table>[/layer=<layer>[/kind=<kind>]]/<name>.parquet.
+
+        layer and kind must be given exactly when the table's layout has them (schema.LAYOUTS)."""
+        spec = schema.TABLES.get(table)
+        if spec is None:
+            raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+        given = tuple(c for c, v in (("layer", layer), ("kind", kind)) if v is not None)
+        if spec.layout == "file":
+            raise ValueError(f"table {table!r} is one file, tables/{table}.parquet; use write_table")
+        if given != spec.partitions:
+            raise ValueError(f"table {table!r} is laid out as {spec.layout!r}: it takes partition columns "
+                             f"{list(spec.partitions)} (got {list(given)})")
+        base = self.table_dir(table)
+        for col, value in (("layer", layer), ("kind", kind)):
+            if value is not None:
+                base = base / f"{col}={value}"
+        return self.write_parquet(base / f"{name}.parquet", conform(table, data))
 
     def write_table(self, table: str, data: pa.Table) -> Path:
         """A small table in one file, tables/<table>.parquet."""
-        return self.write_parquet(self.root / "tables" / f"{table}.parquet", data)
+        spec = schema.TABLES.get(table)
+        if spec is None:
+            raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+        if spec.layout != "file":
+            raise ValueError(f"table {table!r} is laid out as {spec.layout!r}, not one file; use write_table_shard")
+        return self.write_parquet(self.root / "tables" / f"{table}.parquet", conform(table, data))
+
+    def table_from_rows(self, table: str, rows: list[dict]) -> pa.Table:
+        """Rows (dicts) as a table of the catalogue schema; a column absent from every row is null."""
+        spec = schema.TABLES.get(table)
+        if spec is None:
+            raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+        unknown = sorted({k for r in rows for k in r} - set(spec.schema.names))
+        if unknown:
+            raise ValueError(f"table {table!r}: columns differ from its schema (unexpected {unknown})")
+        return pa.Table.from_pylist(rows, schema=spec.schema)
 
     def write_token_shard(self, layer: str, name: str, tokens_ND: np.ndarray, index: pa.Table) -> None:
         """fp16 token vectors [N, d] and their (gen_id, step, position) rows, under one shard name."""
+        if sorted(index.column_names) != sorted(schema.TOKEN_INDEX.names):
+            raise ValueError(f"token index columns {index.column_names} differ from {schema.TOKEN_INDEX.names}")
+        index = index.select(schema.TOKEN_INDEX.names).cast(schema.TOKEN_INDEX)
         directory = self.activations_dir(layer)
         with atomic_path(directory / f"{name}.npy") as tmp:
             with open(tmp, "wb") as f:
