@@ -435,7 +435,7 @@ def steer_report(
     seeds: SeedsOpt = "0-9",
 ) -> None:
     """Demo model: how often steering each concept's best unit turns images to that concept."""
-    from backend.interventions.steer import REPORT_SCALE, concept_steering_report
+    from backend.interventions.concepts import REPORT_SCALE, concept_steering_report
 
     table = concept_steering_report(run, layer, kind, scale=REPORT_SCALE if scale is None else scale, steps=steps,
                                     mask=None if mask == "none" else mask, seeds=_seeds(seeds),
@@ -465,7 +465,7 @@ def edit(
     steps: Annotated[str, typer.Option(help="all, late, or a window 3-8.")] = "all",
 ) -> None:
     """Zero or scale SAE features (decode(edited codes) + reconstruction error) next to the unedited images."""
-    from backend.interventions.steer import PRESETS, edit_run
+    from backend.interventions.edit import PRESETS, edit_run
 
     res = edit_run(run, layer, presets=tuple(preset) if preset else PRESETS, n=n, zero=zero or (),
                    scale=scale_feature or (), factor=factor, prompts=prompt, seeds=_seeds(seeds), steps=steps)

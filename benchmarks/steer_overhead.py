@@ -19,8 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from backend.interventions import steer as iv  # noqa: E402
+from backend.interventions.directions import unit_direction  # noqa: E402
+from backend.interventions.masks import region_mask  # noqa: E402
+from backend.interventions.steer import steered_generate  # noqa: E402
 from backend.models import load_model  # noqa: E402
+from backend.models.layers import layer_channels  # noqa: E402
 from backend.run.prompts import DEMO_PROMPTS, load_prompts  # noqa: E402
 
 LAYER = "up_blocks.1.attentions.1"
@@ -42,10 +45,10 @@ def main() -> None:
     prompts = [r.prompt for r in load_prompts(DEMO_PROMPTS)[: args.prompts]]
     seeds = list(range(len(prompts)))
     n_steps, guidance = model.default_steps, model.default_guidance
-    n_channels = iv.layer_channels(model, args.layer)
-    direction = iv.unit_direction("channel", 0, n_channels)
+    n_channels = layer_channels(model, args.layer)
+    direction = unit_direction("channel", 0, n_channels)
     schedule = [1.0] * n_steps  # the hook edits at every step: the worst case
-    mask = iv.region_mask("left", model.default_resolution[0])
+    mask = region_mask("left", model.default_resolution[0])
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
@@ -57,10 +60,10 @@ def main() -> None:
         model.generate(p, s, n_steps, guidance)
 
     def steered(p, s):
-        iv.steered_generate(model, args.layer, p, s, direction, schedule, None, n_steps, guidance)
+        steered_generate(model, args.layer, p, s, direction, schedule, None, n_steps, guidance)
 
     def masked(p, s):
-        iv.steered_generate(model, args.layer, p, s, direction, schedule, mask, n_steps, guidance)
+        steered_generate(model, args.layer, p, s, direction, schedule, mask, n_steps, guidance)
 
     for fn in (plain, steered, masked):  # warm-up
         timed(fn)

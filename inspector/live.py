@@ -70,7 +70,7 @@ def load_sae(sae_dir: str, device: str = "cpu"):
 
 
 def layer_channels(model, layer: str) -> int:
-    from backend.interventions.steer import layer_channels as _channels
+    from backend.models.layers import layer_channels as _channels
 
     return _channels(model, layer)
 
@@ -147,7 +147,10 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
     direction) at the steps of window (inclusive), under the mask; uint8 [H, W, 3]."""
     import torch
 
-    from backend.interventions.steer import edited_generate, steering_edit, strength_schedule, unit_direction
+    from backend.interventions.directions import unit_direction
+    from backend.interventions.generate import edited_generate
+    from backend.interventions.steer import steering_edit
+    from backend.interventions.windows import strength_schedule
     from backend.models.base import to_uint8
 
     n_channels = layer_channels(model, layer)
@@ -180,7 +183,7 @@ def strength_unit(kind: str, unit: int, unit_max: float | None, sae=None) -> flo
     feature), as backend.interventions.steer does; 1.0 when the run has no units table."""
     ref = float(unit_max) if unit_max else 1.0
     if kind == "feature" and sae is not None:
-        from backend.interventions.steer import decoder_norm
+        from backend.interventions.directions import decoder_norm
 
         ref *= decoder_norm(sae, unit)
     return ref

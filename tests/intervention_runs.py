@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from backend.run.store import RunStore
 from sae.io import save_sae
-from sae.model import SAE
+from sae.model import SAE, SAEConfig
 
 LAYER = "up_blocks.1.attentions.1"  # 64 channels on an 8x8 grid
 
@@ -39,6 +40,31 @@ def one_line(exc_info) -> str:
     msg = str(exc_info.value)
     assert msg and "\n" not in msg
     return msg
+
+
+def random_sae() -> SAE:
+    """A random folded SAE on LAYER with nonzero biases, so a sloppy splice would not be exact."""
+    torch.manual_seed(0)
+    s = SAE(SAEConfig(d_in=64, n_latents=N_LATENTS, k=8, layer=LAYER)).eval()
+    with torch.no_grad():
+        s.b_dec.normal_(0, 0.5)
+        s.b_enc.normal_(0, 0.1)
+    return s
+
+
+def not_a_run(tmp_path):
+    """A directory that is not a run (it holds one unrelated file), and the error open_run gives for it."""
+    from backend.errors import DifflensError
+    from backend.run.context import open_run
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a run")
+    try:
+        open_run(plain)
+    except DifflensError as exc:
+        return plain, str(exc)
+    raise AssertionError("open_run accepted a directory without manifest.json")
 
 
 def units_table(density, maximum, first_active, last_active) -> pa.Table:

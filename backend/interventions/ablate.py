@@ -11,7 +11,7 @@ This module owns
   - `candidate_blocks`: every block backend/models/layers.py lists whose input and output shapes match (from the
     model's one cached probe pass, layers.probe);
   - `ablate_blocks(model, blocks, prompts, seeds, mode)`: baseline and ablated images, per-image effects (pixel
-    distance, demo attribute changes via backend/interventions/steer.py) and a per-block effect score;
+    distance, demo attribute changes via backend/interventions/effects.py) and a per-block effect score;
   - `ablate_run(run_dir, ...)`: the same on a run's model and prompts, writing the `ablations` table
     (tables/ablations/layer=<block>/<mode>-<key>.parquet: seed, prompt, mode, image, baseline_image, effect, ...),
     media/ablation/<key>/ images and a grid PNG (rows: baseline, then one per block).
@@ -28,28 +28,21 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import torch
 
 from backend.errors import DifflensError
-from backend.interventions.steer import Effect, digest, effects, is_demo, open_run, safe_name, to_json, write_grid
+from backend.interventions.effects import Effect, effects, is_demo
+from backend.interventions.media import digest, rows_frame, safe_name, to_json, write_grid
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import main_input, main_output, module, replace_main_output
 from backend.models.layers import check_layers, probe
+from backend.run.context import RunContext, open_run
 
 AblationMode = Literal["skip", "remove_delta"]
 MODES = ("skip", "remove_delta")
 DEFAULT_SEEDS = (0,)
 DEFAULT_PROMPTS = 4
 """ablate_run's default prompt set: the run's first this many distinct prompts."""
-
-ABLATIONS_SCHEMA = pa.schema([
-    ("mode", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("n_steps", pa.int16()),
-    ("guidance", pa.float32()), ("image", pa.string()), ("baseline_image", pa.string()), ("effect", pa.float32()),
-    ("attributes", pa.string()), ("baseline_attributes", pa.string()), ("changed_attributes", pa.string()),
-    ("spec", pa.string()),
-])
-
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
@@ -176,10 +169,9 @@ def ablate_blocks(model: DiffusionModel, blocks: Sequence[str], prompts: Sequenc
     return result
 
 
-def _run_samples(store, prompts: Sequence[str] | None, seeds: Sequence[int]) -> tuple[list[str], list[int]]:
+def _run_samples(ctx: RunContext, prompts: Sequence[str] | None, seeds: Sequence[int]) -> tuple[list[str], list[int]]:
     if prompts is None:
-        gens = store.read_table("generations").sort("gen_id")
-        prompts = gens["prompt"].unique(maintain_order=True).head(DEFAULT_PROMPTS).to_list()
+        prompts = ctx.generations()["prompt"].unique(maintain_order=True).head(DEFAULT_PROMPTS).to_list()
     pairs = [(p, int(s)) for p in prompts for s in seeds]
     if not pairs:
         raise DifflensError("give at least one prompt and one seed")
@@ -192,13 +184,13 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
     """Ablate each block (default: candidate_blocks) on prompts x seeds (default: the run's first 4 prompts,
     seed 0) with the run's steps and guidance; write `ablations` rows, images and a grid. Returns (per-block
     summary, grid path)."""
-    ctx = open_run(run_dir, model)
+    ctx = open_run(run_dir, model=model)
     ctx.store.remove_stale_temporaries()
-    model = ctx.get_model()
+    model = ctx.model
     blocks = list(blocks) if blocks else candidate_blocks(model)
-    s_prompts, s_seeds = _run_samples(ctx.store, prompts, seeds)
-    n_steps = n_steps or ctx.run_steps
-    guidance = ctx.run_guidance if guidance is None else guidance
+    s_prompts, s_seeds = _run_samples(ctx, prompts, seeds)
+    n_steps = n_steps or ctx.n_steps
+    guidance = ctx.guidance if guidance is None else guidance
     result = ablate_blocks(model, blocks, s_prompts, s_seeds, check_mode(mode), n_steps, guidance)
     key = digest([s_prompts, s_seeds, n_steps, guidance])
     folder = f"media/ablation/{key}"
@@ -214,7 +206,7 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
                          "image": image, "baseline_image": base[i], "effect": fx.effect,
                          "attributes": to_json(fx.attributes), "baseline_attributes": to_json(fx.baseline_attributes),
                          "changed_attributes": to_json(fx.changed), "spec": key})
-        table = pa.Table.from_pylist(rows, schema=ABLATIONS_SCHEMA)
+        table = rows_frame(rows, "ablations")
         ctx.store.write_parquet(ctx.store.table_dir("ablations") / f"layer={block}" / f"{mode}-{key}.parquet", table)
     images, labels = result.grid_images()
     grid = write_grid(ctx.store, f"{folder}/{mode}-grid-{digest(blocks)}.png", images, labels, cols=len(s_seeds))

@@ -172,7 +172,9 @@ def _load_run_model(manifest: dict):
 def _run_part(run_dir: Path, call: dict, cfg: InterventionsConfig, model) -> dict:
     """One part; returns what the summary keeps of it."""
     from backend.interventions import ablate as ablation
+    from backend.interventions import concepts as concept_report
     from backend.interventions import dream
+    from backend.interventions import edit as feature_edits
     from backend.interventions import steer as interventions
 
     do = call["do"]
@@ -182,13 +184,12 @@ def _run_part(run_dir: Path, call: dict, cfg: InterventionsConfig, model) -> dic
                                       steps=steps, seeds=cfg.steer_seeds, model=model)
         return {"grid": RunStore(run_dir).relative(Path(res.grid)), "mean_effect": float(res.rows["effect"].mean())}
     if do == "edit":
-        res = interventions.edit_run(run_dir, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds,
-                                     model=model)
+        res = feature_edits.edit_run(run_dir, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds, model=model)
         effects = res.rows.group_by("preset", maintain_order=True).agg(pl.col("effect").mean())
         return {"grid": RunStore(run_dir).relative(Path(res.grid)),
                 "mean_effect": {p: round(float(e), 4) for p, e in effects.iter_rows()}}
     if do == "concepts":
-        table = interventions.concept_steering_report(run_dir, seeds=range(cfg.concept_seeds), model=model)
+        table = concept_report.concept_steering_report(run_dir, seeds=range(cfg.concept_seeds), model=model)
         return {r["concept"] + " @ " + r["layer"]: f"{r['hits']}/{r['seeds']}" for r in table.iter_rows(named=True)}
     if do == "ablate":
         summary, grid = ablation.ablate_run(run_dir, model=model)

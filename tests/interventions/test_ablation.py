@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from intervention_runs import GUIDANCE, PROMPT, STEPS, make_intervention_run, no_hooks_left, one_line
+from intervention_runs import GUIDANCE, PROMPT, STEPS, make_intervention_run, no_hooks_left, not_a_run, one_line
 
 from backend.errors import DifflensError
 from backend.interventions import ablate as ablation
@@ -111,3 +111,11 @@ def test_ablate_run_writes_table_images_and_grid(tmp_path, model):
     ablation.ablate_run(store.root, blocks=blocks, seeds=[0], model=model)  # a repeat replaces
     assert store.read_table("ablations").height == 4
     assert no_hooks_left(model)
+
+
+def test_ablate_run_on_a_directory_that_is_not_a_run_is_open_runs_error(tmp_path, model):
+    plain, expected = not_a_run(tmp_path)
+    with pytest.raises(DifflensError) as e:
+        ablation.ablate_run(plain, blocks=[BLOCK], model=model)
+    assert one_line(e) == expected
+    assert [p.name for p in plain.iterdir()] == ["notes.txt"]  # nothing written

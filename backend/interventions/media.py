@@ -1,0 +1,66 @@
+"""What run-level interventions write: table rows, images, grids, and the digests that name them.
+
+This module owns
+  - `digest`: a short hash of an intervention's settings; it names the intervention's table shard and media folder,
+    so a repeat with the same settings replaces its files rather than adding new ones;
+  - `safe_name` (a layer or preset name as a path component), `write_grid` (a captioned grid PNG of a run's images);
+  - `rows_frame` (row dicts as a table of the run format's catalogue schema, backend/run/schema.py TABLES),
+    `to_json` (the JSON columns: attributes, changes), `with_partition` (a written shard as a frame with its
+    layer / kind partition columns, as read_table returns it);
+  - `InterventionResult`, what a run-level steering or edit returns.
+
+Table shards and PNGs go through RunStore (atomic temp + rename), at paths derived from the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from backend.run.schema import TABLES
+from backend.run.store import RunStore
+
+
+@dataclass
+class InterventionResult:
+    """What a run-level intervention wrote: its rows (as in the table), the grid PNG and the table shard."""
+
+    rows: pl.DataFrame
+    grid: Path
+    shard: Path
+    extra: dict = field(default_factory=dict)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def safe_name(name: str) -> str:
+    return name.replace("/", "_").replace("=", "-").replace(" ", "_")
+
+
+def write_grid(store: RunStore, rel: str, images_NHW3: np.ndarray, labels: list[str], cols: int) -> Path:
+    from backend.analysis.grid import labelled_grid
+
+    store.write_png(rel, labelled_grid(np.asarray(images_NHW3), labels, cols=max(1, cols)))
+    return store.root / rel
+
+
+def rows_frame(rows: list[dict], table: str) -> pa.Table:
+    """Rows as a pyarrow table of `table`'s catalogue schema (a column a row lacks is null, extra keys dropped)."""
+    schema = TABLES[table].schema
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+
+
+def to_json(obj) -> str | None:
+    return None if obj is None else json.dumps(obj, sort_keys=True)
+
+
+def with_partition(table: pa.Table, layer: str, kind: str) -> pl.DataFrame:
+    return pl.from_arrow(table).with_columns(layer=pl.lit(layer), kind=pl.lit(kind))
