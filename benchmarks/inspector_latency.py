@@ -15,7 +15,7 @@ Tables are written through RunStore, i.e. exactly as the batch job writes them
 instead, to measure that layout.
 
 Measured:
-  - each unit-page query (inspector/queries.py, uncached: the SQL runs every time) over --units random live units:
+  - each unit-page query (inspector/queries/, uncached: the SQL runs every time) over --units random live units:
     p50 / p95 / max, after the run's tables are loaded (the one-time load is reported separately);
   - the unit page's full script run under streamlit.testing AppTest: --page-runs clicks on "Next" (a new unit each
     time: every query misses the cache), and reruns of the same unit (warm cache);
@@ -59,6 +59,7 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
     from backend.analysis.compare import compare_groups
     from backend.analysis.config import AnalysisConfig
     from backend.analysis.peaks import peaks_and_units
+    from backend.run.schema import TABLES
     from backend.run.store import RunStore
 
     t0 = time.time()
@@ -191,9 +192,9 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
         "auroc": np.sort(rng.uniform(0.6, 1.0, (len(concepts), 5)))[:, ::-1].ravel().astype(np.float32),
         "step": rng.integers(0, n_steps, best.size).astype(np.int16),
         "rank": np.tile(np.arange(1, 6, dtype=np.int16), len(concepts))}))
-    store.write_table("concept_summary", pa.table({"layer": [LAYER], "kind": [KIND], "concepts": [len(concepts)],
-                                                   "mean_best_auroc": [0.93], "localisation": [None],
-                                                   "localised_examples": [0]}))
+    store.write_table("concept_summary", pa.Table.from_pylist([{
+        "layer": LAYER, "kind": KIND, "concepts": len(concepts), "mean_best_auroc": 0.93, "localised_examples": 0}],
+        schema=TABLES["concept_summary"].schema))
     n_log = 400
     write("sae_training", "part-0000000", pa.table({
         "step": np.arange(n_log, dtype=np.int32) * 50, "tokens": (np.arange(n_log, dtype=np.int64) + 1) * 204800,
@@ -202,7 +203,7 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
     store.write_table("sae_metrics", pa.Table.from_pylist([{
         "layer": LAYER, "fvu": 0.11, "l0": 32.0, "dead_frac": 0.02, "dense_frac": 0.001, "tokens": n_log * 204800,
         "seconds": 5400.0, "loss_clean": 0.1, "loss_spliced": 0.104, "loss_zero": 0.4,
-        "frac_loss_recovered": 0.98, "splice_samples": 128}]))
+        "frac_loss_recovered": 0.98, "splice_samples": 128}], schema=TABLES["sae_metrics"].schema))
     some = np.flatnonzero(alive)[:200]
     rows = []
     for u in some:
@@ -211,7 +212,7 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
                          "scale": 1.0, "steps": "all", "mask": "", "n_steps": n_steps, "guidance": 1.0,
                          "image": f"images/{(u + s) % N_IMAGES:06d}.png", "baseline_image": f"images/{s:06d}.png",
                          "effect": float(rng.uniform(0, 0.3)), "spec": f"u{u}"})
-    write("interventions", "part-0000000", pa.Table.from_pylist(rows))
+    write("interventions", "part-0000000", pa.Table.from_pylist(rows, schema=TABLES["interventions"].schema))
     drows = []
     for u in some:
         for target in (0, int(mu[u])):
@@ -221,14 +222,14 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
                                   "activation": opt / 100.0, "penalties": json.dumps({"tv": 0.1, "range": 0.01,
                                                                                       "total": 0.11}),
                                   "image": f"images/{(u + opt) % N_IMAGES:06d}.png"})
-    write("dreams", "part-0000000", pa.Table.from_pylist(drows))
+    write("dreams", "part-0000000", pa.Table.from_pylist(drows, schema=TABLES["dreams"].schema))
     for b in range(16):
         block = f"up_blocks.{b // 4}.attentions.{b % 4}"
         arows = [{"mode": "skip", "prompt": f"prompt {i}", "seed": 0, "n_steps": n_steps, "guidance": 7.5,
                   "image": f"images/{(b + i) % N_IMAGES:06d}.png", "baseline_image": f"images/{i:06d}.png",
                   "effect": float(rng.uniform(0, 0.2)), "spec": "k"} for i in range(4)]
         store.write_parquet(store.table_dir("ablations") / f"layer={block}" / "skip-k.parquet",
-                            pa.Table.from_pylist(arows))
+                            pa.Table.from_pylist(arows, schema=TABLES["ablations"].schema))
     stages = {"capture": {"status": "done", "seconds": 36000.0, "layers": [LAYER], "n_steps": n_steps,
                           "guidance": 7.5, "generations": n_gens},
               "sae": {"status": "done", LAYER: {"seconds": 5400.0}}, "features": {"status": "done", "seconds": 7200.0},
@@ -250,10 +251,11 @@ def stats(values: list[float]) -> dict:
 
 def query_latency(root: Path, name: str, n_units: int, seed: int = 1) -> dict:
     from inspector import queries as q
+    from inspector.db import database
 
     run = q.open_run(root, name)
     t0 = time.perf_counter()
-    db = q.database(run)
+    db = database(run)
     loads = {}
     for table in ("steps", "generations", "units", "profiles", "peaks", "examples", "frequencies", "concepts",
                   "interventions", "dreams"):

@@ -1,8 +1,8 @@
 """difflens inspector: `streamlit run inspector/app.py [-- --runs DIR]` (or `python cli.py inspect`).
 
 The entry point: finds the runs, offers the run selector (kept in the URL as `?run=`), and hands over to the page
-chosen with st.navigation. Pages read precomputed tables through inspector/queries.py only; nothing here imports
-the backend's model code (the Lab page loads a model lazily, on request).
+chosen with st.navigation. Pages read precomputed tables through the query layer (inspector/queries/) only; nothing
+here imports the backend's model code (the Lab page loads a model lazily, on request).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def model_problem(spec: str) -> str | None:
     from pathlib import Path
 
     if spec == "demo":
-        from inspector.queries import display_path
+        from inspector.runs import display_path
 
         repo = Path(__file__).resolve().parents[1]
         if not (repo / "data" / "demo-model" / "model_index.json").is_file():

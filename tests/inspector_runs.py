@@ -23,14 +23,16 @@ def _attributes(p: int) -> dict:
     return {"colour": GROUPS[p % 2], "shape": ["circle", "square"][(p // 2) % 2], "position": "left"}
 
 
-def build_run(root: Path, name: str = "tiny", optional: bool = True) -> Path:
+def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms: bool = True) -> Path:
     """An analysed run: 2 layers x channels, features on the first layer; with interventions, dreams and
-    ablations when optional."""
+    ablations when optional; with the `histograms` table unless histograms is False (the inspector then scans the
+    activity for a unit's histogram)."""
     from backend.analysis.compare import compare_groups
     from backend.analysis.concepts import best_auroc, concept_labels, concepts_table, unit_localisation
     from backend.analysis.config import AnalysisConfig
     from backend.analysis.examples import select_examples
     from backend.analysis.frequencies import frequencies_table
+    from backend.analysis.histograms import histograms_table
     from backend.analysis.inputs import connect, load_inputs
     from backend.analysis.peaks import peaks_and_units
     from backend.analysis.profiles import count_activity, profile_arrays, profiles_table
@@ -70,6 +72,9 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True) -> Path:
         peaks, units = peaks_and_units(profile_arrays(counts), inputs.timesteps, cfg)
         store.write_table_shard("peaks", "part-0000000", peaks, layer=part.layer, kind=part.kind)
         store.write_table_shard("units", "part-0000000", units, layer=part.layer, kind=part.kind)
+        if histograms:
+            store.write_table_shard("histograms", "part-0000000", histograms_table(con, part, cfg.histogram_bins),
+                                    layer=part.layer, kind=part.kind)
         chosen = select_examples(con, part, pl.from_arrow(peaks), cfg)
         maps = [rng.random(16).astype(np.float32) for _ in range(chosen.height)]
         table = chosen.to_arrow().append_column("heatmap", pa.array(maps, pa.list_(pa.float32())))
@@ -92,8 +97,8 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True) -> Path:
                                 layer=part.layer, kind=part.kind)
         summary.append({"layer": part.layer, "kind": part.kind, "concepts": len(labels.names),
                         "mean_best_auroc": float(best.max(0).mean()), "localisation": None,
-                        "localised_examples": 0})
-    store.write_table("concept_summary", pa.Table.from_pylist(summary))
+                        "localised_examples": 0, "best_localisation": None, "best_localising_unit": None})
+    store.write_table("concept_summary", pa.Table.from_pylist(summary, _schema("concept_summary")))
     store.write_table_shard("sae_training", "part-0000000", pa.table({
         "step": np.arange(0, 500, 50, dtype=np.int32), "tokens": np.arange(1, 11, dtype=np.int64) * 4096,
         "fvu": np.linspace(1.0, 0.05, 10), "l0": np.full(10, 4.0, np.float32),
@@ -111,6 +116,12 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True) -> Path:
     store.update_stage("features", status="done", seconds=1.0)
     store.update_stage("analysis", status="done", seconds=2.0)
     return run
+
+
+def _schema(table: str) -> pa.Schema:
+    from backend.run.schema import TABLES
+
+    return TABLES[table].schema
 
 
 def _png(store, rel: str, colour: tuple[int, int, int]) -> str:
@@ -131,8 +142,8 @@ def _write_optional(store, rng) -> None:
                      "guidance": 1.0, "image": _png(store, f"media/steer/f2/seed-{seed}.png", (250, 0, 0)),
                      "baseline_image": base, "effect": 0.3, "attributes": None, "baseline_attributes": None,
                      "changed_attributes": None, "concept": None, "concept_hit": None, "spec": "abc"})
-    store.write_table_shard("interventions", "steer-feature-00002-abc", pa.Table.from_pylist(rows),
-                            layer=L_MID, kind="feature")
+    store.write_table_shard("interventions", "steer-feature-00002-abc",
+                            pa.Table.from_pylist(rows, _schema("interventions")), layer=L_MID, kind="feature")
     drows = []
     for opt in (0, 10, 20):
         for seed in (0, 1):
@@ -140,7 +151,8 @@ def _write_optional(store, rng) -> None:
             drows.append({"unit": 2, "step": 0, "seed": seed, "opt_step": opt, "activation": opt / 10,
                           "penalties": json.dumps({"tv": 0.1, "range": 0.0, "moment": 0.01, "total": 0.11}),
                           "image": rel})
-    store.write_table_shard("dreams", "unit-000002", pa.Table.from_pylist(drows), layer=L_MID, kind="feature")
+    store.write_table_shard("dreams", "unit-000002", pa.Table.from_pylist(drows, _schema("dreams")), layer=L_MID,
+                            kind="feature")
     for block, effect in (("mid_block", 0.4), ("up_blocks.1", 0.1)):
         arows = []
         for i, prompt in enumerate(("prompt 0", "prompt 1")):
@@ -150,6 +162,6 @@ def _write_optional(store, rng) -> None:
                           "effect": effect + 0.01 * i, "attributes": None, "baseline_attributes": None,
                           "changed_attributes": None, "spec": "k"})
         store.write_parquet(store.table_dir("ablations") / f"layer={block}" / "skip-k.parquet",
-                            pa.Table.from_pylist(arows))
+                            pa.Table.from_pylist(arows, _schema("ablations")))
 
 

@@ -24,9 +24,8 @@ config = man.get("config") or {}
 spec = str(config.get("model", "demo"))
 device, dtype = str(config.get("device", "cpu")), str(config.get("dtype", "float32"))
 layers = queries.run_layers(man)
-capture_stage = (man.get("stages") or {}).get("capture") or {}
-run_steps = int(capture_stage.get("n_steps") or (config.get("capture") or {}).get("steps") or 0) or None
-run_guidance = capture_stage.get("guidance")
+run_steps = queries.captured_steps(man)
+run_guidance = queries.captured_guidance(man)
 read = str((config.get("capture") or {}).get("read", "output"))
 
 problem = live.model_problem(spec)

@@ -47,9 +47,8 @@ with ui.guard():
         if layers:
             st.caption("hook points: " + ", ".join(f"`{layer}`" for layer in layers))
         if not queries.analysis_done(man):
-            status = ((man.get("stages") or {}).get("analysis") or {}).get("status", "not run")
-            st.warning(f"analysis of this run is not finished (status: {status}); pages show what exists. "
-                       f"Run `python cli.py analyze --run {run.arg}`.")
+            st.warning(f"analysis of this run is not finished (status: {queries.analysis_status(man)}); pages show "
+                       f"what exists. Run `python cli.py analyze --run {run.arg}`.")
 
 st.subheader("Stages")
 with ui.guard("stages"):

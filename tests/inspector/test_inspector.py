@@ -1,51 +1,29 @@
-"""The Streamlit inspector on a small hand-made run (no model): every page through AppTest, deep links, missing
-and corrupt runs, path safety and the query module.
+"""The Streamlit inspector's pages on a small hand-made run (no model), through AppTest: every page, deep links,
+missing and corrupt runs, and what the app imports. The query layer has its own tests (test_runs.py, test_tables.py,
+test_db.py, test_heatmaps.py, test_queries.py, mirroring inspector/).
 
-The run is written like the batch job writes one: generations, steps and activity through tests/analysis_runs.py
-(RunStore), then the analysis tables that need no model computed by the backend's own functions (profiles,
-frequencies, peaks and units, example selection, comparisons, concepts, localisation); only the examples'
-heat-maps (which need a replay through the model) and the SAE / intervention / dream / ablation tables are written
-by hand, with the backend's schemas.
+The run (tests/inspector_runs.py, built once by conftest.py) is written like the batch job writes one: generations,
+steps and activity through tests/analysis_runs.py (RunStore), then the analysis tables that need no model computed
+by the backend's own functions (profiles, frequencies, peaks and units, histograms, example selection, comparisons,
+concepts, localisation); only the examples' heat-maps (which need a replay through the model) and the SAE /
+intervention / dream / ablation tables are written by hand, with the backend's schemas.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
-import pyarrow as pa
 import pytest
 from analysis_runs import dense_activity, gens_for, make_run
-from inspector_runs import GROUPS, L_MID, N_GENS, N_STEPS, build_run
+from inspector_runs import GROUPS, L_MID
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "inspector" / "app.py"
-
-
-# ------------------------------------------------------------------------------------------------ the hand-made run
-
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inspector") / "runs"
-    build_run(root, "tiny")
-    return root
 
 
 @pytest.fixture()
@@ -83,74 +61,7 @@ def _captions(at) -> list[str]:
     return [c for img in at.image for c in img.captions]
 
 
-# ------------------------------------------------------------------------------------------------ paths and runs
-
-
-def test_safe_path_refuses_escapes(tmp_path):
-    from inspector.queries import UnsafePath, safe_path
-
-    root = tmp_path / "runs"
-    (root / "a" / "images").mkdir(parents=True)
-    (tmp_path / "secret.txt").write_text("no")
-    assert safe_path(root, "a/images") == (root / "a" / "images").resolve()
-    assert safe_path(root, ".") == root.resolve()
-    assert safe_path(root, "a/../a/images") == (root / "a" / "images").resolve()
-    for bad in ("..", "../secret.txt", "a/../../secret.txt", str(tmp_path / "secret.txt"), "a/\x00x"):
-        with pytest.raises(UnsafePath):
-            safe_path(root, bad)
-    (root / "a" / "out").symlink_to(tmp_path)  # a symlink inside that points outside
-    with pytest.raises(UnsafePath):
-        safe_path(root, "a/out/secret.txt")
-    (root / "a" / "in").symlink_to(root / "a" / "images")  # one that stays inside is fine
-    assert safe_path(root, "a/in") == (root / "a" / "images").resolve()
-
-
-def test_list_runs_and_open_run(tmp_path, runs_dir):
-    from inspector import queries
-
-    root = tmp_path / "runs"
-    root.mkdir()
-    assert queries.list_runs(root) == []
-    assert queries.list_runs(tmp_path / "nope") == []
-    (root / "not-a-run").mkdir()
-    (root / "outside").symlink_to(runs_dir / "tiny")  # a run, but outside this runs directory
-    (root / "r1").mkdir()
-    (root / "r1" / "manifest.json").write_text("{}")
-    assert queries.list_runs(root) == ["r1"]
-    assert queries.list_runs(runs_dir / "tiny") == ["."]  # --runs pointing at a run
-    with pytest.raises(queries.RunError):
-        queries.open_run(root, "not-a-run")
-    with pytest.raises(queries.UnsafePath):
-        queries.open_run(root, "../x")
-    with pytest.raises(queries.UnsafePath):
-        queries.open_run(root, "outside")
-
-
-def test_runs_argument(monkeypatch, tmp_path):
-    from inspector.queries import parse_runs_arg, runs_root
-
-    assert parse_runs_arg(["--runs", "x/y"]) == "x/y"
-    assert parse_runs_arg(["-x", "--other", "1"]) is None
-    assert parse_runs_arg(["--run", "x"]) is None  # no abbreviations
-    monkeypatch.setenv("DIFFLENS_RUNS", str(tmp_path))
-    assert runs_root([]) == tmp_path.resolve()
-    assert runs_root(["--runs", str(tmp_path / "a")]) == (tmp_path / "a").resolve()
-
-
-def test_launch_command_and_tunnel_hint(tmp_path):
-    from inspector import launch
-
-    cmd = launch.streamlit_command(tmp_path, 8600)
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("inspector/app.py")
-    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
-    assert cmd[-3:] == ["--", "--runs", str(tmp_path.resolve())]
-    assert launch.tunnel_command(8600, host="gpu1.example.org", user="ann", env={}) == \
-        "ssh -N -L 8600:127.0.0.1:8600 ann@gpu1.example.org"
-    slurm = {"SLURMD_NODENAME": "node17", "DIFFLENS_LOGIN_HOST": "login.example.org", "USER": "ann"}
-    assert launch.tunnel_command(8600, env=slurm) == "ssh -N -L 8600:127.0.0.1:8600 -J ann@login.example.org ann@node17"
-    assert "ssh -N -L 8600" in launch.banner(tmp_path, 8600, "127.0.0.1", env={"USER": "ann"})
-    assert "warning" in launch.banner(tmp_path, 8600, "0.0.0.0")
-    assert launch.serve(tmp_path / "missing") == 2
+# ------------------------------------------------------------------------------------------------ imports
 
 
 def test_inspector_imports_no_model_code():
@@ -158,140 +69,31 @@ def test_inspector_imports_no_model_code():
     import subprocess
     import sys
 
-    code = ("import sys; import inspector.queries, inspector.charts, inspector.ui, inspector.overlay, inspector.live, "
+    code = ("import sys; import inspector.queries, inspector.runs, inspector.tables, inspector.db, "
+            "inspector.heatmaps, inspector.charts, inspector.ui, inspector.overlay, inspector.live, "
             "inspector.launch; heavy = [m for m in ('torch', 'diffusers', 'transformers', 'backend.models', "
             "'backend.models.hooks', 'sae') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-# ------------------------------------------------------------------------------------------------ queries
-
-
-def test_queries_return_what_the_backend_wrote(runs_dir):
-    from inspector import queries as q
-
-    run = q.open_run(runs_dir, "tiny")
-    store_units = pl.read_parquet(runs_dir / "tiny/tables/units/layer=mid_block.attentions.0/kind=feature")
-    units = q.units.uncached(run, L_MID, "feature")
-    assert units["unit"].to_list() == store_units["unit"].to_list()
-    assert np.allclose(units["density"].to_numpy(), store_units["density"].to_numpy())
-    assert units.filter(pl.col("unit") == 0)["dead"].item() is True
-    assert units.filter(pl.col("unit") == 2)["concept"].item() == "colour=red"
-
-    prof = q.profile.uncached(run, L_MID, "channel", 1)
-    raw = pl.read_parquet(runs_dir / "tiny/tables/profiles/layer=mid_block.attentions.0/kind=channel")
-    raw = raw.filter(pl.col("unit") == 1).sort("step")
-    assert prof["step"].to_list() == list(range(N_STEPS))
-    assert np.allclose(prof["freq"].to_numpy(), raw["freq"].to_numpy())
-    assert prof["timestep"].to_list()[0] == pytest.approx(999.0)
-    assert q.peaks.uncached(run, L_MID, "channel", 1)["step"].to_list()[0] == 2  # channel 1's highest peak
-
-    ex = q.examples.uncached(run, L_MID, "feature", 2, -1)
-    raw_ex = pl.read_parquet(runs_dir / "tiny/tables/examples/layer=mid_block.attentions.0/kind=feature")
-    raw_ex = raw_ex.filter((pl.col("unit") == 2) & (pl.col("step") == -1)).sort("rank")
-    assert ex["gen_id"].to_list() == raw_ex["gen_id"].to_list()
-    for shown, raw in zip(ex["heatmap"].to_list(), raw_ex["heatmap"].to_list(), strict=True):
-        raw = np.clip(np.asarray(raw), 0, None)  # served for display: clipped at 0, scaled by the max, 8 bits
-        assert np.allclose(shown, raw / raw.max(), atol=1 / 255)
-    assert set(ex["group"].to_list()) == {"red"}  # feature 2 fires for red prompts only
-    assert q.examples.uncached(run, L_MID, "feature", 2, -1, 2, 3)["rank"].to_list() == [2, 3]
-
-    hist = q.activation_histogram.uncached(run, L_MID, "feature", 2)
-    codes = pl.read_parquet(runs_dir / "tiny/tables/activity/layer=mid_block.attentions.0/kind=feature")
-    assert hist["rows"] == codes.filter(pl.col("unit") == 2).height
-    assert int(hist["hist"]["count"].sum()) == hist["rows"]
-    assert hist["pairs"] == N_GENS * N_STEPS
-
-    cmp = q.comparison.uncached(run, L_MID, "channel", "red", "blue")
-    assert cmp["unit"].to_list()[0] == 3  # channel 3 fires for red
-    freqs = q.unit_frequencies.uncached(run, L_MID, "channel", 3)
-    assert dict(zip(freqs["group"], freqs["freq"], strict=True))["red"] == pytest.approx(1.0)
-    assert q.neighbour.uncached(run, L_MID, "feature", 2, -1, True) == 1
-    assert q.neighbour.uncached(run, L_MID, "feature", 1, -1, True) is None  # 0 is dead
-    assert q.neighbour.uncached(run, L_MID, "feature", 1, -1, False) == 0
-    assert 0 not in q.live_units.uncached(run, L_MID, "feature")
-    assert q.unit_dreams.uncached(run, L_MID, "feature", 2).height == 6
-    assert q.ablations.uncached(run)["layer"].n_unique() == 2
-
-
-def test_examples_without_the_heatmap_cache(runs_dir, monkeypatch):
-    """Partitions too big for the in-memory heat-map cache are read from their file per request, same result."""
-    from inspector import queries as q
-
-    db = q.Database(runs_dir / "tiny")
-    cached = q._QUERIES["examples"](db, L_MID, "feature", 2, -1)
-    monkeypatch.setattr(q, "HEATMAP_CACHE_MB", 0)
-    direct = q._QUERIES["examples"](q.Database(runs_dir / "tiny"), L_MID, "feature", 2, -1)
-    assert direct["rank"].to_list() == cached["rank"].to_list()
-    for a, b in zip(direct["heatmap"].to_list(), cached["heatmap"].to_list(), strict=True):
-        assert np.allclose(a, b)
-
-
-def test_queries_are_parameterised_and_sandboxed(runs_dir):
-    import duckdb
-
-    from inspector import queries as q
-
-    run = q.open_run(runs_dir, "tiny")
-    assert q.units.uncached(run, "x' OR 1=1 --", "channel").is_empty()
-    assert q.profile.uncached(run, L_MID, "channel' OR '1'='1", 1).is_empty()
-    with pytest.raises(q.InspectorError):  # a layer that is not a partition never becomes a path
-        q.activation_histogram.uncached(run, "../../etc", "channel", 0)
-    with pytest.raises(q.InspectorError):
-        q.activation_histogram.uncached(run, L_MID, "channel", 0, "max\" FROM x; --")
-    db = q.database(run)
-    cur = db.con.cursor()
-    with pytest.raises(duckdb.Error):  # DuckDB itself cannot read outside the run
-        cur.execute("SELECT * FROM read_text('/etc/hostname')").fetchall()
-    with pytest.raises(duckdb.Error):
-        cur.execute("SET enable_external_access = true")
-
-
-def test_signature_picks_up_new_tables(tmp_path):
-    from inspector import queries as q
-
-    root = tmp_path / "runs"
-    build_run(root, "r", optional=False)
-    first = q.open_run(root, "r")
-    assert "ablations" not in q.tables.uncached(first)
-    time.sleep(0.01)
-    from backend.run.store import RunStore
-
-    store = RunStore(root / "r")
-    store.write_parquet(store.table_dir("ablations") / "layer=mid_block" / "skip-k.parquet",
-                        pa.table({"mode": ["skip"], "prompt": ["p"], "seed": [0], "image": ["x.png"],
-                                  "baseline_image": ["y.png"], "effect": [0.5]}))
-    second = q.open_run(root, "r")
-    assert second.sig != first.sig
-    assert q.ablations.uncached(second)["effect"].to_list() == [0.5]
-
-
-def test_chart_templates_are_valid_vega_lite():
-    """Run time skips Altair's validation (charts.py); every template is checked against the schema here."""
-    import altair as alt
-    import jsonschema
-    from altair.vegalite.v6.schema.core import load_schema
-
-    from inspector import charts
-
-    schema = load_schema()
-    params = {"profile_template": ("freq", 260), "histogram_template": ("activation", 200)}
-    assert len(charts.TEMPLATES) >= 10
-    for name, build in charts.TEMPLATES.items():
-        with alt.utils.schemapi.debug_mode(True):
-            chart = build(*params.get(name, (200,)))
-            spec = chart.to_dict(validate=True)
-        jsonschema.validate(spec, schema)
-    prof = pl.DataFrame({"step": [0, 1], "timestep": [999.0, 0.0], "freq": [0.1, 0.5], "mean": [1.0, float("nan")],
-                         "max": [2.0, 3.0]})
-    pk = pl.DataFrame({"step": [1], "timestep": [0.0], "height": [0.5], "rank": [1]})
-    spec = charts.profile_chart(prof, pk, "freq", 1)
-    assert set(spec["datasets"]) == {"profile", "peaks", "selected"}
-    assert all(isinstance(v, bytes) for v in spec["datasets"].values())
-    assert spec["layer"][0]["encoding"]["x"]["scale"]["reverse"] is True  # x = timestep, reversed
-    assert spec["params"][0]["name"] == charts.PICK or any(p.get("name") == charts.PICK
-                                                          for layer in spec["layer"] for p in layer.get("params", []))
+def test_views_read_through_the_query_layer_only():
+    """Pages import the query layer (inspector.queries) and the page helpers, never DuckDB, the database, the
+    heat-map cache or the run format's files directly."""
+    allowed = {"inspector", "inspector.queries", "inspector.ui", "inspector.charts", "inspector.overlay",
+               "inspector.live"}
+    for path in sorted((ROOT / "inspector" / "views").glob("*.py")) + [APP, ROOT / "inspector" / "ui.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module != "inspector" else [f"inspector.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("duckdb", "pyarrow")), (path.name, name)
+                if name.startswith("inspector"):
+                    assert name in allowed, (path.name, name)
 
 
 # ------------------------------------------------------------------------------------------------ pages
@@ -356,6 +158,19 @@ def test_unit_page_deep_link(app):
     assert at.query_params["unit"] == "2" and at.query_params["step"] == "1"
 
 
+def test_unit_page_histogram_from_the_histograms_table(app, monkeypatch):
+    """With the `histograms` table (analyze), the histogram shows at once whatever the activity's size."""
+    from inspector import queries
+
+    monkeypatch.setattr(queries, "HIST_AUTO_BYTES", 0)
+    at = app
+    at.query_params.update({"run": "tiny", "layer": L_MID, "kind": "channel", "unit": "1"})
+    at = _page(at, "unit")
+    _ok(at)
+    assert not any(b.label == "Compute histogram" for b in at.button)
+    assert "recorded values" in _texts(at.caption)
+
+
 def test_unit_page_prev_next_random(app):
     at = app
     at.query_params.update({"run": "tiny", "layer": L_MID, "kind": "feature", "unit": "2"})
@@ -376,11 +191,12 @@ def test_unit_page_prev_next_random(app):
         assert at.title[0].value != "feature 0"
 
 
-def test_unit_page_histogram_on_request_for_large_activity(app, monkeypatch):
+def test_unit_page_histogram_on_request_for_large_activity(runs_dir_without_histograms, monkeypatch):
+    """Without a `histograms` table the page scans the activity: at once when it is small, else on request."""
     from inspector import queries
 
     monkeypatch.setattr(queries, "HIST_AUTO_BYTES", 0)
-    at = app
+    at = _app(runs_dir_without_histograms, monkeypatch)
     at.query_params.update({"run": "tiny", "layer": L_MID, "kind": "channel", "unit": "1"})
     at = _page(at, "unit")
     _ok(at)

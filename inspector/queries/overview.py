@@ -1,0 +1,85 @@
+"""Reads about a run as a whole (the Overview page, the selectors of the other pages, the Lab): its tables,
+generations and prompt groups, steps, (layer, kind) partitions, SAE training and concept recovery."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from inspector.db import Database
+from inspector.queries.registry import query
+
+KINDS = ("channel", "feature")
+
+
+@query
+def tables(db: Database) -> list[str]:
+    """Names of the tables the run has."""
+    return sorted(db.sources)
+
+
+@query
+def generation_counts(db: Database) -> dict:
+    db.require("generations")
+    row = db.sql('SELECT count(*) AS generations, count(DISTINCT prompt) AS prompts, count(DISTINCT "group") AS '
+                 'groups FROM generations', tables=("generations",)).row(0, named=True)
+    return {k: int(v) for k, v in row.items()}
+
+
+@query
+def groups(db: Database) -> pl.DataFrame:
+    """Prompt groups: group, generations, prompts."""
+    db.require("generations")
+    return db.sql('SELECT "group", count(*) AS generations, count(DISTINCT prompt) AS prompts FROM generations '
+                  'GROUP BY ALL ORDER BY "group"', tables=("generations",))
+
+
+@query
+def first_prompts(db: Database, n: int = 20) -> list[str]:
+    db.require("generations")
+    return db.sql("SELECT prompt FROM generations GROUP BY prompt ORDER BY min(gen_id) LIMIT ?", [n],
+                  tables=("generations",))["prompt"].to_list()
+
+
+@query
+def steps(db: Database) -> pl.DataFrame:
+    """step, timestep."""
+    db.require("steps")
+    return db.sql("SELECT CAST(step AS INTEGER) AS step, CAST(timestep AS DOUBLE) AS timestep FROM steps ORDER BY "
+                  "step", tables=("steps",))
+
+
+@query
+def partitions(db: Database) -> pl.DataFrame:
+    """(layer, kind, units, dead, dense) per analysed partition; from the activity layout (units = null) when
+    the run has not been analysed."""
+    if db.has("units"):
+        return db.sql("SELECT layer, kind, count(*) AS units, count(*) FILTER (WHERE dead) AS dead, "
+                      "count(*) FILTER (WHERE dense) AS dense FROM units GROUP BY ALL ORDER BY layer, kind",
+                      tables=("units",))
+    rows = []
+    if db.has("activity"):
+        for layer in db.partition_values("activity", "layer"):
+            for kind in KINDS:
+                if db.has_partition("activity", layer, kind):
+                    rows.append({"layer": layer, "kind": kind})
+    return pl.DataFrame(rows, schema={"layer": pl.String, "kind": pl.String}).with_columns(
+        units=pl.lit(None, pl.Int64), dead=pl.lit(None, pl.Int64), dense=pl.lit(None, pl.Int64))
+
+
+@query
+def sae_training(db: Database) -> pl.DataFrame:
+    db.require("sae_training")
+    return db.sql("SELECT layer, step, tokens, fvu, l0, dead_frac, lr FROM sae_training ORDER BY layer, step",
+                  tables=("sae_training",))
+
+
+@query
+def sae_metrics(db: Database) -> pl.DataFrame:
+    db.require("sae_metrics")
+    return db.sql("SELECT * FROM sae_metrics ORDER BY layer", tables=("sae_metrics",))
+
+
+@query
+def concept_summary(db: Database) -> pl.DataFrame:
+    db.require("concept_summary")
+    return db.sql("SELECT * FROM concept_summary ORDER BY layer, kind", tables=("concept_summary",))
