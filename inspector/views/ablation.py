@@ -69,7 +69,7 @@ for block in scores.head(int(shown)).iter_rows(named=True):
         cell = mine.filter((pl.col("prompt") == s["prompt"]) & (pl.col("seed") == s["seed"]))
         with col:
             if cell.is_empty():
-                st.caption("-")
+                st.caption("(no image)")
             else:
                 r = cell.row(0, named=True)
                 ui.show_image(run, r["image"], f"Δ {r['effect']:.3f}", size)

@@ -148,12 +148,13 @@ flags = [name for name in ("dead", "dense") if row.get(name)]
 m[4].metric("flags", ", ".join(flags) or "-")
 with m[5]:
     st.caption("best concept", help="the concept this unit separates best (AUROC of its activation; 0.5 = chance); "
-                                    "- when it is not among the best units of any concept")
-    if concepts.height:
-        best = concepts.row(0, named=True)
+                                    "none when it is not among the best units of any concept, or the run has no "
+                                    "concepts (its prompts carry no attributes)")
+    best = concepts.row(0, named=True) if concepts.height else None
+    if best is not None and best.get("concept"):
         st.markdown(f"**`{best['concept']}`**  \nAUROC {best['auroc']:.3f}")
     else:
-        st.markdown("-")
+        st.markdown("none")  # not "-": alone, markdown makes it an empty list item (a stray dot on the page)
 if row.get("label"):
     st.markdown(f"**label:** {row['label']}")
 

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from analysis_runs import dense_activity, gens_for, make_run
 from inspector_runs import GROUPS, L_MID
@@ -169,6 +170,30 @@ def test_unit_page_histogram_from_the_histograms_table(app, monkeypatch):
     _ok(at)
     assert not any(b.label == "Compute histogram" for b in at.button)
     assert "recorded values" in _texts(at.caption)
+
+
+def test_unit_page_unit_without_a_concept(tmp_path, runs_dir, monkeypatch):
+    """A unit that is among the best of no concept, or a run without concepts (a model whose prompts carry no
+    attributes), says "none", not a lone "-" (which markdown turns into an empty list item: "best concept ·")."""
+    from inspector import queries
+
+    run = queries.open_run(runs_dir, "tiny")
+    with_concept = set(pl.read_parquet(runs_dir / f"tiny/tables/concepts/layer={L_MID}/kind=feature")["unit"])
+    without = [u for u in queries.live_units.uncached(run, L_MID, "feature") if u not in with_concept]
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "tiny")
+    shutil.rmtree(root / "tiny/tables/concepts")
+    cases = [(root, 2)] + [(runs_dir, int(u)) for u in without[:1]]
+    for where, unit in cases:
+        at = _app(where, monkeypatch)
+        at.query_params.update({"run": "tiny", "layer": L_MID, "kind": "feature", "unit": str(unit)})
+        at = _page(at, "unit")
+        _ok(at)
+        assert [t.value for t in at.title] == [f"feature {unit}"]
+        markdown = [str(m.value).strip() for m in at.markdown]
+        assert "none" in markdown, (where, unit)
+        assert not [m for m in markdown if m in ("-", "*", "+", ".")], markdown
+        assert "colour=" not in _texts(at.markdown)
 
 
 def test_unit_page_prev_next_random(app):
