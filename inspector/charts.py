@@ -1,4 +1,5 @@
-"""Altair charts of the inspector. Every chart takes small, already-aggregated frames (polars) from queries.py.
+"""Altair charts of the inspector. Every chart takes small, already-aggregated frames (polars) from the query layer
+(inspector/queries/).
 
 Timestep axes run from high noise (left) to clean (right): x is the scheduler timestep on a reversed scale, so
 reading left to right follows the denoising trajectory.
