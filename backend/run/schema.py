@@ -320,7 +320,8 @@ _SPECS = [
               "part-<digest of the report settings>.parquet", ("concept",),
               "one concept steered through its best unit", STEERING_SUCCESS),
     TableSpec("dreams", "interventions", "python cli.py dream --run RUN --layer LAYER --kind KIND --unit UNIT",
-              "layer/kind", "unit-<unit:06d>.parquet", ("step", "seed", "opt_step"), "one snapshot of a deep dream",
+              "layer/kind", "unit-<unit:06d>.parquet", ("step", "seed", "opt_step"),
+              "one snapshot of a deep dream, at one of its target steps",
               DREAMS),
     TableSpec("ablations", "interventions", "python cli.py ablate --run RUN", "layer",
               "<mode>-<digest of prompts, seeds, steps, guidance>.parquet (layer = the ablated block)", (),
@@ -330,6 +331,14 @@ _SPECS = [
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}
 """Every table of the run format, by name, in the order docs/run-format.md lists them."""
+
+
+def type_name(t: pa.DataType) -> str:
+    """The type as docs/run-format.md writes it: Arrow's name, with float32/float64 and list<T>."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{type_name(t.value_type)}>"
+    names = {"float": "float32", "double": "float64", "halffloat": "float16", "large_string": "string"}
+    return names.get(str(t), str(t))
 
 
 def format_version(manifest: dict) -> int | object:

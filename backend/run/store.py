@@ -69,11 +69,14 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     data = data.select(want.names)
     if data.schema.remove_metadata().equals(want):
         return data
-    try:
-        return data.cast(want)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        bad = [f.name for f, w in zip(data.schema, want, strict=True) if not f.type.equals(w.type)]
-        raise ValueError(f"table {table!r}: cannot cast column(s) {bad} to the schema's types: {exc}") from exc
+    columns = []
+    for field, column in zip(want, data.columns, strict=True):
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"table {table!r}: column {field.name!r} ({column.type}) does not cast to "
+                             f"{field.type}: {exc}") from exc
+    return pa.Table.from_arrays(columns, schema=want)
 
 
 class RunStore:

@@ -1,0 +1,255 @@
+"""RunStore: format_version, stage keys and begin_stage, schema conformance of every table write, atomic writes."""
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from backend.errors import DifflensError
+from backend.run import fileio, schema
+from backend.run.store import RunStore, conform, stage_key
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = RunStore(tmp_path / "run")
+    s.root.mkdir()
+    return s
+
+
+def temporaries(root):
+    return sorted(p.name for p in root.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ format_version
+
+
+def test_write_manifest_always_writes_the_format_version(store):
+    store.write_manifest({"config": {}, "stages": {}})
+    assert json.loads((store.root / "manifest.json").read_text())["format_version"] == schema.FORMAT_VERSION == 2
+    store.write_manifest({"config": {}, "format_version": 1})  # a manifest read from an old run is relabelled
+    assert store.read_manifest()["format_version"] == 2
+    store.update_stage("capture", status="done")
+    assert store.read_manifest()["format_version"] == 2
+
+
+def test_a_format_1_run_is_read_as_it_is(store):
+    old = {"config": {"model": "demo"}, "stages": {"capture": {"status": "done"}}}  # no format_version: format 1
+    (store.root / "manifest.json").write_text(json.dumps(old))
+    assert store.read_manifest() == old
+    assert schema.format_version(old) == 1
+
+
+@pytest.mark.parametrize("version", [3, 0, "2", None])
+def test_another_format_is_a_one_line_error(store, version):
+    (store.root / "manifest.json").write_text(json.dumps({"format_version": version, "stages": {}}))
+    with pytest.raises(DifflensError) as err:
+        store.read_manifest()
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{store.root} was written by difflens run format {version}; this difflens reads format 2" in message
+    assert "python cli.py run-all" in message and "--name" in message
+    if version == 3:
+        assert "a newer difflens" in message
+
+
+def test_no_manifest_is_none(store):
+    assert store.read_manifest() is None
+
+
+# ------------------------------------------------------------------------------------------------ stage keys
+
+
+def test_stage_key_is_sha256_of_the_canonical_json():
+    inputs = {"config": {"b": 1, "a": [1, 2.5, "x"]}, "capture": "0123456789abcdef"}
+    canonical = '{"capture":"0123456789abcdef","config":{"a":[1,2.5,"x"],"b":1}}'
+    assert stage_key(inputs) == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert stage_key({"capture": "0123456789abcdef", "config": {"a": [1, 2.5, "x"], "b": 1}}) == stage_key(inputs)
+    assert stage_key({**inputs, "capture": "other"}) != stage_key(inputs)
+    assert len(stage_key(None)) == 16 and all(c in "0123456789abcdef" for c in stage_key(None))
+    with pytest.raises(TypeError):
+        stage_key({"path": object()})  # inputs must be JSON
+
+
+def test_begin_stage_new_key_clears_markers_outputs_and_record(store):
+    assert store.begin_stage("analysis", "k1", started=1.0, results={"old": 1}) is True  # never ran: from scratch
+    record = store.read_manifest()["stages"]["analysis"]
+    assert record == {"status": "running", "key": "k1", "started": 1.0, "results": {"old": 1}}
+    store.mark_batch_done("analysis", "profiles")
+    store.update_stage("analysis", status="done", finished=2.0)
+    out = store.root / "tables" / "profiles" / "layer=l" / "kind=channel"
+    out.mkdir(parents=True)
+    (out / "part-0000000.parquet").write_bytes(b"x")
+    (store.root / "tables" / "concept_summary.parquet").write_bytes(b"x")
+
+    # same key: resume, markers and outputs kept, record updated
+    assert store.begin_stage("analysis", "k1", clear=["tables/profiles"], started=3.0) is False
+    assert store.batch_done("analysis", "profiles")
+    assert out.exists()
+    record = store.read_manifest()["stages"]["analysis"]
+    assert record["status"] == "running" and record["started"] == 3.0 and record["results"] == {"old": 1}
+
+    # another key: markers, the listed outputs and the old record go
+    other_marker = store.root / "_done" / "capture" / "part-0000000.json"
+    store.mark_batch_done("capture", "part-0000000")
+    changed = store.begin_stage("analysis", "k2", clear=["tables/profiles", "tables/concept_summary.parquet",
+                                                         "media/plots"], started=4.0)
+    assert changed is True
+    assert not store.batch_done("analysis", "profiles")
+    assert not (store.root / "tables" / "profiles").exists()
+    assert not (store.root / "tables" / "concept_summary.parquet").exists()
+    assert other_marker.exists()  # other stages untouched
+    assert store.read_manifest()["stages"]["analysis"] == {"status": "running", "key": "k2", "started": 4.0}
+
+
+def test_begin_stage_refuses_to_clear_outside_the_run(store, tmp_path):
+    outside = tmp_path / "keep.txt"
+    outside.write_text("x")
+    with pytest.raises(ValueError, match="not inside the run directory"):
+        store.begin_stage("analysis", "k", clear=["../keep.txt"])
+    assert outside.exists()
+
+
+def test_begin_stage_on_a_stale_stage_starts_from_scratch(store):
+    store.begin_stage("features", "k")
+    store.mark_batch_done("features", "part-0000000")
+    store.update_stage("features", status="stale", key=None, stale_because="the SAE of l was replaced")
+    assert store.begin_stage("features", "k") is True
+    assert not store.batch_done("features", "part-0000000")
+    assert "stale_because" not in store.read_manifest()["stages"]["features"]
+
+
+# ------------------------------------------------------------------------------------------------ schema conformance
+
+
+def steps_table(**over):
+    cols = {"step": np.arange(3, dtype=np.int64), "timestep": np.array([999.0, 500.0, 0.0])}
+    return pa.table({**cols, **over})
+
+
+def test_tables_are_cast_to_their_schema(store):
+    path = store.write_table("steps", steps_table())  # int64 and float64 in
+    assert pq.read_schema(path).equals(schema.STEPS)
+    data = pa.table({"timestep": pa.array([1.0], pa.float64()), "step": pa.array([0], pa.int64())})  # reordered
+    assert conform("steps", data).schema.equals(schema.STEPS)
+    gens = pa.table({"gen_id": [0], "prompt": pa.array(["a"], pa.large_string()), "seed": [1], "group": ["g"],
+                     "attributes": ["{}"], "image": ["images/000000.png"], "n_steps": [3], "guidance": [1.0]})
+    path = store.write_table_shard("generations", "part-0000000", gens)
+    assert pq.read_schema(path).equals(schema.GENERATIONS)
+    empty = pa.table({k: np.array([], np.float32) for k in schema.ACTIVITY.names})  # an empty feature shard
+    path = store.write_table_shard("activity", "part-0000000", empty, layer="l", kind="feature")
+    assert path == store.root / "tables/activity/layer=l/kind=feature/part-0000000.parquet"
+    assert pq.read_schema(path).equals(schema.ACTIVITY)
+
+
+@pytest.mark.parametrize("data, words", [
+    (steps_table().drop(["timestep"]), ["'steps'", "missing ['timestep']"]),
+    (steps_table(extra=[1, 2, 3]), ["'steps'", "unexpected ['extra']"]),
+])
+def test_columns_that_differ_from_the_schema_are_a_value_error(store, data, words):
+    with pytest.raises(ValueError) as err:
+        store.write_table("steps", data)
+    assert all(w in str(err.value) for w in words)
+    assert not (store.root / "tables").exists()
+
+
+def test_a_cast_that_changes_values_is_a_value_error(store):
+    with pytest.raises(ValueError, match=r"'steps': column 'step'"):
+        store.write_table("steps", steps_table(step=np.array([0, 1, 70000])))  # out of int16
+    with pytest.raises(ValueError, match="'steps'"):
+        store.write_table("steps", steps_table(step=np.array([0.5, 1.0, 2.0])))  # a fraction into an integer
+
+
+def test_unknown_tables_and_wrong_layouts_are_value_errors(store):
+    with pytest.raises(ValueError, match="'nope' is not a table"):
+        store.write_table_shard("nope", "part-0000000", steps_table())
+    with pytest.raises(ValueError, match="'nope' is not a table"):
+        store.write_table("nope", steps_table())
+    with pytest.raises(ValueError, match="use write_table_shard"):
+        store.write_table("activity", steps_table())
+    with pytest.raises(ValueError, match="use write_table"):
+        store.write_table_shard("steps", "part-0000000", steps_table())
+    ablation = store.table_from_rows("ablations", [{"mode": "skip", "seed": 0}])
+    with pytest.raises(ValueError, match=r"takes partition columns \['layer'\]"):
+        store.write_table_shard("ablations", "skip-x", ablation, layer="b", kind="channel")
+    with pytest.raises(ValueError, match=r"\['layer', 'kind'\]"):
+        store.write_table_shard("activity", "part-0000000", steps_table(), layer="l")
+    path = store.write_table_shard("ablations", "skip-x", ablation, layer="b")
+    assert path == store.root / "tables/ablations/layer=b/skip-x.parquet"
+
+
+def test_write_parquet_under_tables_conforms_too(store):
+    with pytest.raises(ValueError, match="'ablations'"):
+        store.write_parquet(store.table_dir("ablations") / "layer=b" / "skip-x.parquet", steps_table())
+    path = store.write_parquet(store.root / "tables" / "steps.parquet", steps_table())
+    assert pq.read_schema(path).equals(schema.STEPS)
+    work = store.write_parquet(store.root / "_work" / "x.parquet", steps_table())  # not a table: as given
+    assert pq.read_schema(work).field("step").type == pa.int64()
+
+
+def test_table_from_rows_fills_absent_columns_with_null(store):
+    t = store.table_from_rows("sae_metrics", [{"layer": "l", "fvu": 0.1, "tokens": 5}])
+    assert t.schema.equals(schema.SAE_METRICS)
+    assert t.column("frac_loss_recovered").null_count == 1
+    with pytest.raises(ValueError, match="unexpected"):
+        store.table_from_rows("sae_metrics", [{"layer": "l", "bogus": 1}])
+
+
+def test_token_shards_use_the_token_index_schema(store):
+    index = pa.table({"position": np.arange(2), "gen_id": np.zeros(2, np.int64), "step": np.zeros(2, np.int64)})
+    store.write_token_shard("l", "part-0000000", np.zeros((2, 3), np.float32), index)
+    assert pq.read_schema(store.activations_dir("l") / "part-0000000.parquet").equals(schema.TOKEN_INDEX)
+    with pytest.raises(ValueError, match="token index"):
+        store.write_token_shard("l", "part-0000002", np.zeros((1, 3)), pa.table({"gen_id": [0]}))
+    assert not (store.activations_dir("l") / "part-0000002.npy").exists()
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+
+
+def test_a_failed_write_leaves_neither_file_nor_temporary(store, monkeypatch):
+    target = store.root / "tables" / "steps.parquet"
+
+    def half_then_fail(table, where, **kw):
+        with open(where, "wb") as f:
+            f.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_table("steps", steps_table())
+    assert not target.exists()
+    assert temporaries(store.root) == []
+
+    def boom(path):
+        path.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        fileio.atomic_write_with(store.root / "a.json", boom)
+    assert not (store.root / "a.json").exists() and temporaries(store.root) == []
+
+
+def test_a_failed_rewrite_keeps_the_old_file(store, monkeypatch):
+    store.write_manifest({"stages": {}})
+    before = (store.root / "manifest.json").read_text()
+    monkeypatch.setattr(fileio.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(ValueError("no")))
+    with pytest.raises(ValueError):
+        store.write_manifest({"stages": {"x": {}}})
+    assert (store.root / "manifest.json").read_text() == before
+    assert temporaries(store.root) == []
+
+
+def test_temporaries_are_hidden_and_removed_by_the_next_writer(store):
+    with fileio.atomic_path(store.root / "images" / "000000.png", suffix=".png") as tmp:
+        assert tmp.name.startswith(".000000.png.") and tmp.name.endswith(".png.tmp")
+        assert tmp.parent == store.root / "images"
+        leftover = tmp.with_name(".part-0000000.parquet.abc.parquet.tmp")
+        leftover.write_bytes(b"x")  # what a killed writer leaves
+        tmp.write_bytes(b"png")
+    assert (store.root / "images" / "000000.png").read_bytes() == b"png"
+    assert store.remove_stale_temporaries() == 1
+    assert temporaries(store.root) == []
