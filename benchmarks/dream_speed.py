@@ -1,14 +1,15 @@
 """Deep-dream speed: one unit of the demo model, 100 optimisation steps, 4 seeds, 2 threads (target: < 30 s).
 
-    .venv/bin/python benchmarks/dream_speed.py [--layer up_blocks.1.attentions.1] [--kind channel|feature]
-                                               [--unit 12] [--targets 0,10,15] [--steps 100] [--seeds 4]
-                                               [--threads 2]
+    .venv/bin/python benchmarks/dream_speed.py [--model demo] [--layer up_blocks.1.attentions.1]
+                                               [--kind channel|feature] [--unit 12] [--targets 0,10,15]
+                                               [--steps 100] [--seeds 4] [--threads 2]
 
 The default layer is the demo's deepest SAE target (8x8 tokens: the forward runs through most of the UNet) and
 three target steps (the default max_target_steps: step 0 and two peaks), so one optimisation step is one
 forward + backward over a batch of seeds x 3 latents. A feature dream uses a random SAE of the layer (the
-objective's cost does not depend on its weights). Model loading and one warm-up step are not timed; the
-figure printed is the whole `dream_unit` call, snapshots and image decoding included.
+objective's cost does not depend on its weights). Model loading, the latent-scale fit of a latent-space model
+(--model DIR: a local diffusers pipeline; give --layer and --targets for it) and one warm-up step are not timed;
+the figure printed is the whole `dream_unit` call, snapshots and image decoding included.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo", help="demo or a local diffusers pipeline directory")
     ap.add_argument("--layer", default="up_blocks.1.attentions.1")
     ap.add_argument("--kind", default="channel", choices=["channel", "feature"])
     ap.add_argument("--unit", type=int, default=12)
@@ -35,14 +37,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from backend.interventions.dream import default_config, dream_unit
+    from backend.interventions.dream import default_config, dream_unit, latent_scale
     from backend.models import load_model
+    from backend.models.layers import layer_channels
     from sae.model import SAE, SAEConfig
 
-    model = load_model("demo")
+    model = load_model(args.model)
+    scale = latent_scale(model)  # fitted once per latent-space model (not timed)
     sae = None
     if args.kind == "feature":
-        sae = SAE(SAEConfig(d_in=64, n_latents=512, k=16))
+        d = layer_channels(model, args.layer)
+        sae = SAE(SAEConfig(d_in=d, n_latents=8 * d, k=16))
         sae.reset_parameters(torch.Generator().manual_seed(0))
         sae.eval()
     targets = [int(s) for s in args.targets.split(",")]
@@ -57,7 +62,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     first = [r["activation"] for r in result.rows if r["opt_step"] == 0]
     last = [r["activation"] for r in result.rows if r["opt_step"] == cfg.opt_steps]
-    print(f"dream {args.layer} {args.kind} {args.unit}: {args.steps} steps x {args.seeds} seeds x "
+    print(f"dream {args.model} {args.layer} {args.kind} {args.unit} (latent std {scale.std:g}): "
+          f"{args.steps} steps x {args.seeds} seeds x "
           f"{len(targets)} target steps on {args.threads} threads: {seconds:.1f} s "
           f"({1000 * seconds / args.steps:.0f} ms/step); activation {sum(first) / len(first):.3f} -> "
           f"{sum(last) / len(last):.3f}")

@@ -1,7 +1,8 @@
 """Deep dream: optimise an input latent (pixels, for the demo model) so that one unit fires, and record how.
 
 This file owns the `dreams` table, the images under media/dreams/, `DreamConfig` and its separate defaults
-for channels and features, the regularisers, and the optimisation loop.
+for channels and features, the latent scale each model's dreams are measured in, the regularisers, and the
+optimisation loop. A run's model, settings, SAEs and unit checks come from its RunContext (backend/run/context.py).
 
 Objective. The optimised latent x is read as a *clean* latent. At each target step s (step 0 and the unit's
 peak steps) the denoiser sees it through the scheduler's noise at that step's timestep t,
@@ -14,10 +15,17 @@ latent i of those tokens (reported: the SAE code; optimised: its dense pre-activ
 even while the latent is outside the top-k). Seeds x target steps run as one denoiser batch, cut off at the
 hooked layer (the rest of the network is not needed).
 
+Latent scale. The latent lives in the model's own units: pixels in [-1, 1] for a pixel-space model (the demo: mean
+0, std 0.25), VAE latents for a latent-space model (SD's reach about +-4 at std ~1). The scale-carrying settings
+(moment_mean, moment_std, range_limit) default to None, filled per model by `latent_scale`: the demo's pixel values
+for a pixel-space model, and for a latent-space model values fitted once (cached on the model) to latents it
+generates itself. Everything else is scale-free: step sizes and the random start are in units of moment_std, and
+the penalties are computed on x / moment_std, so the defaults tuned on the demo carry over to every model.
+
 One optimisation step: random jitter (torch.roll), rotation and scale (affine_grid / grid_sample) per seed;
 loss = -mean over target steps of the activation + total variation + range + moment penalties; the gradient
 w.r.t. x is blurred (Gaussian, sigma decaying linearly over the steps), preconditioned in Fourier space (scaled
-by 1 / frequency ** spectral_decay) and normalised per seed; x moves by lr times that direction.
+by 1 / frequency ** spectral_decay) and normalised per seed; x moves by lr * moment_std times that direction.
 
 Snapshots (every `snapshot_every` steps, plus the first and the last) evaluate the activation without
 augmentation and with fixed noise per seed, so values along a trajectory are comparable; they carry the
@@ -36,6 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -46,21 +55,25 @@ from tqdm.auto import tqdm
 from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
 
-KINDS = ("channel", "feature")
+if TYPE_CHECKING:
+    from backend.run.context import RunContext
+
 TABLE = "dreams"
 
 
 @dataclass
 class DreamConfig:
-    """How a unit is dreamed; `default_config(kind)` gives the documented defaults for channels and features."""
+    """How a unit is dreamed; `default_config(kind)` gives the documented defaults for channels and features.
+    moment_mean, moment_std and range_limit are in the model's latent units; None (the default) means the model's
+    own (`latent_scale`). The other settings do not depend on the model's latent scale."""
 
     opt_steps: int = 100
     """Optimisation steps per dream."""
-    lr: float = 0.05
-    """Step size: each step moves the latent by lr times its (blurred, preconditioned) gradient normalised to
-    RMS 1 per seed, i.e. about lr per pixel."""
-    lr_end: float = 0.01
-    """Step size at the last step (decays linearly from lr)."""
+    lr: float = 0.2
+    """Step size in units of moment_std: each step moves the latent by lr * moment_std times its (blurred,
+    preconditioned) gradient normalised to RMS 1 per seed, i.e. about that much per latent pixel."""
+    lr_end: float = 0.04
+    """Step size at the last step, in units of moment_std (decays linearly from lr)."""
     snapshot_every: int = 10
     """A snapshot (activation, penalties, image) every this many steps, plus the first and the last."""
     max_target_steps: int = 3
@@ -70,19 +83,20 @@ class DreamConfig:
     scheduler noise (the image is then invisible at step 0), 1 is no noise."""
     fresh_noise: bool = True
     """Draw new noise every step (else one fixed noise per seed and target step throughout)."""
-    tv_weight: float = 0.5
-    """Weight of the total-variation penalty (mean absolute difference of neighbouring pixels)."""
-    range_weight: float = 10.0
-    """Weight of the range penalty (mean squared excess of |x| over range_limit)."""
-    range_limit: float = 1.0
-    """Latent values beyond +-range_limit are penalised: 1 for pixel-space models ([-1, 1]); raise it for
-    latent-space models (SD latents reach about +-4)."""
-    moment_weight: float = 1.0
-    """Weight of the moment penalty: (mean - moment_mean)^2 + (std - moment_std)^2 of each seed's latent."""
-    moment_mean: float = 0.0
-    """Target mean of the latent (the demo model's images: 0.0 in [-1, 1])."""
-    moment_std: float = 0.25
-    """Target standard deviation of the latent (the demo model's images: about 0.21-0.26)."""
+    tv_weight: float = 0.125
+    """Weight of the total-variation penalty (mean absolute difference of neighbouring values of x / moment_std)."""
+    range_weight: float = 0.625
+    """Weight of the range penalty (mean squared excess of |x| over range_limit, in units of moment_std)."""
+    range_limit: float | None = None
+    """Latent values beyond +-range_limit are penalised. None: the model's (latent_scale: 1 for pixel-space models,
+    whose images are in [-1, 1]; for latent-space models fitted to their latents, about 4 for SD)."""
+    moment_weight: float = 0.0625
+    """Weight of the moment penalty: ((mean - moment_mean)^2 + (std - moment_std)^2) / moment_std^2 per seed."""
+    moment_mean: float | None = None
+    """Target mean of the latent. None: the model's (latent_scale: 0.0 for pixel-space models; fitted otherwise)."""
+    moment_std: float | None = None
+    """Target standard deviation of the latent, and the unit of lr, lr_end, init_std and the penalties. None: the
+    model's (latent_scale: 0.25 for pixel-space models, the demo's images; fitted otherwise, about 1 for SD)."""
     blur_sigma_start: float = 1.0
     """Gaussian blur of the gradient (pixels of the latent) at the first step."""
     blur_sigma_end: float = 0.0
@@ -97,8 +111,9 @@ class DreamConfig:
     """Random rotation of up to this many degrees per step and seed."""
     scale_range: float = 0.05
     """Random scaling by a factor in [1 - scale_range, 1 + scale_range] per step and seed."""
-    init_std: float = 0.1
-    """Standard deviation of the random start (around moment_mean) when no initial latent is given."""
+    init_std: float = 0.4
+    """Standard deviation of the random start (around moment_mean) in units of moment_std, when no initial latent
+    is given."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """Seeds of the dreams run together (each seed: its own start, noise and augmentation)."""
 
@@ -106,13 +121,17 @@ class DreamConfig:
         return dataclasses.asdict(self)
 
 
+SCALE_FIELDS = ("moment_mean", "moment_std", "range_limit")
+"""DreamConfig fields in the model's latent units (None: the model's, from latent_scale)."""
+
+
 def default_config(kind: str) -> DreamConfig:
     """The defaults for a channel or an SAE feature (features: sparser and sharper, so more noise visible,
-    weaker smoothing and a larger step)."""
+    weaker smoothing and a larger step). The latent scale is left to the model (SCALE_FIELDS are None)."""
     check_kind(kind)
     if kind == "channel":
         return DreamConfig()
-    return DreamConfig(lr=0.08, see_through=0.4, tv_weight=0.25, blur_sigma_start=0.75)
+    return DreamConfig(lr=0.32, see_through=0.4, tv_weight=0.0625, blur_sigma_start=0.75)
 
 
 def validate_config(cfg: DreamConfig) -> DreamConfig:
@@ -131,16 +150,96 @@ def validate_config(cfg: DreamConfig) -> DreamConfig:
         raise DifflensError(f"dream seeds must be distinct (got {cfg.seeds})")
     for name in ("lr", "lr_end", "tv_weight", "range_weight", "moment_weight", "blur_sigma_start", "blur_sigma_end",
                  "spectral_decay", "jitter", "rotate_degrees", "scale_range", "init_std", "range_limit"):
-        if getattr(cfg, name) < 0:
-            raise DifflensError(f"dream {name} must be >= 0 (got {getattr(cfg, name)})")
+        value = getattr(cfg, name)
+        if value is not None and not value >= 0:
+            raise DifflensError(f"dream {name} must be >= 0 (got {value})")
+    if cfg.moment_std is not None and not cfg.moment_std > 0:
+        raise DifflensError(f"dream moment_std must be > 0 (got {cfg.moment_std})")
+    if cfg.moment_mean is not None and not math.isfinite(cfg.moment_mean):
+        raise DifflensError(f"dream moment_mean must be finite (got {cfg.moment_mean})")
     if cfg.scale_range >= 1:
         raise DifflensError(f"dream scale_range must be below 1 (got {cfg.scale_range})")
     return cfg
 
 
-def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise DifflensError(f"unknown unit kind {kind!r}; use channel or feature")
+# ---------------------------------------------------------------------------------------------- latent scale
+@dataclass(frozen=True)
+class LatentScale:
+    """Statistics of a model's clean latents: what the scale-carrying DreamConfig fields default to."""
+
+    mean: float
+    """moment_mean: mean of a latent."""
+    std: float
+    """moment_std: standard deviation of a latent."""
+    limit: float
+    """range_limit: |values| beyond it are rare (pixels: the [-1, 1] range)."""
+
+
+PIXEL_SCALE = LatentScale(mean=0.0, std=0.25, limit=1.0)
+"""Pixel-space models: images in [-1, 1]; mean and std of the demo model's images (std about 0.21-0.26)."""
+FALLBACK_SCALE = LatentScale(mean=0.0, std=1.0, limit=4.0)
+"""Latent-space models whose samples give no usable fit: the unit variance VAE scaling factors aim at."""
+FIT_SEEDS = (0, 1)
+"""Samples a latent-space model generates (empty prompt, default steps and resolution, no guidance) for its fit."""
+FIT_QUANTILE = 0.999
+"""range_limit is this quantile of |x| over the fit's samples."""
+_SCALE_CACHE = "_difflens_latent_scale"
+"""Attribute of a DiffusionModel holding (denoiser, LatentScale) once fitted."""
+
+
+def pixel_space(model: DiffusionModel) -> bool:
+    """The model denoises pixels (no VAE: the demo), so its latents are images in [-1, 1]."""
+    return getattr(model.pipe, "vae", None) is None
+
+
+def latent_scale(model: DiffusionModel) -> LatentScale:
+    """The scale of the model's clean latents: PIXEL_SCALE for a pixel-space model; for a latent-space model,
+    fitted once (cached on the model) to the final latents of FIT_SEEDS generations of the empty prompt without
+    guidance: mean and std of each latent (averaged over seeds) and the FIT_QUANTILE of |x| as the limit."""
+    if pixel_space(model):
+        return PIXEL_SCALE
+    cached = getattr(model, _SCALE_CACHE, None)
+    if cached is None or cached[0] is not model.denoiser:
+        cached = (model.denoiser, _fit_scale(model))
+        setattr(model, _SCALE_CACHE, cached)
+    return cached[1]
+
+
+@torch.no_grad()
+def _fit_scale(model: DiffusionModel) -> LatentScale:
+    final: list[torch.Tensor] = []
+    saved = model.scheduler, model.step_index, model.cfg_active
+    model.scheduler = copy.deepcopy(saved[0])  # generate sets the scheduler up; the model's is left as it was
+    try:
+        model.generate([""] * len(FIT_SEEDS), list(FIT_SEEDS), guidance=1.0,
+                       on_step=lambda _i, _t, latents: final.append(latents))
+    finally:
+        model.scheduler, model.step_index, model.cfg_active = saved
+    x = final[-1].float().flatten(1).cpu()
+    if not bool(torch.isfinite(x).all()):
+        return FALLBACK_SCALE
+    mean, std = float(x.mean(1).mean()), float(x.std(1).mean())
+    limit = float(torch.quantile(x.abs().flatten(), FIT_QUANTILE))
+    if not std > 1e-6 or not limit > 0:
+        return FALLBACK_SCALE
+    return LatentScale(mean=round(mean, 4), std=round(std, 4), limit=round(max(limit, abs(mean) + std), 4))
+
+
+def for_model(cfg: DreamConfig, model: DiffusionModel) -> DreamConfig:
+    """A copy of cfg with every SCALE_FIELDS value left None filled from the model's latent_scale."""
+    missing = [name for name in SCALE_FIELDS if getattr(cfg, name) is None]
+    if not missing:
+        return copy.deepcopy(cfg)
+    scale = latent_scale(model)
+    values = {"moment_mean": scale.mean, "moment_std": scale.std, "range_limit": scale.limit}
+    return dataclasses.replace(copy.deepcopy(cfg), **{name: values[name] for name in missing})
+
+
+def check_kind(kind: str) -> str:
+    """The one kind check (backend/run/context.py), imported late: backend/run/config.py may import this module."""
+    from backend.run.context import check_kind as check
+
+    return check(kind)
 
 
 @dataclass
@@ -156,6 +255,8 @@ class DreamResult:
     target_steps: list[int]
     timesteps: list[int]
     seconds: float
+    config: DreamConfig
+    """The settings used, the latent scale filled in (for_model)."""
 
 
 # ---------------------------------------------------------------------------------------------- regularisers
@@ -183,7 +284,7 @@ def blur_sigmas(cfg: DreamConfig) -> np.ndarray:
 
 
 def step_sizes(cfg: DreamConfig) -> np.ndarray:
-    """The step size of each optimisation step: linear from lr to lr_end."""
+    """The step size of each optimisation step, in units of moment_std: linear from lr to lr_end."""
     return np.linspace(cfg.lr, cfg.lr_end, cfg.opt_steps)
 
 
@@ -340,44 +441,30 @@ def target_timesteps(model: DiffusionModel, target_steps: list[int], n_steps: in
     return [int(round(float(ts[s]))) for s in target_steps]
 
 
-def unit_count(model: DiffusionModel, layer: str, kind: str, read: str, sae=None) -> int:
-    """How many units (channels of the layer, or SAE latents) there are, from one small forward pass."""
-    if kind == "feature":
-        return int(sae.cfg.n_latents)
-    return int(probe_tokens_BTC(model, layer, read).shape[-1])
+def check_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sae=None) -> int:
+    """unit as an int, or a one-line DifflensError for an unknown kind or layer, a feature without (or with the
+    wrong) SAE, or a unit out of range (backend/run/context.py check_unit; the channel count from the model's one
+    probe pass, backend/models/layers.py)."""
+    from backend.models.layers import layer_channels
+    from backend.run.context import check_unit as check
 
-
-@torch.no_grad()
-def probe_tokens_BTC(model: DiffusionModel, layer: str, read: str) -> torch.Tensor:
-    """The layer's tokens for one random latent at a middle timestep and the empty prompt."""
-    cond, _ = model.encode_prompts([""], cfg=False)
-    x = model.initial_latents([torch.Generator().manual_seed(0)])
-    t = torch.full((1,), 500, device=model.device)
-    with unguided(model):
-        return layer_tokens_BTC(model, layer, read, x, t, cond)
-
-
-def check_unit(model: DiffusionModel, layer: str, kind: str, unit: int, read: str, sae=None) -> None:
-    """Raise a one-line DifflensError for an unknown kind, a feature without SAE or a unit out of range."""
     check_kind(kind)
     if kind == "feature" and sae is None:
         raise DifflensError(f"feature dreams need an SAE trained on {layer!r}; train one with "
                             "`python cli.py train-sae`, or dream a channel (--kind channel)")
-    n = unit_count(model, layer, kind, read, sae)
-    if kind == "feature":
-        d = int(probe_tokens_BTC(model, layer, read).shape[-1])
-        if d != sae.cfg.d_in:
-            raise DifflensError(f"the SAE takes {sae.cfg.d_in}-dim inputs but {layer!r} has {d} channels; "
-                                "use the SAE trained on this layer")
-    if not 0 <= unit < n:
-        what = "channels" if kind == "channel" else "SAE features"
-        raise DifflensError(f"unknown {kind} {unit} of {layer!r}: it has {n} {what} (0..{n - 1})")
+    channels = layer_channels(model, layer)
+    if kind == "channel":
+        return check("channel", unit, channels, layer)
+    if channels != sae.cfg.d_in:
+        raise DifflensError(f"the SAE takes {sae.cfg.d_in}-dim inputs but {layer!r} has {channels} channels; "
+                            "use the SAE trained on this layer")
+    return check("feature", unit, int(sae.cfg.n_latents), layer)
 
 
 # ---------------------------------------------------------------------------------------------- one dream
 def initial_latents_SCHW(model: DiffusionModel, cfg: DreamConfig, init_latents: torch.Tensor | None) -> torch.Tensor:
     """The start of each seed: the given latents (e.g. the steered prior; [1 or S, C, H, W]) or a small random
-    latent around moment_mean drawn from the seed."""
+    latent around moment_mean (std init_std * moment_std) drawn from the seed. cfg: resolved (for_model)."""
     s = len(cfg.seeds)
     if init_latents is not None:
         x = init_latents.detach().to(model.device, torch.float32)
@@ -389,13 +476,16 @@ def initial_latents_SCHW(model: DiffusionModel, cfg: DreamConfig, init_latents: 
         return x.expand(s, -1, -1, -1).clone()
     shape = model.initial_latents([torch.Generator().manual_seed(0)]).shape[1:]
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in cfg.seeds])
-    return (cfg.moment_mean + cfg.init_std * noise).to(model.device, torch.float32)
+    return (cfg.moment_mean + cfg.init_std * cfg.moment_std * noise).to(model.device, torch.float32)
 
 
 def penalties_S(x_SCHW: torch.Tensor, cfg: DreamConfig) -> dict[str, torch.Tensor]:
-    """The unweighted regulariser values of each seed's latent."""
-    return {"tv": total_variation_S(x_SCHW), "range": range_penalty_S(x_SCHW, cfg.range_limit),
-            "moment": moment_penalty_S(x_SCHW, cfg.moment_mean, cfg.moment_std)}
+    """The unweighted regulariser values of each seed's latent, in units of moment_std (the penalties of
+    x / moment_std, so their weights do not depend on the model's latent scale). cfg: resolved (for_model)."""
+    unit = cfg.moment_std
+    u_SCHW = x_SCHW / unit
+    return {"tv": total_variation_S(u_SCHW), "range": range_penalty_S(u_SCHW, cfg.range_limit / unit),
+            "moment": moment_penalty_S(u_SCHW, cfg.moment_mean / unit, 1.0)}
 
 
 def weighted_penalty_S(pen: dict[str, torch.Tensor], cfg: DreamConfig) -> torch.Tensor:
@@ -428,7 +518,7 @@ class _Dreamer:
     def noise_draw_B(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         """Noise [T * S, *shape]: each seed's rows from its own generator (so a seed's dream ignores its batch)."""
         per_seed = [torch.randn((self.n_targets, *shape), generator=g) for g in generators]  # S x [T, ...]
-        return torch.stack(per_seed, 1).flatten(0, 1).to(self.model.device, self.model.dtype)
+        return torch.stack(per_seed, 1).flatten(0, 1).to(self.model.device, torch.float32)
 
     def noise_for(self, shape: tuple[int, ...], fixed: bool) -> torch.Tensor:
         if fixed:
@@ -445,8 +535,8 @@ class _Dreamer:
 
     def activations_TS(self, x_SCHW: torch.Tensor, noise_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, activation) [T, S] of the latents seen through noise at each target timestep."""
-        x_BCHW = x_SCHW.to(self.model.dtype).repeat(self.n_targets, 1, 1, 1)
-        inputs = self.signal_B * x_BCHW + self.noise_B * noise_BCHW
+        x_BCHW = x_SCHW.repeat(self.n_targets, 1, 1, 1)
+        inputs = (self.signal_B * x_BCHW + self.noise_B * noise_BCHW).to(self.model.dtype)
         tokens = layer_tokens_BTC(self.model, self.layer, self.read, inputs, self.timesteps_B, self.cond)
         obj_B, act_B = unit_activation_B(tokens.float(), self.kind, self.unit, self.sae)
         return obj_B.view(self.n_targets, self.n_seeds), act_B.view(self.n_targets, self.n_seeds)
@@ -479,10 +569,12 @@ def dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, target_s
 
     target_steps are denoising steps of an n_steps generation (default: the model's default step count) at
     which the activation is measured and maximised; sae is required for kind="feature"; read is "output" or
-    "delta" as in capture; init_latents (e.g. the steered prior) replaces the random start.
+    "delta" as in capture; init_latents (e.g. the steered prior) replaces the random start. cfg's latent scale
+    fields left None are the model's (for_model); the result carries the config used.
     """
     cfg = validate_config(cfg or default_config(kind))
-    check_unit(model, layer, kind, unit, read, sae)
+    unit = check_unit(model, layer, kind, unit, sae)
+    cfg = validate_config(for_model(cfg, model))
     if not target_steps:
         raise DifflensError("dream needs at least one target step")
     t0 = time.time()
@@ -505,8 +597,9 @@ def dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, target_s
             g = gaussian_blur(dreamer.gradient_SCHW(x), float(sigmas[k]))
             if cfg.spectral:
                 g = spectral_precondition(g, cfg.spectral_decay)
-            x = (x - float(lrs[k]) * normalised_per_image(g)).detach()
-    return DreamResult(rows, images, x.detach().cpu(), list(target_steps), timesteps, round(time.time() - t0, 3))
+            x = (x - float(lrs[k]) * cfg.moment_std * normalised_per_image(g)).detach()
+    return DreamResult(rows, images, x.detach().cpu(), list(target_steps), timesteps, round(time.time() - t0, 3),
+                       cfg)
 
 
 def record_snapshot(dreamer: _Dreamer, x_SCHW: torch.Tensor, opt_step: int, target_steps: list[int],
@@ -558,28 +651,6 @@ def choose_target_steps(peaks: list[int] | None, max_targets: int) -> list[int]:
     return steps[:max_targets]
 
 
-def run_steps(store, config: dict, model: DiffusionModel) -> int:
-    """Denoising steps of the run's generations (its steps table, else its capture setting or the model's)."""
-    path = store.root / "tables" / "steps.parquet"
-    if path.exists():
-        import pyarrow.parquet as pq
-
-        return pq.read_metadata(path).num_rows
-    return int(config.get("capture", {}).get("steps") or 0) or model.default_steps
-
-
-def load_run_sae(store, layer: str, device: str):
-    from sae.io import SAELoadError, load_sae
-
-    if not store.sae_dir(layer).is_dir():
-        raise DifflensError(f"no SAE for layer {layer!r} in {store.root} (no {store.relative(store.sae_dir(layer))}/); "
-                            "train one with `python cli.py train-sae`, or dream a channel (--kind channel)")
-    try:
-        return load_sae(store.sae_dir(layer), device=device)
-    except SAELoadError as exc:
-        raise DifflensError(f"cannot load the SAE of {layer!r}: {exc}") from exc
-
-
 def dreams_table(result: DreamResult, layer: str, kind: str, unit: int) -> pa.Table:
     """The dreams shard of one unit (layer and kind live in the partition path), sorted by (step, seed, opt_step)."""
     rows = sorted(result.rows, key=lambda r: (r["step"], r["seed"], r["opt_step"]))
@@ -594,33 +665,29 @@ def dreams_table(result: DreamResult, layer: str, kind: str, unit: int) -> pa.Ta
     })
 
 
-def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamConfig | None = None,
+def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cfg: DreamConfig | None = None,
               seeds: list[int] | None = None, init_latents: torch.Tensor | None = None,
               progress: bool = True, model: DiffusionModel | None = None) -> dict:
-    """Dream one unit of a run: its model, read setting, SAE and peak steps come from the run directory.
+    """Dream one unit of a run (a run directory or an open RunContext): its model, read setting, denoising step
+    count, SAE and peak steps come from the run (backend/run/context.py).
 
-    cfg defaults to default_config(kind); seeds, when given, replace cfg.seeds; `model`, when given, is the run's
-    model already loaded (so a caller dreaming several units loads it once).
+    cfg defaults to default_config(kind), its latent scale the model's (for_model); seeds, when given, replace
+    cfg.seeds; `model`, when given, is the run's model already loaded (so a caller dreaming several units loads it
+    once).
 
     Writes media/dreams/<layer>/<kind>-<unit>/seed<seed>-opt<N>.png and replaces the unit's shard
-    tables/dreams/layer=<layer>/kind=<kind>/unit-<unit>.parquet; returns a summary (also in the manifest).
+    tables/dreams/layer=<layer>/kind=<kind>/unit-<unit>.parquet; returns a summary (also in the manifest), with
+    the settings used under "config".
     """
-    from backend.models import load_model, parse_dtype
-    from backend.run.store import RunStore
+    from backend.run.context import RunContext, open_run
 
     check_kind(kind)
     cfg = copy.deepcopy(cfg or default_config(kind))
     if seeds is not None:
         cfg.seeds = [int(s) for s in seeds]
     cfg = validate_config(cfg)
-    store = RunStore(run_dir)
-    manifest = store.read_manifest()
-    if manifest is None or "config" not in manifest:
-        raise DifflensError(f"{run_dir} is not a difflens run (no manifest.json with a config); "
-                            "run `python cli.py run-all` or `capture` first")
-    config = manifest["config"]
-    device = config.get("device", "cpu")
-    read = config.get("capture", {}).get("read", "output")
+    ctx = run if isinstance(run, RunContext) else open_run(run, model=model)
+    store = ctx.store
     notes = []
     peaks = peak_steps(store, layer, kind, unit)
     if peaks is None:
@@ -629,14 +696,12 @@ def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamC
     elif not peaks:
         notes.append(f"{kind} {unit} of {layer} has no peaks (a dead unit?): dreaming at step 0 only")
     targets = choose_target_steps(peaks, cfg.max_target_steps)
-    sae = load_run_sae(store, layer, device) if kind == "feature" else None
-    if model is None:
-        model = load_model(config["model"], device=device, dtype=parse_dtype(config.get("dtype", "float32")))
-    n_steps = run_steps(store, config, model)
+    model = model if model is not None else ctx.model
+    sae = ctx.sae(layer) if kind == "feature" else None
     if progress:
         for note in notes:
             tqdm.write(note)
-    result = dream_unit(model, layer, kind, unit, targets, cfg, sae=sae, read=read, n_steps=n_steps,
+    result = dream_unit(model, layer, kind, unit, targets, cfg, sae=sae, read=ctx.read, n_steps=ctx.n_steps,
                         init_latents=init_latents, progress=progress)
     unit_dir = store.root / "media" / "dreams" / layer / f"{kind}-{unit:05d}"
     written = set()
@@ -658,6 +723,7 @@ def dream_run(run_dir: str | Path, layer: str, kind: str, unit: int, cfg: DreamC
         "activation_end": float(np.mean([r["activation"] for r in final])),
         "table": store.relative(shard), "images": store.relative(unit_dir),
         "final_images": [image_rel_path(layer, kind, unit, s, cfg.opt_steps) for s in cfg.seeds],
+        "config": result.config.to_dict(),
     }
     store.update_stage("dream", status="done", finished=time.time(), last=summary)
     return summary

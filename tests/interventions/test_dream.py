@@ -1,7 +1,9 @@
 """Deep dream (backend/interventions/dream.py): activations rise over the optimisation for channels and features, each
-regulariser does what it says, the model is left as it was, bad input is a one-line DifflensError, and
-`dream_run` writes the dreams table and its images into a real (tiny) run directory."""
+regulariser does what it says, latent-space models (SD, PixArt) dream at their own fitted latent scale and in half
+precision, the model is left as it was, bad input is a one-line DifflensError, and `dream_run` writes the dreams
+table and its images into a real (tiny) run directory opened through its RunContext."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +16,7 @@ from backend.interventions import dream
 from backend.interventions.dream import DreamConfig, default_config, dream_run, dream_unit
 from backend.models import load_model
 from backend.run.config import RunConfig
+from backend.run.context import open_run
 from sae.model import SAE, SAEConfig
 
 EARLY = "mid_block.attentions.0"  # 4x4 tokens, 64 channels: the forward stops half way, so dreams are quick
@@ -137,6 +140,66 @@ def test_a_latent_space_model_dreams_its_latents(sd2_dir):
     acts = by_opt_step(result.rows)
     assert acts[6].mean() > acts[0].mean()
     assert result.latents_SCHW.shape == (2, 4, 8, 8) and result.images[(0, 6)].shape == (16, 16, 3)
+    assert result.config.range_limit == 4.0  # given: kept; the moments left None are the model's
+    assert (result.config.moment_mean, result.config.moment_std) == (dream.latent_scale(sd).mean,
+                                                                     dream.latent_scale(sd).std)
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_latent_space_defaults_are_fitted_to_the_models_latents(family, sd_dir, pixart_dir):
+    """SD 1.x and PixArt (a transformer denoiser, DPM-Solver): the scale fields default to statistics of the
+    model's own generated latents (not the demo's pixel values), fitted once per model, and dreams run at that
+    scale: the random start and the step sizes are in units of the fitted std."""
+    path, layer = (sd_dir, "mid_block.attentions.0") if family == "sd" else (pixart_dir, "transformer_blocks.1")
+    model = load_model(str(path))
+    final = []
+    model.generate(["", ""], list(dream.FIT_SEEDS), guidance=1.0, on_step=lambda i, t, x: final.append(x))
+    x = final[-1].flatten(1)
+    scale = dream.latent_scale(model)
+    assert scale.mean == pytest.approx(x.mean(1).mean().item(), rel=1e-3, abs=1e-3)
+    assert scale.std == pytest.approx(x.std(1).mean().item(), rel=1e-3)
+    assert scale.limit == pytest.approx(torch.quantile(x.abs().flatten(), dream.FIT_QUANTILE).item(), rel=1e-3)
+    assert scale != dream.PIXEL_SCALE
+    calls = []
+    monkey = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or monkey(*a, **k)
+    assert dream.latent_scale(model) is scale and not calls  # cached on the model
+    model.generate = monkey
+    timesteps = model.scheduler.timesteps.clone()
+    cfg = quick("channel", opt_steps=4, snapshot_every=4)
+    result = dream_unit(model, layer, "channel", 1, [0, 2], cfg, n_steps=4)
+    assert (result.config.moment_mean, result.config.moment_std, result.config.range_limit) == (
+        scale.mean, scale.std, scale.limit)
+    assert torch.equal(model.scheduler.timesteps, timesteps)
+    acts = by_opt_step(result.rows)
+    assert acts[4].mean() > acts[0].mean()
+    assert result.latents_SCHW.shape[1:] == model.initial_latents([torch.Generator()]).shape[1:]
+    assert np.isfinite([r["activation"] for r in result.rows]).all()
+    start = dream.initial_latents_SCHW(model, result.config, None)
+    assert start.std().item() == pytest.approx(cfg.init_std * scale.std, rel=0.5)
+
+
+def test_scale_free_settings_carry_the_demo_tuning_to_any_latent_scale(model):
+    """Penalties are those of x / moment_std, so a latent c times the demo's, with moments and limit c times the
+    demo's, has the demo's penalty values: the weights mean the same on every model."""
+    pixel = dream.for_model(default_config("channel"), model)
+    assert (pixel.moment_mean, pixel.moment_std, pixel.range_limit) == (0.0, 0.25, 1.0)  # the demo's pixels
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.4 + 0.1
+    big = dataclasses.replace(pixel, moment_mean=0.0, moment_std=0.25 * 16, range_limit=16.0)
+    for name, value in dream.penalties_S(x, pixel).items():
+        torch.testing.assert_close(dream.penalties_S(x * 16, big)[name], value, rtol=1e-5, atol=1e-7)
+    given = dream.for_model(quick("channel", moment_std=0.5), model)
+    assert given.moment_std == 0.5 and given.range_limit == 1.0  # a given value wins, the rest is the model's
+
+
+def test_half_precision_dreams_run_in_the_models_dtype(sd_dir):
+    """A bfloat16 model (as --dtype float16 / bfloat16 loads it): the noised float32 latent is fed in the
+    denoiser's dtype, and the latent itself stays float32."""
+    sd = load_model(str(sd_dir), dtype=torch.bfloat16)
+    result = dream_unit(sd, "mid_block.attentions.0", "channel", 3, [0, 2],
+                        quick("channel", opt_steps=2, snapshot_every=2, seeds=[0]), n_steps=4)
+    assert result.latents_SCHW.dtype == torch.float32
+    assert np.isfinite([r["activation"] for r in result.rows]).all()
 
 
 # ---------------------------------------------------------------------------------------------- model hygiene
@@ -262,6 +325,8 @@ def test_defaults_differ_for_channels_and_features_and_are_documented():
     channel, feature = default_config("channel"), default_config("feature")
     assert channel != feature
     assert channel.opt_steps == feature.opt_steps == 100 and len(channel.seeds) == 4
+    for name in dream.SCALE_FIELDS:  # the model's (latent_scale), never the demo's pixel values
+        assert getattr(channel, name) is None and getattr(feature, name) is None
     source = inspect.getsource(DreamConfig)
     for name in DreamConfig.__dataclass_fields__:
         after = source.split(f"    {name}:", 1)[1].split("\n", 2)
@@ -321,7 +386,7 @@ def dreams_rows(run_dir) -> pl.DataFrame:
     return pl.read_parquet(f"{run_dir}/tables/dreams/**/*.parquet", hive_partitioning=True)
 
 
-def test_dream_run_writes_the_dreams_table_and_images(tiny_run):
+def test_dream_run_writes_the_dreams_table_and_images(tiny_run, model):
     import pyarrow as pa
 
     from backend.run.store import RunStore
@@ -356,17 +421,20 @@ def test_dream_run_writes_the_dreams_table_and_images(tiny_run):
     images = sorted(p.name for p in (tiny_run / "media/dreams" / EARLY / "channel-00005").glob("*.png"))
     assert images == ["seed0-opt0000.png", "seed0-opt0003.png"]
     assert json.loads((tiny_run / "manifest.json").read_text())["stages"]["dream"]["last"]["unit"] == 5
+    assert summary["config"]["moment_std"] == 0.25 and summary["config"]["opt_steps"] == 3  # the settings used
 
     msg = one_line_error(dream_run, tiny_run, LATE, "feature", 3, quick("feature"), progress=False,
-                         match="no SAE for layer")
+                         match="no SAE for")
     assert LATE in msg
     one_line_error(dream_run, tiny_run, EARLY, "channel", 99, cfg, progress=False, match="unknown channel 99")
     one_line_error(dream_run, tiny_run.parent / "missing", EARLY, "channel", 1, cfg, progress=False,
-                   match="not a difflens run")
+                   match="not a run directory")
 
     save_sae(random_sae(), store.sae_dir(LATE))
-    summary = dream_run(tiny_run, LATE, "feature", 7, quick("feature", opt_steps=2, snapshot_every=2),
+    ctx = open_run(tiny_run, model=model)  # an open run: its model (and SAE) are used, nothing is loaded again
+    summary = dream_run(ctx, LATE, "feature", 7, quick("feature", opt_steps=2, snapshot_every=2),
                         seeds=[1], progress=False)
+    assert ctx.model is model and set(ctx._saes) == {LATE}
     feats = dreams_rows(tiny_run).filter(pl.col("kind") == "feature")
     assert feats.height == 2 and set(feats["layer"]) == {LATE} and set(feats["unit"]) == {7}
     assert "objective" in json.loads(feats["penalties"][0])
