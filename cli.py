@@ -9,9 +9,12 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from backend.run.options import Opt, config_options
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Open up diffusion models with sparse autoencoders and channel analysis.")
-demo_app = typer.Typer(no_args_is_help=True, help="Train, sample and evaluate the shipped demo model.")
+demo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Train, sample and evaluate the shipped demo model.")
 app.add_typer(demo_app, name="demo-model")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="`demo` or a local diffusers pipeline directory.")]
@@ -62,44 +65,38 @@ def layers(
     typer.echo("* usual SAE targets (attention / transformer blocks)")
 
 
-def _run_config(config: Path | None, **options):
-    from backend.run.config import load_config, override
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="A run.toml (configs/demo.toml documents every key); options given here win over it.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Any config key: --set sae.lr=1e-3 --set analysis.pool=max (see configs/demo.toml).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace what differs (a run of another config, an SAE trained "
+                                                 "with other settings) instead of refusing.")]
+RunOpt = Annotated[Path, typer.Option(help="Run directory.")]
+LayerOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help="Layer; repeat for several.")]
 
-    return override(load_config(config), **options)
-
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run.toml (backend/run/config.py); options win.")]
-RunModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="`demo` or a local diffusers directory.")]
-RunDeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda ... [default: cpu]")]
-RunDtypeOpt = Annotated[str | None, typer.Option(help="float32, float16, bfloat16. [default: float32]")]
-NameOpt = Annotated[str | None, typer.Option(help="Run name: results go to <runs-dir>/<name>. [default: demo]")]
-RunsDirOpt = Annotated[str | None, typer.Option(help="Directory holding runs. [default: runs]")]
-PromptsOpt = Annotated[str | None, typer.Option(help="Prompt file (.txt or .jsonl). [default: the demo set]")]
-LayerOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help="Hook point; repeat for several.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace a run of a different config in the same directory.")]
+RUN_OPTIONS = (Opt("", ["name", "runs_dir", "model", "prompts", "device", "dtype"]),
+               Opt("capture", rename={"layers": "layer"}))
 
 
-CAPTURE_OPTIONS = ("layers", "images_per_prompt", "seed", "steps", "guidance", "batch_size", "tokens_per_step",
-                   "read", "half")
+def _overrides(overrides: dict, sets: list[str] | None) -> dict:
+    from backend.run.config import parse_set
+
+    return {**parse_set(sets), **{k: v for k, v in overrides.items() if v is not None}}
 
 
-def _config_from_options(options: dict):
-    """A RunConfig from --config plus the options given; capture options go to [capture]."""
-    options = dict(options)
-    config, _ = options.pop("config"), options.pop("overwrite")
-    options["layers"] = options.pop("layer") or None
-    named = {f"capture_{k}" if k in CAPTURE_OPTIONS else k: v for k, v in options.items()}
-    return _run_config(config, **named)
+def _new_run_config(config: Path | None, overrides: dict, sets: list[str] | None):
+    """Commands that make a run: defaults < --config < options."""
+    from backend.run.config import resolve
+
+    return resolve(file=config, overrides=_overrides(overrides, sets))
 
 
-ImagesOpt = Annotated[int | None, typer.Option(help="Images per prompt (seeds seed, seed+1, ...). [default: 2]")]
-SeedOpt = Annotated[int | None, typer.Option(help="First seed. [default: 0]")]
-StepsOpt = Annotated[int | None, typer.Option(help="Denoising steps. [default: the model's]")]
-GuidanceOpt = Annotated[float | None, typer.Option(help="CFG scale; <= 1 turns CFG off. [default: the model's]")]
-BatchOpt = Annotated[int | None, typer.Option(help="Generations per batch and shard. [default: 32]")]
-TokensOpt = Annotated[int | None, typer.Option(help="Token vectors kept per (generation, step). [default: 64]")]
-ReadOpt = Annotated[str | None, typer.Option(help="output, or delta (output - input). [default: output]")]
-HalfOpt = Annotated[str | None, typer.Option(help="CFG half to record: cond, uncond, both. [default: cond]")]
+def _run_context(run: Path, config: Path | None = None, overrides: dict | None = None, sets=None, **open_kw):
+    """Commands that act on a run: defaults < the run's saved config < --config < options."""
+    from backend.run.context import open_run
+
+    ctx = open_run(run, **open_kw)
+    return ctx, ctx.resolve(config, _overrides(overrides or {}, sets))
 
 
 def _print_capture(summary) -> None:
@@ -152,49 +149,32 @@ def query(
 
 @app.command()
 @user_errors
+@config_options(*RUN_OPTIONS)
 def capture(
-    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: RunModelOpt = None,
-    prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
-    steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
-    tokens_per_step: TokensOpt = None, read: ReadOpt = None, half: HalfOpt = None, device: RunDeviceOpt = None,
-    dtype: RunDtypeOpt = None, overwrite: OverwriteOpt = False,
+    overrides: dict, config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False,
     sae: Annotated[list[str] | None, typer.Option(
         help="LAYER=PATH of a trained SAE: also record its feature activity (on a finished run: only that).")] = None,
 ) -> None:
     """Generate images for a prompt set and record per-timestep activity of the chosen layers."""
-    from backend.stages.capture import SAEEncoder, parse_sae_options
-    from backend.stages.capture import capture as run_capture
+    from backend.stages.capture import capture_with_saes
 
-    options = dict(locals())
-    saes = parse_sae_options(options.pop("sae"))
-    options.pop("SAEEncoder"), options.pop("parse_sae_options"), options.pop("run_capture")
-    cfg = _config_from_options(options)
-    encoders = {layer: SAEEncoder(path, device=cfg.device) for layer, path in saes.items()}
-    summary = run_capture(cfg, overwrite=overwrite, encoders=encoders or None)
+    cfg = _new_run_config(config, overrides, set_)
+    summary = capture_with_saes(cfg, sae, overwrite=overwrite)
     _print_capture(summary)
     _next_steps(summary.out_dir)
 
 
 @app.command("run-all")
 @user_errors
-def run_all(
-    config: ConfigOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None, model: RunModelOpt = None,
-    prompts: PromptsOpt = None, layer: LayerOpt = None, images_per_prompt: ImagesOpt = None, seed: SeedOpt = None,
-    steps: StepsOpt = None, guidance: GuidanceOpt = None, batch_size: BatchOpt = None,
-    tokens_per_step: TokensOpt = None, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
-    sae_k: Annotated[int | None, typer.Option(help="SAE active latents per token. [default: 16]")] = None,
-    sae_total_tokens: Annotated[int | None, typer.Option(help="SAE training tokens per layer. [default: 4M]")] = None,
-    interventions_top_units: Annotated[int | None, typer.Option(
-        help="Units per layer and kind steered and dreamed. [default: 2]")] = None,
-    interventions_dream_steps: Annotated[int | None, typer.Option(
-        help="Deep-dream optimisation steps. [default: 100]")] = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
+@config_options(*RUN_OPTIONS, Opt("sae", ["architecture", "expansion", "k", "total_tokens"], prefix="sae-"),
+                Opt("analysis", ["top_k_channels", "examples_top_n"], prefix="analysis-"),
+                Opt("interventions", ["enabled", "top_units", "dream_iterations"], prefix="interventions-"))
+def run_all(overrides: dict, config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     """Run every stage (capture, SAE training, feature recording, analysis, interventions) on the demo model or a
     config."""
     from backend.stages.pipeline import run_all as run_pipeline
 
-    summary = run_pipeline(_config_from_options(locals()), overwrite=overwrite)
+    summary = run_pipeline(_new_run_config(config, overrides, set_), overwrite=overwrite)
     _print_capture(summary.stages["capture"])
     _print_saes(summary.out_dir, summary.stages.get("sae", {}))
     if "analysis" in summary.stages:
@@ -209,25 +189,15 @@ def run_all(
 
 @app.command("train-sae")
 @user_errors
-def train_sae(
-    run: Annotated[Path, typer.Option(help="Run directory with captured activations.")] = Path("runs/demo"),
-    layer: LayerOpt = None,
-    architecture: Annotated[str, typer.Option(help="topk, batchtopk or relu.")] = "topk",
-    expansion: Annotated[int, typer.Option(help="Latents per input channel.")] = 8,
-    k: Annotated[int, typer.Option(help="Active latents per token.")] = 16,
-    total_tokens: Annotated[int, typer.Option(help="Training tokens per layer.")] = 4_000_000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
-    lr: Annotated[float, typer.Option(help="Learning rate (0: scaled with 1/sqrt(latents)).")] = 0.0,
-    splice_samples: Annotated[int, typer.Option(help="Generations for the splice test (0: skip).")] = 32,
-) -> None:
+@config_options(Opt("sae", ["layers", "architecture", "expansion", "k", "total_tokens", "batch_size", "lr",
+                            "splice_samples"], rename={"layers": "layer"}))
+def train_sae(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
+              overwrite: OverwriteOpt = False) -> None:
     """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/ and tables/sae_training."""
-    from backend.run.config import SAEStageConfig
     from backend.stages.sae import train_saes
 
-    cfg = SAEStageConfig(architecture=architecture, expansion=expansion, k=k, total_tokens=total_tokens,
-                         batch_size=batch_size, lr=lr, layers=layer or [], splice_samples=splice_samples)
-    results = train_saes(run, cfg)
-    _print_saes(run, results)
+    ctx, cfg = _run_context(run, config, overrides, set_)
+    _print_saes(run, train_saes(ctx, cfg.sae, overwrite=overwrite))
 
 
 @app.command("export-sae")
@@ -268,37 +238,32 @@ def _print_analysis(summary: dict) -> None:
 
 @app.command()
 @user_errors
-def analyze(
-    run: AnalysedRunOpt = Path("runs/demo"),
-    top_k: Annotated[int | None, typer.Option(help="A channel is active when among its step's top-k channels. "
-                                                   "[default: the run's setting, else 20]")] = None,
-    examples: Annotated[int | None, typer.Option(help="Top generations per unit, overall and per peak step. "
-                                                      "[default: the run's setting, else 8]")] = None,
-) -> None:
+@config_options(Opt("analysis", ["top_k_channels", "examples_top_n", "pool", "peaks_top_n", "device"]))
+def analyze(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Profiles, peaks, top examples with heat-maps, group frequencies and comparisons, concept recovery, plots."""
     from backend.stages.analysis import analyze as run_analysis
-    from backend.stages.analysis import config_of_run
 
-    cfg = config_of_run(run, top_k_channels=top_k, examples_top_n=examples)
-    _print_analysis(run_analysis(run, cfg))
+    ctx, cfg = _run_context(run, config, overrides, set_)
+    _print_analysis(run_analysis(ctx, cfg.analysis))
 
 
 @app.command()
 @user_errors
+@config_options(Opt("analysis", ["compare_multiplier", "compare_pseudo_count"], rename={
+    "compare_multiplier": "multiplier", "compare_pseudo_count": "pseudo_count"}))
 def compare(
+    overrides: dict,
     group_a: Annotated[str, typer.Argument(help="Prompt group whose distinctive units are wanted.")],
     group_b: Annotated[str, typer.Argument(help="Prompt group to compare against (same seeds).")],
-    run: AnalysedRunOpt = Path("runs/demo"),
-    multiplier: Annotated[float, typer.Option(help="Keep units with freq_a > multiplier * freq_b.")] = 2.0,
-    pseudo_count: Annotated[float, typer.Option(help="Pseudo-count of the log-odds ratio.")] = 0.5,
+    run: RunOpt = Path("runs/demo"),
     top: Annotated[int, typer.Option(help="Units to print per layer and kind.")] = 10,
 ) -> None:
     """Rank units by how much more often they fire for group A's prompts than for group B's (log-odds ratio)."""
     from backend.analysis.compare import compare_run
-    from backend.stages.analysis import config_of_run
 
-    ranked, png = compare_run(run, group_a, group_b,
-                              config_of_run(run, compare_multiplier=multiplier, compare_pseudo_count=pseudo_count))
+    ctx, cfg = _run_context(run, overrides=overrides)
+    ranked, png = compare_run(ctx, group_a, group_b, cfg.analysis)
+    multiplier = cfg.analysis.compare_multiplier
     for (layer, kind), rows in ranked.group_by(["layer", "kind"], maintain_order=True):
         typer.echo(f"{layer} / {kind}: {len(rows)} units with freq_{group_a} > {multiplier:g} x freq_{group_b}")
         typer.echo(f"  {'rank':>4} {'unit':>6} {'freq_' + group_a:>12} {'freq_' + group_b:>12} {'ratio':>8} "
@@ -313,40 +278,45 @@ def compare(
 
 @app.command()
 @user_errors
-def plots(
-    run: AnalysedRunOpt = Path("runs/demo"),
-    units: Annotated[int, typer.Option(help="Units per layer and kind (best concept units, then top peaks).")] = 6,
-) -> None:
+@config_options(Opt("analysis", ["plot_top_units"], rename={"plot_top_units": "units"}))
+def plots(overrides: dict, run: RunOpt = Path("runs/demo")) -> None:
     """Write activity-profile figures (PNG, peaks marked) of the top units of an analysed run."""
     from backend.analysis.plots import write_run_plots
-    from backend.stages.analysis import config_of_run
 
-    paths = write_run_plots(run, config_of_run(run, plot_top_units=units))
+    ctx, cfg = _run_context(run, overrides=overrides)
+    paths = write_run_plots(ctx, cfg.analysis)
     typer.echo(f"wrote {len(paths)} figures to {run}/media/plots/")
 
 
 @app.command()
 @user_errors
+@config_options(Opt("interventions", ["dream_iterations", "dream_seeds"], rename={
+    "dream_iterations": "iterations", "dream_seeds": "seeds"}))
 def dream(
-    run: AnalysedRunOpt = Path("runs/demo"),
+    overrides: dict,
+    run: RunOpt = Path("runs/demo"),
     layer: Annotated[str, typer.Option(help="Hook point of the unit (see `python cli.py layers`).")]
     = "up_blocks.1.attentions.1",
     kind: Annotated[str, typer.Option(help="channel, or feature (needs the run's SAE of the layer).")] = "channel",
     unit: Annotated[int, typer.Option(help="Channel index, or SAE feature index.")] = 0,
-    seeds: Annotated[int, typer.Option(help="Dreams optimised together, with seeds 0..n-1.")] = 4,
-    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 100,
-    snapshot_every: Annotated[int, typer.Option(help="Record activation, penalties and image every N steps.")] = 10,
+    snapshot_every: Annotated[int | None, typer.Option(
+        help="Record activation, penalties and image every N iterations. [default: 10]")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device. [default: the run's]")] = None,
 ) -> None:
     """Deep dream: optimise an image so one unit fires at step 0 and its peak steps; snapshots go to `dreams`."""
     from backend.interventions.dream import default_config, dream_run
 
-    cfg = default_config(kind)
-    cfg.opt_steps, cfg.snapshot_every = steps, snapshot_every
-    s = dream_run(run, layer, kind, unit, cfg, seeds=list(range(seeds)))
+    ctx, cfg = _run_context(run, overrides=overrides, device=device)
+    dcfg = default_config(kind)
+    dcfg.opt_steps = cfg.interventions.dream_iterations
+    if snapshot_every is not None:
+        dcfg.snapshot_every = snapshot_every
+    s = dream_run(ctx.root, layer, kind, unit, dcfg, seeds=list(range(cfg.interventions.dream_seeds)),
+                  model=ctx.model if device else None)
     for note in s["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(f"dreamed {layer} / {kind} {unit} at steps {s['target_steps']} ({len(s['seeds'])} seeds, "
-               f"{s['opt_steps']} steps, {s['seconds']:.1f} s): activation {s['activation_start']:.3f} -> "
+               f"{s['opt_steps']} iterations, {s['seconds']:.1f} s): activation {s['activation_start']:.3f} -> "
                f"{s['activation_end']:.3f}")
     typer.echo(f"table: {run}/{s['table']}")
     typer.echo(f"images: {run}/{s['images']}/ (final: {', '.join(s['final_images'])})")
@@ -354,15 +324,15 @@ def dream(
 
 @app.command()
 @user_errors
-def intervene(run: AnalysedRunOpt = Path("runs/demo")) -> None:
+@config_options(Opt("interventions"))
+def intervene(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None,
+              set_: SetOpt = None) -> None:
     """run-all's interventions stage on an analysed run: steered priors and dreams of the top units, feature
     edits, concept steering, block ablation (settings: the run config's [interventions] section)."""
-    from backend.run.store import RunStore
-    from backend.stages.interventions import InterventionsConfig, run_interventions
+    from backend.stages.interventions import run_interventions
 
-    saved = ((RunStore(run).read_manifest() or {}).get("config") or {}).get("interventions") or {}
-    summary = run_interventions(run, InterventionsConfig(**saved))
-    _print_interventions(run, summary)
+    ctx, cfg = _run_context(run, config, overrides, set_)
+    _print_interventions(run, run_interventions(ctx.root, cfg.interventions))
 
 
 def _print_interventions(run: Path, summary: dict) -> None:
@@ -383,9 +353,21 @@ def _seeds(text: str) -> list[int]:
         raise DifflensError(f"seeds {text!r} not understood; use a range 0-7 or a list 0,3,5") from None
 
 
-SeedsOpt = Annotated[str, typer.Option(help="Seeds: a range 0-7 or a list 0,3,5.")]
+SeedsOpt = Annotated[str | None, typer.Option(help="Seeds: a range 0-7 or a list 0,3,5. [default: the run's "
+                                                  "interventions.steer_seeds]")]
 NStepsOpt = Annotated[int | None, typer.Option(help="Denoising steps. [default: the run's]")]
 RunGuidanceOpt = Annotated[float | None, typer.Option(help="CFG scale with --prompt. [default: the run's]")]
+WindowOpt = Annotated[str, typer.Option(help="Denoising steps the edit applies at: active (the unit's active "
+                                             "steps), all, late, or an inclusive window 3-8.")]
+
+
+def _doc(section: str, name: str) -> str:
+    """A config field's docstring and default, for the help of an option that defaults to it."""
+    from backend.run.config import field_docs, section_class
+
+    default = getattr(section_class(section)(), name)
+    return (f"{field_docs(section_class(section)).get(name, '')} [default: the run's {section}.{name}, "
+                  f"else {default}]")
 
 
 @app.command()
@@ -395,23 +377,24 @@ def steer(
     unit: Annotated[int, typer.Option(help="Channel or feature index.")],
     kind: Annotated[str, typer.Option(help="channel, or feature (an SAE decoder row; needs sae/<layer>/).")]
     = "feature",
-    run: AnalysedRunOpt = Path("runs/demo"),
-    scale: Annotated[float, typer.Option(help="Strength = scale x the unit's max activation (units table).")] = 4.0,
+    run: RunOpt = Path("runs/demo"),
+    scale: Annotated[float | None, typer.Option(help=_doc("interventions", "steer_scale"))] = None,
     strength: Annotated[float | None, typer.Option(help="Absolute strength; overrides --scale.")] = None,
-    steps: Annotated[str, typer.Option(help="active (the unit's active steps), all, late, or a window 3-8.")]
-    = "active",
+    window: WindowOpt = "active",
     mask: Annotated[str | None, typer.Option(help="left, right, top, bottom, center, object (demo), or a .npy/.png.")]
     = None,
     prompt: Annotated[str | None, typer.Option(help="Steer this prompt, shown beside the unsteered image; without "
                                                     "it: the steered prior (empty prompt, no guidance).")] = None,
-    seeds: SeedsOpt = "0-3", n_steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+    seeds: SeedsOpt = None, steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
 ) -> None:
     """Add strength x a unit's direction to a layer's output and compare with the unsteered images."""
     from backend.interventions.steer import steer_run
 
-    res = steer_run(run, layer, kind, unit, scale=scale, strength=strength, steps=steps, mask=mask,
-                    mode="prompt" if prompt else "prior", prompt=prompt, seeds=_seeds(seeds), n_steps=n_steps,
-                    guidance=guidance)
+    ctx, cfg = _run_context(run)
+    iv = cfg.interventions
+    res = steer_run(ctx.root, layer, kind, unit, scale=iv.steer_scale if scale is None else scale, strength=strength,
+                    steps=window, mask=mask, mode="prompt" if prompt else "prior", prompt=prompt,
+                    seeds=iv.steer_seeds if seeds is None else _seeds(seeds), n_steps=steps, guidance=guidance)
     rows = res.rows
     typer.echo(f"steered {kind} {unit} of {layer}: strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
     for r in rows.iter_rows(named=True):
@@ -423,22 +406,25 @@ def steer(
 @app.command("steer-report")
 @user_errors
 def steer_report(
-    run: AnalysedRunOpt = Path("runs/demo"),
+    run: RunOpt = Path("runs/demo"),
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="Layer. [default: every layer in concepts]")]
     = None,
     kind: Annotated[str, typer.Option(help="feature or channel.")] = "feature",
     scale: Annotated[float | None, typer.Option(help="Relative strength. [default: 6, chosen on the demo]")] = None,
-    steps: Annotated[str, typer.Option(help="late, all, active, or a window 3-8.")] = "late",
+    window: Annotated[str, typer.Option(help="late, all, active, or an inclusive window 3-8.")] = "late",
     mask: Annotated[str, typer.Option(help="object (the shape in each baseline), none, or a region.")] = "object",
     attribute: Annotated[list[str] | None, typer.Option("--attribute", help="Attribute; repeat. [default: colour]")]
     = None,
-    seeds: SeedsOpt = "0-9",
+    seeds: Annotated[str | None, typer.Option(help=f"Seeds: a range 0-9 or a list. "
+                                                   f"{_doc('interventions', 'concept_seeds')}")] = None,
 ) -> None:
     """Demo model: how often steering each concept's best unit turns images to that concept."""
     from backend.interventions.concepts import REPORT_SCALE, concept_steering_report
 
-    table = concept_steering_report(run, layer, kind, scale=REPORT_SCALE if scale is None else scale, steps=steps,
-                                    mask=None if mask == "none" else mask, seeds=_seeds(seeds),
+    ctx, cfg = _run_context(run)
+    seed_list = list(range(cfg.interventions.concept_seeds)) if seeds is None else _seeds(seeds)
+    table = concept_steering_report(ctx.root, layer, kind, scale=REPORT_SCALE if scale is None else scale,
+                                    steps=window, mask=None if mask == "none" else mask, seeds=seed_list,
                                     attributes=tuple(attribute or ("colour",)))
     for r in table.iter_rows(named=True):
         typer.echo(f"  {r['layer']:<28} {r['concept']:<18} {kind} {r['unit']:>5} (AUROC {r['auroc']:.3f}, rank "
@@ -451,24 +437,28 @@ def steer_report(
 @user_errors
 def edit(
     layer: Annotated[str, typer.Option("--layer", "-l", help="Layer with an SAE (sae/<layer>/).")],
-    run: AnalysedRunOpt = Path("runs/demo"),
+    run: RunOpt = Path("runs/demo"),
     preset: Annotated[list[str] | None, typer.Option("--preset", help="none, frequent, rare, all; repeat. "
                                                                       "[default: all four]")] = None,
-    n: Annotated[int, typer.Option(help="Features zeroed by frequent / rare.")] = 8,
+    n: Annotated[int | None, typer.Option(help=_doc("interventions", "edit_features"))] = None,
     zero: Annotated[list[int] | None, typer.Option("--zero", help="Also zero these features; repeat.")] = None,
     scale_feature: Annotated[list[int] | None, typer.Option("--scale-feature", help="Scale by --factor; repeat.")]
     = None,
     factor: Annotated[float, typer.Option(help="Factor for --scale-feature (negative flips the feature).")] = 0.0,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt; repeat. [default: the run's first]")]
     = None,
-    seeds: SeedsOpt = "0-3",
-    steps: Annotated[str, typer.Option(help="all, late, or a window 3-8.")] = "all",
+    seeds: SeedsOpt = None,
+    window: Annotated[str, typer.Option(help="all, late, or an inclusive window 3-8.")] = "all",
 ) -> None:
     """Zero or scale SAE features (decode(edited codes) + reconstruction error) next to the unedited images."""
     from backend.interventions.edit import PRESETS, edit_run
 
-    res = edit_run(run, layer, presets=tuple(preset) if preset else PRESETS, n=n, zero=zero or (),
-                   scale=scale_feature or (), factor=factor, prompts=prompt, seeds=_seeds(seeds), steps=steps)
+    ctx, cfg = _run_context(run)
+    iv = cfg.interventions
+    res = edit_run(ctx.root, layer, presets=tuple(preset) if preset else PRESETS,
+                   n=iv.edit_features if n is None else n, zero=zero or (), scale=scale_feature or (),
+                   factor=factor, prompts=prompt,
+                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window)
     for (name,), rows in res.rows.group_by(["preset"], maintain_order=True):
         typer.echo(f"  {name:<14} {len(rows['features'][0]):>5} features  mean effect {rows['effect'].mean():.3f}")
     typer.echo(f"grid: {res.grid}\ntable: {res.shard}")
@@ -477,18 +467,19 @@ def edit(
 @app.command()
 @user_errors
 def ablate(
-    run: AnalysedRunOpt = Path("runs/demo"),
+    run: RunOpt = Path("runs/demo"),
     block: Annotated[list[str] | None, typer.Option("--block", "-b", help="Block to skip; repeat. [default: "
                                                     "every block whose input and output shapes match]")] = None,
     mode: Annotated[str, typer.Option(help="skip (return the block's input) or remove_delta.")] = "skip",
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt; repeat. [default: the run's first "
                                                                       "4]")] = None,
-    seeds: SeedsOpt = "0", n_steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+    seeds: Annotated[str, typer.Option(help="Seeds: a range 0-7 or a list 0,3,5.")] = "0",
+    steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
 ) -> None:
     """Skip each block in turn on a fixed prompt set; image grid and effect score per block."""
     from backend.interventions.ablate import ablate_run
 
-    summary, grid = ablate_run(run, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=n_steps,
+    summary, grid = ablate_run(run, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=steps,
                                guidance=guidance)
     typer.echo(f"  {'block':<48} {'effect':>7} {'changed':>8}")
     for r in summary.iter_rows(named=True):
@@ -513,7 +504,7 @@ def inspect(
 @demo_app.command("train")
 @user_errors
 def demo_train(
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
+    train_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     out_dir: Annotated[Path, typer.Option(help="Where the trained pipeline goes.")] = Path("data/demo-model"),
@@ -525,7 +516,7 @@ def demo_train(
     """Train the demo model from scratch (resumes from --work-dir after an interruption)."""
     from backend.demo.train import DemoTrainConfig, train_demo_model
 
-    out = train_demo_model(DemoTrainConfig(steps=steps, batch_size=batch_size, lr=lr, out_dir=str(out_dir),
+    out = train_demo_model(DemoTrainConfig(steps=train_steps, batch_size=batch_size, lr=lr, out_dir=str(out_dir),
                                            work_dir=str(work_dir), threads=threads))
     typer.echo(f"demo model saved to {out}")
 

@@ -96,19 +96,21 @@ def write_comparison(store, freqs: pl.DataFrame, ranked: pl.DataFrame, group_a: 
     return store.root / rel
 
 
-def compare_run(run_dir: str | Path, group_a: str, group_b: str, cfg: AnalysisConfig | None = None
-                ) -> tuple[pl.DataFrame, Path]:
-    """Rank units of an analysed run by group A vs B; writes the comparisons rows and the histogram PNG."""
+def compare_run(run, group_a: str, group_b: str, cfg: AnalysisConfig | None = None) -> tuple[pl.DataFrame, Path]:
+    """Rank units of an analysed run (directory or RunContext) by group A vs B; writes the comparisons rows and the
+    histogram PNG."""
     from backend.analysis.config import validate
-    from backend.analysis.inputs import open_run
+    from backend.run.context import as_context
 
     cfg = validate(cfg or AnalysisConfig())
-    store, _ = open_run(run_dir)
+    ctx = as_context(run, require="capture")
+    store = ctx.store
     if not store.table_dir("frequencies").is_dir():
-        raise DifflensError(f"{run_dir} has no frequencies table; run `python cli.py analyze --run {run_dir}` first")
-    gens = store.read_table("generations")
+        raise DifflensError(f"{store.root} has no frequencies table; run `python cli.py analyze --run {store.root}` "
+                            "first")
+    gens = ctx.generations()
     check_same_seeds(gens, group_a, group_b)
-    n_steps = store.read_table("steps").height
+    n_steps = ctx.n_steps
     freqs = store.read_table("frequencies")
     ranked = compare_groups(freqs, group_a, group_b, n_steps, cfg)
     return ranked, write_comparison(store, freqs, ranked, group_a, group_b)

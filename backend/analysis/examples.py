@@ -34,6 +34,7 @@ from backend.analysis.config import AnalysisConfig
 from backend.analysis.inputs import Partition, RunInputs
 from backend.errors import DifflensError
 from backend.models.hooks import HookEvent, read_activations
+from backend.run.context import RunContext
 from backend.run.store import RunStore, shard_name
 
 REPLAY_STAGE = "analysis-heatmaps"
@@ -96,10 +97,8 @@ def grid_shape(spatial: tuple[int, int] | None, n_tokens: int) -> tuple[int, int
 def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConfig, progress: bool = True) -> int:
     """Replay the generations of requests (layer, kind, unit, gen_id, heatmap_step, activation) and write their
     heat-maps as work shards; returns the number of batches replayed (0 when all were done)."""
-    from backend.models import load_model, parse_dtype
-
-    store, config = inputs.store, inputs.manifest["config"]
-    capture = config.get("capture", {})
+    ctx = inputs.ctx
+    store = ctx.store
     gens = inputs.gens.filter(pl.col("gen_id").is_in(requests["gen_id"].unique().implode())).sort("gen_id")
     batches = []
     for _, same in gens.group_by(["n_steps", "guidance"], maintain_order=True):
@@ -107,9 +106,10 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
     todo = [b for b in batches if not store.batch_done(REPLAY_STAGE, shard_name(int(b["gen_id"][0])))]
     if not todo:
         return 0
-    device = cfg.device or config.get("device", "cpu")
-    model = load_model(config["model"], device=device, dtype=parse_dtype(config.get("dtype", "float32")))
-    saes = _load_saes(store, requests, device)
+    if cfg.device and cfg.device != ctx.device:
+        ctx = RunContext(ctx.store, ctx.manifest, device=cfg.device)
+    model = ctx.model
+    saes = _load_saes(ctx, requests)
     layers = sorted(requests["layer"].unique().to_list())
     with tqdm(total=sum(len(b) for b in todo), desc="replay heat-maps", unit="img", disable=not progress) as bar:
         for batch in todo:
@@ -118,8 +118,7 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
             for (layer, step, b), _ in mine.group_by(["layer", "heatmap_step", "b"]):
                 wanted.setdefault((layer, int(step)), []).append(int(b))
             keeper = _Keeper(wanted)
-            with read_activations(model, layers, keeper, read=capture.get("read", "output"),
-                                  half=capture.get("half", "cond")):
+            with read_activations(model, layers, keeper, read=ctx.read, half=ctx.half):
                 model.generate(batch["prompt"].to_list(), batch["seed"].to_list(), int(batch["n_steps"][0]),
                                float(batch["guidance"][0]))
             table = _maps_table(mine, keeper, saes, cfg)
@@ -130,16 +129,9 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
     return len(todo)
 
 
-def _load_saes(store: RunStore, requests: pl.DataFrame, device: str) -> dict:
-    from sae.io import SAELoadError, load_sae
-
-    out = {}
-    for layer in requests.filter(pl.col("kind") == "feature")["layer"].unique().to_list():
-        try:
-            out[layer] = load_sae(store.sae_dir(layer), device=device)
-        except SAELoadError as exc:
-            raise DifflensError(f"feature heat-maps need the SAE of {layer}: {exc}") from exc
-    return out
+def _load_saes(ctx, requests: pl.DataFrame) -> dict:
+    layers = requests.filter(pl.col("kind") == "feature")["layer"].unique().to_list()
+    return {layer: ctx.sae(layer) for layer in layers}
 
 
 @torch.no_grad()

@@ -17,10 +17,8 @@ import polars as pl
 
 from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
+from backend.run.context import RunContext, as_context
 from backend.run.store import RunStore
-
-ANALYSIS_TABLES = ("profiles", "units", "peaks", "examples", "frequencies", "histograms", "comparisons", "concepts",
-                   "localisation", "concept_summary")
 
 
 @dataclass
@@ -39,8 +37,7 @@ class Partition:
 
 @dataclass
 class RunInputs:
-    store: RunStore
-    manifest: dict
+    ctx: RunContext
     gens: pl.DataFrame
     """generations sorted by gen_id, plus `g` (index of its group in `groups`) and `p` (index of its prompt)."""
     groups: list[str]
@@ -53,24 +50,23 @@ class RunInputs:
     def n_steps(self) -> int:
         return len(self.timesteps)
 
+    @property
+    def store(self) -> RunStore:
+        return self.ctx.store
+
+    @property
+    def manifest(self) -> dict:
+        return self.ctx.manifest
+
 
 def connect(cfg: AnalysisConfig) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(config={"memory_limit": cfg.duckdb_memory_limit, "threads": cfg.duckdb_threads})
 
 
-def open_run(run_dir: str | Path) -> tuple[RunStore, dict]:
-    """The run's store and manifest; a run without a finished capture is a user error."""
-    store = RunStore(run_dir)
-    manifest = store.read_manifest()
-    if manifest is None:
-        raise DifflensError(f"{run_dir} is not a run directory (no manifest.json); run `python cli.py run-all` first")
-    if manifest.get("stages", {}).get("capture", {}).get("status") != "done":
-        raise DifflensError(f"{run_dir} has no finished capture; rerun `python cli.py capture` to complete it")
-    return store, manifest
-
-
-def load_inputs(run_dir: str | Path) -> RunInputs:
-    store, manifest = open_run(run_dir)
+def load_inputs(run) -> RunInputs:
+    """The analysis inputs of a run (a directory or a RunContext) whose capture has finished."""
+    ctx = as_context(run, require="capture")
+    store, manifest = ctx.store, ctx.manifest
     gens = store.read_table("generations").sort("gen_id")
     groups = sorted(gens["group"].unique().to_list())
     prompts = gens["prompt"].unique(maintain_order=True).to_list()
@@ -82,7 +78,7 @@ def load_inputs(run_dir: str | Path) -> RunInputs:
     partitions, pending = _partitions(store, manifest)
     if not partitions:
         raise DifflensError(f"{store.root} has no activity tables; rerun `python cli.py capture`")
-    return RunInputs(store, manifest, gens, groups, timesteps, partitions, pending)
+    return RunInputs(ctx, gens, groups, timesteps, partitions, pending)
 
 
 def _partitions(store: RunStore, manifest: dict) -> tuple[list[Partition], list[str]]:

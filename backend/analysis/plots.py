@@ -80,12 +80,13 @@ def write_profile_plots(store, layer: str, kind: str, profiles: pl.DataFrame, pe
     return paths
 
 
-def write_run_plots(run_dir: str | Path, cfg, partitions=None) -> list[Path]:
-    """Profile figures of the top units of every analysed (layer, kind) of a run; needs `analyze` first."""
+def write_run_plots(run, cfg, partitions=None) -> list[Path]:
+    """Profile figures of the top units of every analysed (layer, kind) of a run (directory or RunContext); needs
+    `analyze` first."""
     from backend.analysis.inputs import load_inputs
     from backend.stages.analysis import read_part
 
-    inputs = load_inputs(run_dir)
+    inputs = load_inputs(run)
     out = []
     for part in partitions or inputs.partitions:
         profiles = read_part(inputs.store, "profiles", part)

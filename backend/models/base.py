@@ -74,6 +74,9 @@ class DiffusionModel:
         """Denoiser kwargs for the prompts and, with CFG, for the unconditional (negative) prompt."""
         raise NotImplementedError
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise a one-line DifflensError for a prompt this model cannot encode (default: any text is fine)."""
+
     def initial_latents(self, generators: list[torch.Generator], height: int | None = None,
                         width: int | None = None) -> torch.Tensor:
         raise NotImplementedError

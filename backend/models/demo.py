@@ -171,6 +171,9 @@ class DemoModel(DiffusionModel):
         size = self.pipe.unet.config.sample_size
         return size, size
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        tokenize(self.pipe.tokenizer, list(prompts))  # unknown words and over-long prompts are one-line errors
+
     def encode_prompts(self, prompts: list[str], cfg: bool):
         cond, uncond = self.pipe.encode_prompt(list(prompts), cfg)
         return {"encoder_hidden_states": cond}, ({"encoder_hidden_states": uncond} if cfg else None)

@@ -33,13 +33,17 @@ A run.toml looks like this (every key optional; these are the defaults for the d
 
     [interventions]                     # every field of backend/stages/interventions.py InterventionsConfig
     top_units = 2                       # units per (layer, kind) steered and dreamed
-    dream_steps = 100
+    dream_iterations = 100
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import inspect
+import re
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +67,7 @@ class CaptureConfig:
     images_per_prompt: int = 2
     """Generations per prompt, with seeds seed, seed+1, ... (the same seeds for every prompt)."""
     seed: int = 0
+    """Seed of each prompt's first image."""
     steps: int = 0
     """Denoising steps; 0 means the model's default."""
     guidance: float = -1.0
@@ -101,11 +106,17 @@ class RunConfig:
     """Everything a run needs; stored resolved in manifest.json."""
 
     name: str = "demo"
+    """Run name: results go to <runs_dir>/<name> (letters, digits, '.', '_', '-')."""
     runs_dir: str = "runs"
+    """Directory holding the runs."""
     model: str = "demo"
+    """`demo` or a local diffusers pipeline directory."""
     prompts: str = "data/prompts/demo.jsonl"
+    """Prompt file: .txt (one prompt per line) or .jsonl (prompt, group, attributes)."""
     device: str = "cpu"
+    """torch device: cpu, cuda, cuda:1 ..."""
     dtype: str = "float32"
+    """float32, float16 or bfloat16."""
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
@@ -121,58 +132,161 @@ class RunConfig:
 
 SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig, "analysis": AnalysisConfig,
             "interventions": InterventionsConfig}
+TOP_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)
+
+
+def section_class(section: str):
+    """The dataclass of a config section ("" for the top level)."""
+    return RunConfig if section == "" else SECTIONS[section]
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstrings written under each dataclass field (of cls and its dataclass bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None], strict=True):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def _check_keys(obj: dict, cls, where: str) -> None:
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(obj) - allowed
+    allowed = {f.name for f in dataclasses.fields(cls)} - (set(SECTIONS) if cls is RunConfig else set())
+    unknown = set(obj) - allowed - (set(SECTIONS) if cls is RunConfig else set())
     if unknown:
         names, allowed_names = ", ".join(sorted(unknown)), ", ".join(sorted(allowed))
-        raise DifflensError(f"{where}: unknown key(s) {names}; allowed: {allowed_names}")
+        raise DifflensError(f"{where}: unknown key(s) {names}; valid keys: {allowed_names}")
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[str]": (list,),
+          "list[int]": (list,)}
+
+
+def _check_types(obj, cls, where: str) -> None:
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in obj.items():
+        want = _TYPES.get(str(hints.get(key)))
+        if want is None or key in SECTIONS:
+            continue
+        bad = not isinstance(value, want) or (bool not in want and isinstance(value, bool))
+        if bad:
+            raise DifflensError(f"{where}: {key} must be {hints[key]} (got {value!r})")
 
 
 def from_dict(data: dict, where: str = "config") -> RunConfig:
+    """A RunConfig from a (possibly partial) dict; unknown keys and wrong types are one-line errors."""
     top = {k: v for k, v in data.items() if k not in SECTIONS}
     _check_keys(top, RunConfig, where)
+    _check_types(top, RunConfig, where)
     sections = {}
     for name, cls in SECTIONS.items():
         sec = data.get(name, {})
         if not isinstance(sec, dict):
             raise DifflensError(f"{where}: [{name}] must be a table")
         _check_keys(sec, cls, f"{where} [{name}]")
+        _check_types(sec, cls, f"{where} [{name}]")
         sections[name] = cls(**sec)
     return RunConfig(**top, **sections)
 
 
-def load_config(path: str | Path | None) -> RunConfig:
-    """Defaults, or a TOML file over the defaults."""
-    if path is None:
-        return RunConfig()
+def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise DifflensError(f"config file {path} not found")
+        raise DifflensError(f"config file {path} not found; give a run.toml (see configs/demo.toml)")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise DifflensError(f"{path} is not valid TOML: {exc}") from exc
-    return from_dict(data, str(path))
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Defaults, or a TOML file over the defaults."""
+    return RunConfig() if path is None else from_dict(read_toml(path), str(path))
+
+
+def merge(base: dict, layer: dict) -> dict:
+    """layer over base, section by section (a [sae] table with only k keeps base's other [sae] keys)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in layer.items():
+        if key in SECTIONS and isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """--set KEY=VALUE options -> {"section.key": value}; the value is read as TOML (10, 1e-3, true, "x", [1, 2])
+    and as a plain string when it is not TOML."""
+    out = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise DifflensError(f"--set takes KEY=VALUE, e.g. --set sae.k=32 or --set analysis.pool=max; got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
+def nest(overrides: dict) -> dict:
+    """{"capture.steps": 10, "name": "x"} -> {"capture": {"steps": 10}, "name": "x"}; unknown sections and keys are
+    one-line errors listing the valid ones."""
+    out: dict = {}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        if section and section not in SECTIONS:
+            raise DifflensError(f"unknown config section {section!r} in {key!r}; valid sections: "
+                                f"{', '.join(SECTIONS)} (top-level keys: {', '.join(TOP_KEYS)})")
+        if section:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[name] = value
+    return out
+
+
+def resolve(saved: dict | None = None, file: str | Path | None = None, overrides: dict | None = None,
+            where: str = "options") -> RunConfig:
+    """The one config rule of every command: dataclass defaults < the run's saved config (commands acting on an
+    existing run) < --config FILE < command-line options (dotted keys, None = not given)."""
+    data: dict = {}
+    if saved:
+        data = merge(data, saved)
+    if file is not None:
+        from_dict(read_toml(file), str(file))  # its own errors name the file
+        data = merge(data, read_toml(file))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data = merge(data, nest(given))
+    return from_dict(data, where if given else (str(file) if file else "config"))
 
 
 def override(cfg: RunConfig, **options) -> RunConfig:
-    """Apply CLI options that were given (None means not given); `capture_<field>` targets [capture]."""
+    """Apply options that were given (None means not given) to a config; `capture_<field>` targets [capture]."""
+    dotted = {}
     for key, value in options.items():
-        if value is None:
-            continue
-        for section in SECTIONS:
-            if key.startswith(section + "_"):
-                setattr(getattr(cfg, section), key[len(section) + 1:], value)
-                break
-        else:
-            setattr(cfg, key, value)
-    return cfg
+        section = next((s for s in SECTIONS if key.startswith(s + "_")), "")
+        dotted[f"{section}.{key[len(section) + 1:]}" if section else key] = value
+    return resolve(cfg.to_dict(), overrides=dotted)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
+    """One-line errors for settings out of range; fills in the demo's default layers."""
+    if not RUN_NAME.fullmatch(cfg.name):
+        raise DifflensError(f"run name {cfg.name!r} is not a plain directory name: use letters, digits, '.', '_' and "
+                            f"'-' (the run goes to {cfg.runs_dir}/<name>)")
     validate_analysis(cfg.analysis)
     validate_interventions(cfg.interventions)
     c = cfg.capture

@@ -82,6 +82,20 @@ class RunContext:
                 "analysis": "not been analysed"}.get(stage, f"no finished {stage} stage")
         raise DifflensError(f"{self.root} has {what}; {fix}")
 
+    def resolve(self, file=None, overrides: dict | None = None) -> RunConfig:
+        """This run's config under the one config rule: defaults < saved config < --config FILE < overrides."""
+        from backend.run.config import resolve
+
+        return resolve(saved=self.manifest.get("config") or {}, file=file, overrides=overrides)
+
+    def record_config(self, section: str, values: dict) -> None:
+        """Save a section of the config a command ran with, so the next command on this run resolves the same."""
+        manifest = self.store.read_manifest() or self.manifest
+        manifest.setdefault("config", {})[section] = values
+        self.store.write_manifest(manifest)
+        self.manifest = manifest
+        self.config = from_dict(manifest["config"], f"{self.root}/manifest.json")
+
     def reload(self) -> RunContext:
         self.manifest = self.store.read_manifest() or self.manifest
         return self
@@ -187,3 +201,8 @@ def open_run(run_dir: str | Path, *, device: str | None = None, dtype: str | Non
     if require:
         ctx.require(require)
     return ctx
+
+
+def as_context(run, **open_kw) -> RunContext:
+    """A RunContext from a run directory, or the context itself (stage functions accept either)."""
+    return run if isinstance(run, RunContext) else open_run(run, **open_kw)

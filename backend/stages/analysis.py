@@ -1,5 +1,5 @@
 """The analysis stage: from recorded activity to profiles, peaks, top examples, frequencies, comparisons,
-concept recovery and figures (tables of ../shared/DESIGN.md, per (layer, kind) as hive partitions).
+concept recovery and figures (the analysis tables of docs/run-format.md, per (layer, kind) as hive partitions).
 
 `analyze(run_dir, cfg)` runs every part in order, each per activity partition (layer, kind):
   1. profiles + frequencies   streaming pass over the activity shards (profiles.py, frequencies.py)
@@ -10,45 +10,47 @@ concept recovery and figures (tables of ../shared/DESIGN.md, per (layer, kind) a
   5. concepts                 AUROC per attribute value, heat-map localisation of position (concepts.py)
                               -> concepts, localisation, concept_summary
   6. plots                    profile figures of top units (plots.py)
-Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; a
-change of the inputs (activity or generations files) or of the config recomputes everything.
+Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; the
+stage key (docs/run-format.md) covers the inputs (activity and generations files) and the config, so a change of
+either recomputes everything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import shutil
 import time
-from pathlib import Path
 
 import polars as pl
 
 from backend.analysis.config import AnalysisConfig, validate
-from backend.analysis.inputs import ANALYSIS_TABLES, Partition, RunInputs, connect, fingerprint, load_inputs
+from backend.analysis.inputs import Partition, RunInputs, connect, fingerprint, load_inputs
 from backend.errors import DifflensError
-from backend.run.store import RunStore
+from backend.run.schema import tables_of_stage
+from backend.run.store import RunStore, stage_key
 
-__all__ = ["AnalysisConfig", "analyze", "config_of_run"]
+__all__ = ["AnalysisConfig", "analyze"]
 
 STAGE = "analysis"
 SHARD = "part-0000000"
 
 
-def analyze(run_dir: str | Path, cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
-    """Run (or resume) every analysis part on run_dir; returns a summary (also stored in the manifest)."""
+def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
+    """Run (or resume) every analysis part on a run (directory or RunContext); returns a summary (also stored in
+    the manifest). The settings are recorded as the run's [analysis] config."""
     from backend.analysis.examples import REPLAY_STAGE
 
     cfg = validate(cfg or AnalysisConfig())
     t0 = time.time()
-    inputs = load_inputs(run_dir)
+    inputs = load_inputs(run)
     store = inputs.store
-    key = hashlib.sha256(json.dumps([fingerprint(inputs), cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:16]
-    if inputs.manifest.get("stages", {}).get(STAGE, {}).get("key") != key:
-        _reset(store, REPLAY_STAGE)
-    store.update_stage(STAGE, status="running", key=key, started=t0, config=cfg.to_dict(), pending=inputs.pending,
-                       partitions=[p.name for p in inputs.partitions])
+    inputs.ctx.record_config(STAGE, cfg.to_dict())
+    key = stage_key({"inputs": fingerprint(inputs), "config": cfg.to_dict()})
+    outputs = [f"tables/{t}" for t in tables_of_stage(STAGE)] + [f"tables/{t}.parquet" for t in tables_of_stage(STAGE)]
+    if store.begin_stage(STAGE, key, clear=[*outputs, "_work/analysis", "media/plots"], started=t0,
+                         config=cfg.to_dict(), pending=inputs.pending, partitions=[p.name for p in inputs.partitions]):
+        store.clear_stage_markers(REPLAY_STAGE)
     con = connect(cfg)
     steps = [("profiles", _profiles_part), ("examples", _examples_part), ("comparisons", _comparisons_part),
              ("concepts", _concepts_part), ("plots", _plots_part)]
@@ -64,31 +66,6 @@ def analyze(run_dir: str | Path, cfg: AnalysisConfig | None = None, progress: bo
     store.update_stage(STAGE, status="done", finished=time.time(), seconds=seconds, results=results)
     return {"out_dir": str(store.root), "partitions": [p.name for p in inputs.partitions], "pending": inputs.pending,
             "seconds": seconds, **results}
-
-
-def config_of_run(run_dir: str | Path, **overrides) -> AnalysisConfig:
-    """The settings a run was last analysed with (else its run config's [analysis], else the defaults), with
-    the overrides that are not None applied."""
-    manifest = RunStore(run_dir).read_manifest() or {}
-    saved = (manifest.get("stages", {}).get(STAGE, {}).get("config")
-             or manifest.get("config", {}).get("analysis") or {})
-    known = {f for f in AnalysisConfig.__dataclass_fields__}
-    cfg = AnalysisConfig(**{k: v for k, v in saved.items() if k in known})
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    return cfg
-
-
-def _reset(store: RunStore, replay_stage: str) -> None:
-    """Forget every analysis output: the inputs or the config changed."""
-    for table in ANALYSIS_TABLES:
-        shutil.rmtree(store.table_dir(table), ignore_errors=True)
-        (store.root / "tables" / f"{table}.parquet").unlink(missing_ok=True)
-    shutil.rmtree(store.root / "_work" / "analysis", ignore_errors=True)
-    shutil.rmtree(store.root / "media" / "plots", ignore_errors=True)
-    store.clear_stage_markers(STAGE)
-    store.clear_stage_markers(replay_stage)
 
 
 def read_part(store: RunStore, table: str, part: Partition) -> pl.DataFrame:
@@ -216,5 +193,5 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
 def _plots_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
     from backend.analysis.plots import write_run_plots
 
-    paths = write_run_plots(inputs.store.root, cfg, partitions=inputs.partitions)
+    paths = write_run_plots(inputs.ctx, cfg, partitions=inputs.partitions)
     return {"figures": len(paths), "dir": "media/plots"}

@@ -29,8 +29,9 @@ from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import HookEvent, read_activations
 from backend.run import distributed
 from backend.run.config import RunConfig, file_digest, validate
+from backend.run.context import is_run
 from backend.run.prompts import PromptRecord, load_prompts
-from backend.run.store import RunStore, shard_name
+from backend.run.store import RunStore, shard_name, stage_key
 
 STAGE = "capture"
 FEATURES_STAGE = "features"  # a later pass that records SAE features of an already captured run
@@ -73,12 +74,16 @@ def versions() -> dict:
 
 
 def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
-    """Create or reopen the run directory; refuse one holding a run of another config unless overwrite."""
+    """Create or reopen the run directory; refuse one holding a run of another config unless overwrite.
+
+    Call only after everything the capture needs has been validated (see `plan`): a refused or failed command must
+    leave no half-made run behind.
+    """
     import shutil
 
     store = RunStore(cfg.out_dir)
-    manifest = store.read_manifest()
     root = store.root
+    manifest = store.read_manifest() if is_run(root) else None
     if manifest is None and root.exists() and any(root.iterdir()):
         raise DifflensError(f"{root} exists and is not a difflens run (no manifest.json); choose another --name")
     if manifest is not None and manifest.get("identity") != run_identity(cfg):
@@ -91,11 +96,57 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
         manifest = None
     if manifest is not None:
         store.remove_stale_temporaries()
+        store.write_manifest({**manifest, "config": cfg.to_dict()})  # the settings of later stages may change
     else:
         root.mkdir(parents=True, exist_ok=True)
         store.write_manifest({"identity": run_identity(cfg), "config": cfg.to_dict(), "versions": versions(),
                               "created": time.time(), "stages": {}})
     return store
+
+
+@dataclass
+class CapturePlan:
+    """Everything a capture needs, validated before anything is written."""
+
+    cfg: RunConfig
+    prompts: list[PromptRecord]
+    model: DiffusionModel
+    encoders: dict[str, FeatureEncoder]
+    n_steps: int
+    guidance: float
+
+
+def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str, FeatureEncoder] | None = None,
+         device: str | None = None) -> CapturePlan:
+    """Validate the config, the prompts (against the model's tokenizer), the layers and the SAEs; touches no file."""
+    from backend.models import load_model, parse_dtype
+    from backend.models.layers import check_layers
+
+    cfg = validate(cfg)
+    prompts = load_prompts(cfg.prompts)
+    model = model or load_model(cfg.model, device=device or cfg.device, dtype=parse_dtype(cfg.dtype))
+    c = cfg.capture
+    check_layers(model, c.layers)
+    model.check_prompts([p.prompt for p in prompts])
+    encoders = encoders or {}
+    unknown = sorted(set(encoders) - set(c.layers))
+    if unknown:
+        raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
+                            f"(layers: {', '.join(c.layers)})")
+    n_steps = c.steps or model.default_steps
+    guidance = model.default_guidance if c.guidance < 0 else c.guidance
+    if c.half == "both" and guidance > 1:
+        raise DifflensError("capture.half='both' with CFG records two rows per generation; use cond or uncond")
+    return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance)
+
+
+def capture_with_saes(cfg: RunConfig, sae_options: list[str] | None, overwrite: bool = False,
+                      progress: bool = True) -> CaptureSummary:
+    """`capture --sae LAYER=PATH ...`: load each SAE on this rank's device, then capture (or the features pass)."""
+    saes = parse_sae_options(sae_options)
+    device = distributed.local_device(cfg.device)
+    encoders = {layer: SAEEncoder(path, device=device) for layer, path in saes.items()}
+    return capture(cfg, overwrite=overwrite, encoders=encoders or None, progress=progress)
 
 
 class _Recorder:
@@ -313,49 +364,36 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
 
     With encoders (SAEs by layer), feature activity is recorded too: in the same pass while the run is being
     captured, or, once capture is complete, in a features pass that rewrites only the feature tables.
+    Everything is validated before the run directory is created or touched.
     """
-    from backend.models import load_model, parse_dtype
-
-    cfg = validate(cfg)
-    prompts = load_prompts(cfg.prompts)
     with distributed.distributed(cfg.device) as dist:
-        device = distributed.local_device(cfg.device)
+        p = plan(cfg, model, encoders, device=distributed.local_device(cfg.device))
+        cfg, model, encoders, c = p.cfg, p.model, p.encoders, p.cfg.capture
         if dist.is_main:
             store = prepare_run_dir(cfg, overwrite)
         dist.barrier()
         store = RunStore(cfg.out_dir)
         manifest = store.read_manifest() or {}
+        capture_key = stage_key(run_identity(cfg))
         captured = manifest.get("stages", {}).get(STAGE, {}).get("status") == "done"
         stage = FEATURES_STAGE if encoders and captured else STAGE
-        sae_ids = {layer: getattr(e, "identity", "") for layer, e in (encoders or {}).items()}
-        if stage == FEATURES_STAGE:
-            dist.barrier()
-            if dist.is_main and manifest.get("stages", {}).get(FEATURES_STAGE, {}).get("sae_ids") != sae_ids:
-                store.clear_stage_markers(FEATURES_STAGE)  # other SAEs than last time: recompute everything
-            dist.barrier()
-        model = model or load_model(cfg.model, device=device, dtype=parse_dtype(cfg.dtype))
-        from backend.models.layers import check_layers
-
-        check_layers(model, cfg.capture.layers)
-        c = cfg.capture
-        unknown = sorted(set(encoders or {}) - set(c.layers))
-        if unknown:
-            raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
-                                f"(layers: {', '.join(c.layers)})")
-        hooked = [layer for layer in c.layers if layer in (encoders or {})] if stage == FEATURES_STAGE else c.layers
-        n_steps = c.steps or model.default_steps
-        guidance = model.default_guidance if c.guidance < 0 else c.guidance
-        if c.half == "both" and guidance > 1:
-            raise DifflensError("capture.half='both' with CFG records two rows per generation; use cond or uncond")
-        gens = plan_generations(prompts, c.images_per_prompt, c.seed)
+        sae_ids = {layer: getattr(e, "identity", "") for layer, e in encoders.items()}
+        hooked = [layer for layer in c.layers if layer in encoders] if stage == FEATURES_STAGE else c.layers
+        n_steps, guidance = p.n_steps, p.guidance
+        gens = plan_generations(p.prompts, c.images_per_prompt, c.seed)
         mine = [g for g in gens if g.gen_id % dist.world == dist.rank]
         batches = [mine[i:i + c.batch_size] for i in range(0, len(mine), c.batch_size)]
         t0 = time.perf_counter()
         if dist.is_main:
             store.write_table("steps", _steps_table(model, n_steps))
-            store.update_stage(stage, status="running", started=time.time(), layers=c.layers, n_steps=n_steps,
-                               guidance=guidance, generations=len(gens),
-                               **({"sae_ids": sae_ids} if stage == FEATURES_STAGE else {}))
+            fields = dict(started=time.time(), layers=c.layers, n_steps=n_steps, guidance=guidance,
+                          generations=len(gens))
+            if stage == FEATURES_STAGE:
+                store.begin_stage(stage, stage_key({"capture": capture_key, "saes": sae_ids}), sae_ids=sae_ids,
+                                  **fields)
+            else:
+                store.begin_stage(stage, capture_key, **fields)
+        dist.barrier()
         run, skipped = 0, 0
         stats = WriteStats()
         pending: list[Future] = []

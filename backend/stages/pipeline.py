@@ -22,19 +22,24 @@ class RunAllSummary:
 
 def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunAllSummary:
     """Run every stage into cfg.out_dir; a finished stage is skipped, an interrupted one resumes."""
+    from backend.models.layers import layer_channels
     from backend.run.store import RunStore
-    from backend.stages.capture import SAEEncoder, capture
-    from backend.stages.sae import train_saes
+    from backend.stages.capture import SAEEncoder, capture, plan
+    from backend.stages.sae import check_train_config, train_saes
 
     summary = RunAllSummary(cfg.out_dir)
     with distributed.distributed(cfg.device):  # one process group for every stage under torchrun / srun
-        summary.stages["capture"] = capture(cfg, overwrite=overwrite, progress=progress)
-        summary.stages["sae"] = train_saes(cfg.out_dir, cfg.sae, progress=progress)
+        checked = plan(cfg, device=distributed.local_device(cfg.device))  # every stage's settings, before any write
+        for layer in cfg.sae.layers or checked.cfg.capture.layers:
+            check_train_config(cfg.sae.train_config(), layer_channels(checked.model, layer), layer)
+        summary.stages["capture"] = capture(checked.cfg, overwrite=overwrite, model=checked.model, progress=progress)
+        summary.stages["sae"] = train_saes(cfg.out_dir, cfg.sae, overwrite=overwrite, progress=progress)
         if cfg.sae.record_features:
             store = RunStore(cfg.out_dir)
             encoders = {layer: SAEEncoder(store.sae_dir(layer), device=distributed.local_device(cfg.device))
                         for layer in summary.stages["sae"]}
-            summary.stages["features"] = capture(cfg, encoders=encoders, progress=progress)
+            summary.stages["features"] = capture(checked.cfg, encoders=encoders, model=checked.model,
+                                                 progress=progress)
         if distributed.from_env().is_main:  # analysis needs no collectives: the other ranks are done here
             from backend.stages.analysis import analyze
             from backend.stages.interventions import run_interventions

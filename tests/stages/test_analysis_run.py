@@ -162,7 +162,7 @@ def test_interventions_stage_writes_every_table_and_resumes(run_dir, tmp_path, m
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    cfg = InterventionsConfig(top_units=1, steer_seeds=[0], edit_features=2, concept_seeds=2, dream_steps=3,
+    cfg = InterventionsConfig(top_units=1, steer_seeds=[0], edit_features=2, concept_seeds=2, dream_iterations=3,
                               dream_seeds=1)
     summary = run_interventions(copy, cfg, progress=False)
     steered = {k for k in summary["results"] if k.startswith("steer-")}

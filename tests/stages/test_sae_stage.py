@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 import torch
 from capture_runs import make_cfg
+from run_snapshots import tree_digest
 
 from backend.errors import DifflensError
 from backend.models import load_model
@@ -68,14 +69,33 @@ def test_stage_trains_every_layer_and_records_metrics(demo_run, trained):
     assert set(curve["layer"]) == set(trained) and curve["fvu"].is_finite().all()
 
 
-def test_rerun_keeps_finished_saes_and_changed_settings_retrain(demo_run, trained):
+def test_rerun_keeps_finished_saes_and_changed_settings_need_overwrite(demo_run, trained):
     weights = demo_run.out_dir / "sae" / LAYER / "sae.safetensors"
     before = weights.read_bytes()
     again = train_saes(demo_run.out_dir, small_sae_cfg(), progress=False)
     assert again == trained and weights.read_bytes() == before
-    changed = train_saes(demo_run.out_dir, small_sae_cfg(k=4, layers=[LAYER], splice_samples=0), progress=False)
+    untouched = tree_digest(demo_run.out_dir)
+    with pytest.raises(DifflensError, match=r"other settings \(k 8 -> 4\).*--overwrite") as err:
+        train_saes(demo_run.out_dir, small_sae_cfg(k=4, layers=[LAYER], splice_samples=0), progress=False)
+    assert "\n" not in str(err.value)
+    assert tree_digest(demo_run.out_dir) == untouched  # refused: not one byte changed
+    changed = train_saes(demo_run.out_dir, small_sae_cfg(k=4, layers=[LAYER], splice_samples=0), overwrite=True,
+                         progress=False)
     assert changed[LAYER]["l0"] <= 4 and weights.read_bytes() != before
-    train_saes(demo_run.out_dir, small_sae_cfg(), progress=False)  # restore for the other tests
+    assert not (demo_run.out_dir / "_work" / "sae" / LAYER).exists()  # trained aside, then swapped in
+    train_saes(demo_run.out_dir, small_sae_cfg(), overwrite=True, progress=False)  # restore for the other tests
+
+
+def test_out_of_range_settings_are_refused_before_anything_is_written(demo_run, trained):
+    from typer.testing import CliRunner
+
+    untouched = tree_digest(demo_run.out_dir)
+    r = CliRunner().invoke(app, ["train-sae", "--run", str(demo_run.out_dir), "--k", "100000"])
+    assert r.exit_code == 1 and "sae.k = 100000 is out of range" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, ["train-sae", "--run", str(demo_run.out_dir), "--architecture", "gated"])
+    assert r.exit_code == 1 and "sae.architecture" in r.output
+    assert tree_digest(demo_run.out_dir) == untouched
 
 
 def test_export_sae_cli_writes_a_saelens_directory(demo_run, trained, tmp_path):
