@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.run.manifest import MANIFEST
+from backend.run.manifest import MANIFEST, is_run, not_a_run_message
 
 RUNS_ENV = "DIFFLENS_RUNS"
 DEFAULT_RUNS = "runs"
@@ -126,7 +126,7 @@ def list_runs(root: str | os.PathLike) -> list[str]:
     base = Path(root).resolve()
     if not base.is_dir():
         return []
-    if (base / MANIFEST).is_file():
+    if is_run(base):
         return ["."]
     out = []
     for entry in sorted(os.scandir(base), key=lambda e: e.name):
@@ -136,7 +136,7 @@ def list_runs(root: str | os.PathLike) -> list[str]:
             path = safe_path(base, entry.name)
         except UnsafePath:
             continue
-        if (path / MANIFEST).is_file():
+        if is_run(path):
             out.append(entry.name)
     return out
 
@@ -168,9 +168,8 @@ def open_run(root: str | os.PathLike, name: str) -> Run:
     """A Run for name under root; RunError when it is not a run directory, UnsafePath when it leaves root."""
     base = Path(root).resolve()
     path = safe_path(base, name)
-    if not (path / MANIFEST).is_file():
-        raise RunError(f"`{name}` is not a run directory under {base} (no manifest.json): run "
-                       "`python cli.py run-all` to make one")
+    if not is_run(path):
+        raise RunError(not_a_run_message(f"`{name}` under {base}"))
     return Run(str(base), name, str(path), signature(path))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from backend.errors import DifflensError
 from backend.run.config import RunConfig, from_dict
-from backend.run.manifest import captured_guidance, captured_steps, stage
+from backend.run.manifest import captured_guidance, captured_steps, is_run, not_a_run, stage
 from backend.run.store import RunStore
 
 KINDS = ("channel", "feature")
@@ -36,15 +36,6 @@ def check_unit(kind: str, unit: int, n_units: int, layer: str = "") -> int:
         where = f" of {layer}" if layer else ""
         raise DifflensError(f"unknown {kind} {unit}{where}: valid {kind}s are 0..{n_units - 1}")
     return int(unit)
-
-
-def not_a_run(path: str | Path) -> DifflensError:
-    return DifflensError(f"{path} is not a run directory (no manifest.json); make one with `python cli.py run-all` "
-                         "or `python cli.py capture`")
-
-
-def is_run(path: str | Path) -> bool:
-    return (Path(path) / "manifest.json").is_file()
 
 
 class RunContext:

@@ -34,3 +34,19 @@ def captured_guidance(manifest: dict) -> float | None:
 
 def manifest_path(root: str | Path) -> Path:
     return Path(root) / MANIFEST
+
+
+def is_run(path: str | Path) -> bool:
+    """The one test of "is this a run directory": it holds a manifest.json."""
+    return manifest_path(path).is_file()
+
+
+def not_a_run_message(path: str | Path) -> str:
+    return (f"{path} is not a run directory (no manifest.json); make one with `python cli.py run-all` or "
+            "`python cli.py capture`")
+
+
+def not_a_run(path: str | Path):
+    from backend.errors import DifflensError
+
+    return DifflensError(not_a_run_message(path))
