@@ -127,3 +127,50 @@ def build_pixart(root: Path) -> Path:
     out = root / "pixart"
     pipe.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+# The schedulers the real checkpoints ship (their scheduler/scheduler_config.json, keys that matter), so the
+# equivalence tests run our loop with each family's real default and not only the one a tiny pipeline was built
+# with. SD 1.5 ships PNDM (PLMS, skip_prk_steps: n + 1 denoiser calls), SD 2.1 DDIM with v-prediction, SDXL-base
+# Euler with "leading" spacing (its initial noise scale depends on the step count), SDXL-Turbo Euler-ancestral with
+# "trailing" spacing, PixArt-alpha DPM-Solver++ (2nd order multistep).
+_SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 trained_betas=None)
+REAL_SCHEDULERS = {
+    "sd15-pndm": ("sd_dir", "PNDMScheduler",
+                  _SD_BETAS | dict(skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False)),
+    "sd21-ddim-v": ("sd_dir", "DDIMScheduler",
+                    _SD_BETAS | dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                     prediction_type="v_prediction", skip_prk_steps=True)),
+    "sdxl-base-euler-leading": ("sdxl_dir", "EulerDiscreteScheduler",
+                                _SD_BETAS | dict(interpolation_type="linear", prediction_type="epsilon",
+                                                 steps_offset=1, timestep_spacing="leading",
+                                                 use_karras_sigmas=False)),
+    "sdxl-turbo-euler-a-trailing": ("sdxl_turbo_dir", "EulerAncestralDiscreteScheduler",
+                                    _SD_BETAS | dict(prediction_type="epsilon", steps_offset=1,
+                                                     timestep_spacing="trailing")),
+    "sdxl-turbo-euler-trailing": ("sdxl_turbo_dir", "EulerDiscreteScheduler",
+                                  _SD_BETAS | dict(prediction_type="epsilon", steps_offset=1,
+                                                   timestep_spacing="trailing")),
+    "pixart-dpm-solver": ("pixart_dir", "DPMSolverMultistepScheduler",
+                          dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                               trained_betas=None, algorithm_type="dpmsolver++", solver_order=2,
+                               solver_type="midpoint", lower_order_final=True, euler_at_final=False,
+                               prediction_type="epsilon", thresholding=False, timestep_spacing="linspace",
+                               steps_offset=0, use_karras_sigmas=False, variance_type=None)),
+}
+
+
+def with_scheduler(src: Path, dst: Path, class_name: str, config: dict) -> Path:
+    """A copy of the pipeline directory src at dst (components linked, not copied) with another scheduler."""
+    import diffusers
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in src.iterdir():
+        if part.name not in ("scheduler", "model_index.json") and not (dst / part.name).exists():
+            (dst / part.name).symlink_to(part.resolve(), target_is_directory=part.is_dir())
+    index = json.loads((src / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", class_name]
+    (dst / "model_index.json").write_text(json.dumps(index, indent=2))
+    getattr(diffusers, class_name).from_config(config).save_pretrained(str(dst / "scheduler"))
+    return dst

@@ -79,6 +79,7 @@ class DiffusionModel:
 
     def initial_latents(self, generators: list[torch.Generator], height: int | None = None,
                         width: int | None = None) -> torch.Tensor:
+        """Seeded noise scaled by self.scheduler.init_noise_sigma: call timesteps(n_steps) first."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,11 @@ class DiffusionModel:
         raise NotImplementedError
 
     def timesteps(self, n_steps: int) -> torch.Tensor:
-        """Set up the scheduler for a new generation of n_steps and return its timesteps."""
+        """Set up the scheduler for a new generation of n_steps and return its timesteps, one per denoiser call.
+
+        Their number can exceed n_steps: PNDM (PLMS with skip_prk_steps, the scheduler SD 1.x ships) evaluates the
+        denoiser n_steps + 1 times, its second timestep twice. Size per-step buffers by len(timesteps), not n_steps.
+        """
         self.scheduler.set_timesteps(n_steps, device=self.device)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -131,8 +136,10 @@ class DiffusionModel:
         cfg = guidance > 1.0
         cond, uncond = self.encode_prompts(list(prompts), cfg)
         generators = seed_generators(seeds)
+        # the schedule first: the initial noise scale (init_noise_sigma) can depend on it (Euler, "leading" spacing)
+        timesteps = self.timesteps(n_steps)
         latents = self.initial_latents(generators, height, width)
-        for i, t in enumerate(self.timesteps(n_steps)):
+        for i, t in enumerate(timesteps):
             self.step_index = i
             latents = self.step(latents, t, cond, uncond, guidance, generators)
             if on_step is not None:

@@ -1,10 +1,12 @@
 """Adapters for latent-diffusion pipelines from diffusers: Stable Diffusion 1.x/2.x, SDXL (and SDXL-Turbo),
-and PixArt-alpha (a transformer denoiser). Prompt encoding and latent preparation reuse the pipeline's own
-methods, so our loop matches the pipeline's `__call__`; only the loop itself is ours (to hook it)."""
+and PixArt-alpha (a transformer denoiser). Prompt encoding reuses the pipeline's own methods and the initial
+latents are drawn as its prepare_latents draws them, so our loop matches the pipeline's `__call__` (tested with
+each family's shipped scheduler); only the loop itself is ours (to hook it)."""
 
 from __future__ import annotations
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from backend.models.base import Cond, DiffusionModel
 
@@ -31,9 +33,14 @@ class _VaeDecodeMixin:
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def initial_latents(self, generators, height=None, width=None) -> torch.Tensor:
+        """The pipeline's prepare_latents, but scaled by *our* scheduler after its set_timesteps: the pipeline's
+        scheduler is not the one stepped, and Euler's init_noise_sigma depends on the schedule ("leading" spacing,
+        SDXL-base: 13.16 at 50 steps, 14.65 before set_timesteps)."""
         h, w = height or self.default_resolution[0], width or self.default_resolution[1]
-        channels = self.denoiser.config.in_channels
-        return self.pipe.prepare_latents(len(generators), channels, h, w, self.dtype, self.device, generators)
+        scale = self.pipe.vae_scale_factor
+        shape = (len(generators), self.denoiser.config.in_channels, int(h) // scale, int(w) // scale)
+        noise = randn_tensor(shape, generator=list(generators), device=self.device, dtype=self.dtype)
+        return noise * self.scheduler.init_noise_sigma
 
     @property
     def default_resolution(self) -> tuple[int, int]:

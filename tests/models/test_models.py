@@ -3,6 +3,7 @@ the denoiser [uncond; cond] under CFG, and matches the diffusers pipeline's own 
 
 import pytest
 import torch
+from tiny_pipelines import REAL_SCHEDULERS, with_scheduler
 
 from backend.errors import ModelLoadError
 from backend.models import load_model
@@ -81,6 +82,69 @@ def test_our_loop_matches_the_diffusers_pipeline(request, name, cfg_on):
     ref = model.pipe(PROMPT, generator=torch.Generator().manual_seed(7), num_inference_steps=4,
                      guidance_scale=guidance, output_type="pt", **extra).images
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=list(REAL_SCHEDULERS))
+def shipped(request, tmp_path_factory):
+    """A tiny pipeline of the family with the scheduler its real checkpoint ships: (variant, fixture, path)."""
+    base, class_name, config = REAL_SCHEDULERS[request.param]
+    path = with_scheduler(request.getfixturevalue(base), tmp_path_factory.mktemp(request.param), class_name, config)
+    return request.param, base, path
+
+
+def reference(model, base, guidance, n_steps, seed=7):
+    extra = {"use_resolution_binning": False, "clean_caption": False} if base == "pixart_dir" else {}
+    return model.pipe(PROMPT, generator=torch.Generator().manual_seed(seed), num_inference_steps=n_steps,
+                      guidance_scale=guidance, output_type="pt", **extra).images.float()
+
+
+@pytest.mark.parametrize("n_steps", [4, 7])
+@pytest.mark.parametrize("cfg_on", [True, False])
+def test_our_loop_matches_the_pipeline_with_the_shipped_scheduler(shipped, n_steps, cfg_on):
+    variant, base, path = shipped
+    model = load_model(str(path))
+    assert type(model.scheduler).__name__ == REAL_SCHEDULERS[variant][1]
+    guidance = (2.0 if base == "sdxl_turbo_dir" else FAMILIES[base][1]) if cfg_on else 1.0
+    ours = model.generate([PROMPT], [7], n_steps=n_steps, guidance=guidance)
+    torch.testing.assert_close(ours, reference(model, base, guidance, n_steps), atol=1e-5, rtol=1e-5)
+    reference(model, base, guidance, n_steps + 5)  # the pipeline's own scheduler state must not leak into ours
+    torch.testing.assert_close(model.generate([PROMPT], [7], n_steps=n_steps, guidance=guidance), ours,
+                               atol=0, rtol=0)
+
+
+def test_sdxl_base_starts_from_the_noise_scale_of_its_steps(sdxl_dir, tmp_path):
+    """SDXL-base's Euler "leading" spacing: the first sigma depends on the step count (13.16 at 50 steps, 14.65 for
+    the schedule before set_timesteps); our first latents must use the schedule that is stepped."""
+    _, class_name, config = REAL_SCHEDULERS["sdxl-base-euler-leading"]
+    model = load_model(str(with_scheduler(sdxl_dir, tmp_path / "sdxl-base", class_name, config)))
+    assert model.pipe.scheduler.init_noise_sigma == pytest.approx(14.65, abs=0.01)
+    first = []
+    handle = model.denoiser.register_forward_pre_hook(lambda m, args: first.append(args[0].clone()) if not first
+                                                      else None)
+    try:
+        ours = model.generate([PROMPT], [3], n_steps=50, guidance=1.0)
+    finally:
+        handle.remove()
+    assert float(model.scheduler.init_noise_sigma) == pytest.approx(13.16, abs=0.01)
+    # Euler feeds the denoiser latents / sqrt(sigma_0^2 + 1): exactly the unit-variance noise of the seed
+    noise = torch.randn(first[0].shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first[0], noise)
+    torch.testing.assert_close(ours, reference(model, "sdxl_dir", 1.0, 50, seed=3), atol=1e-5, rtol=1e-5)
+
+
+def test_pndm_calls_the_denoiser_once_per_timestep(sd_dir, tmp_path):
+    """SD 1.5's shipped PNDM runs n_steps + 1 denoiser calls (PLMS warm-up repeats its second timestep): hooks see
+    step indices 0..len(timesteps) - 1, which is what per-step buffers must be sized by."""
+    _, class_name, config = REAL_SCHEDULERS["sd15-pndm"]
+    model = load_model(str(with_scheduler(sd_dir, tmp_path / "sd15", class_name, config)))
+    assert model.timesteps(4).tolist() == [751, 501, 501, 251, 1]
+    seen = []
+    handle = model.denoiser.register_forward_pre_hook(lambda m, args: seen.append(model.step_index))
+    try:
+        model.generate([PROMPT], [0], n_steps=4, guidance=1.0)
+    finally:
+        handle.remove()
+    assert seen == [0, 1, 2, 3, 4]
 
 
 def test_demo_reference_pipeline_call_matches_adapter(untrained_demo_dir):
