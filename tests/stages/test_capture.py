@@ -336,3 +336,45 @@ def test_sae_errors(reference_run, untrained_demo_dir, prompt_file, tmp_path):
     assert r.exit_code == 1 and "LAYER=PATH" in r.output
     r = runner.invoke(app, [*base, "--sae", f"mid_block.attentions.0={tmp_path}"])
     assert r.exit_code == 1 and "not an SAE directory" in r.output
+
+
+def test_failed_validation_leaves_no_half_made_run(untrained_demo_dir, prompt_file, tmp_path):
+    """An unknown layer or an out-of-vocabulary prompt is refused before the run directory exists, so the corrected
+    command with the same --name then runs (it used to be refused as 'a run with a different config')."""
+    runs = tmp_path / "runs"
+    cfg = make_cfg(untrained_demo_dir, prompt_file, runs, name="v")
+    cfg.capture.layers = ["up_blocks.1.attentions.9"]
+    with pytest.raises(UnknownLayerError):
+        capture(cfg, progress=False)
+    oov = tmp_path / "oov.txt"
+    oov.write_text("a large red circle on the left, gray background\na purple unicorn\n")
+    with pytest.raises(DifflensError, match="unknown word.*purple"):
+        capture(make_cfg(untrained_demo_dir, oov, runs, name="v"), progress=False)
+    assert not (runs / "v").exists()
+    summary = capture(make_cfg(untrained_demo_dir, prompt_file, runs, name="v", steps=2), progress=False)
+    assert summary.generations > 0
+
+
+def test_a_run_name_cannot_leave_the_runs_directory(untrained_demo_dir, prompt_file, tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("../x", "a/b", "..", ""):
+        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "capture",
+                               *cli_args(untrained_demo_dir, prompt_file, runs, name)], capture_output=True, text=True)
+        assert proc.returncode == 1 and "is not a plain directory name" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not runs.exists()
+
+
+def test_a_refused_capture_leaves_an_existing_run_byte_identical(reference_run, untrained_demo_dir, prompt_file):
+    from run_snapshots import tree_digest
+
+    cfg, _ = reference_run
+    before = tree_digest(cfg.out_dir)
+    other = make_cfg(untrained_demo_dir, prompt_file, cfg.runs_dir, name=cfg.name, steps=4)
+    with pytest.raises(DifflensError, match="different config"):
+        capture(other, progress=False)
+    bad = make_cfg(untrained_demo_dir, prompt_file, cfg.runs_dir, name=cfg.name)
+    bad.capture.layers = ["nope"]
+    with pytest.raises(UnknownLayerError):
+        capture(bad, progress=False)
+    assert tree_digest(cfg.out_dir) == before

@@ -131,3 +131,16 @@ def test_errors_are_one_line(demo_run, tmp_path):
         train_saes(tmp_path, small_sae_cfg(), progress=False)
     with pytest.raises(DifflensError, match="unknown export format"):
         export_saes(demo_run.out_dir, None, "onnx")
+
+
+def test_train_sae_without_options_uses_the_run_settings(demo_run, trained):
+    """`train-sae --run R` on a run whose SAEs were trained with k = 8 keeps them (it used to retrain with the CLI's
+    default k and replace them)."""
+    from typer.testing import CliRunner
+
+    untouched = {p: p.read_bytes() for p in (demo_run.out_dir / "sae").rglob("sae.safetensors")}
+    r = CliRunner().invoke(app, ["train-sae", "--run", str(demo_run.out_dir)])
+    assert r.exit_code == 0, r.output
+    assert {p: p.read_bytes() for p in (demo_run.out_dir / "sae").rglob("sae.safetensors")} == untouched
+    saved = json.loads((demo_run.out_dir / "manifest.json").read_text())["config"]["sae"]
+    assert saved["k"] == 8

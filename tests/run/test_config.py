@@ -1,0 +1,88 @@
+"""The one config rule: dataclass defaults < the run's saved config < --config FILE < options; unknown keys and
+wrong types are one-line errors listing the valid keys; CLI options and their help come from the dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from typer.testing import CliRunner
+
+from backend.errors import DifflensError
+from backend.run.config import SECTIONS, RunConfig, field_docs, parse_set, resolve
+from cli import app
+
+
+def test_precedence_defaults_saved_file_options(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[sae]\nk = 8\nexpansion = 4\n[analysis]\npool = \"max\"\n")
+    saved = {"sae": {"k": 32, "expansion": 2, "total_tokens": 1000}, "name": "saved"}
+    cfg = resolve(saved=saved, file=toml, overrides={"sae.k": 4, "analysis.pool": None})
+    assert cfg.sae.k == 4  # option over file over saved
+    assert cfg.sae.expansion == 4  # file over saved
+    assert cfg.sae.total_tokens == 1000  # saved over default
+    assert cfg.analysis.pool == "max"  # an option that was not given (None) does not count
+    assert cfg.name == "saved" and cfg.capture.batch_size == RunConfig().capture.batch_size
+
+
+def test_unknown_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(DifflensError, match=r"unknown key\(s\) kk; valid keys: .*architecture.*total_tokens"):
+        resolve(overrides={"sae.kk": 3})
+    with pytest.raises(DifflensError, match="unknown config section 'saes'.*capture, sae, analysis, interventions"):
+        resolve(overrides={"saes.k": 3})
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[capture]\nstepz = 3\n")
+    with pytest.raises(DifflensError, match=r"bad.toml \[capture\]: unknown key\(s\) stepz; valid keys:"):
+        resolve(file=toml)
+    with pytest.raises(DifflensError, match="steps must be int"):
+        resolve(overrides={"capture.steps": "ten"})
+
+
+def test_set_values_are_read_as_toml():
+    assert parse_set(["sae.k=32", "sae.lr=1e-3", "analysis.pool=max", "capture.layers=[\"a\", \"b\"]",
+                      "interventions.enabled=false"]) == {
+        "sae.k": 32, "sae.lr": 1e-3, "analysis.pool": "max", "capture.layers": ["a", "b"],
+        "interventions.enabled": False}
+    with pytest.raises(DifflensError, match="--set takes KEY=VALUE"):
+        parse_set(["sae.k"])
+
+
+def test_every_config_field_is_documented():
+    for cls in (RunConfig, *SECTIONS.values()):
+        docs = field_docs(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
+        # SAETrainConfig fields without a docstring are named well enough; the run's own sections must say more
+        if cls is not SECTIONS["sae"]:
+            assert set(names) <= set(docs), (cls.__name__, sorted(set(names) - set(docs)))
+
+
+def test_cli_defaults_and_help_come_from_the_dataclasses():
+    runner = CliRunner()
+    out = runner.invoke(app, ["train-sae", "--help"], env={"COLUMNS": "200"}).output
+    default_k = SECTIONS["sae"]().k
+    assert f"[default: {default_k}]" in out and "--k " in out
+    out = runner.invoke(app, ["run-all", "--help"], env={"COLUMNS": "200"}).output
+    assert f"[default: {SECTIONS['sae']().total_tokens}]" in out
+
+
+def test_help_texts_keep_their_brackets():
+    """Rich markup once swallowed `[interventions]` from `intervene --help`."""
+    runner = CliRunner()
+    out = runner.invoke(app, ["intervene", "--help"], env={"COLUMNS": "200"}).output
+    assert "[interventions] section" in out
+    for name, command in [(c.name or c.callback.__name__.replace("_", "-"), c) for c in app.registered_commands]:
+        doc = " ".join((command.callback.__doc__ or "").split())
+        shown = " ".join(runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output.split())
+        for word in [w for w in doc.split() if "[" in w]:
+            assert word in shown, (name, word)
+
+
+def test_one_meaning_per_option_name():
+    """--steps is the number of denoising steps wherever it appears."""
+    runner = CliRunner()
+    for name in ("capture", "run-all", "steer", "ablate", "demo-model sample", "demo-model evaluate"):
+        out = " ".join(runner.invoke(app, [*name.split(), "--help"], env={"COLUMNS": "200"}).output.split())
+        assert "--steps" in out and "enoising steps" in out, name
+    for name, other in (("dream", "--iterations"), ("edit", "--window"), ("demo-model train", "--train-steps")):
+        out = runner.invoke(app, [*name.split(), "--help"], env={"COLUMNS": "200"}).output
+        assert "--steps" not in out and other in out, name
