@@ -1,11 +1,17 @@
 """The interventions stage of run-all: steering, feature edits, concept steering, block ablation and deep dream
 applied to the top units of each analysed (layer, kind), each part a call into its own module:
 
-    steered priors   interventions.steer_run   (top units of every layer and kind)
-    feature edits    interventions.edit_run    (presets none / frequent / rare / all, every layer with an SAE)
-    concept report   interventions.concept_steering_report (demo prompts with attributes only)
-    block ablation   ablation.ablate_run       (every block whose input and output shapes match)
-    deep dream       dream.dream_run           (top units of every layer and kind)
+    steered priors   steer.steer_run             (top units of every layer and kind)
+    feature edits    edit.edit_run               (presets none / frequent / rare / all, every layer with an SAE)
+    concept report   concepts.concept_steering_report (the demo model on prompts with attributes only)
+    block ablation   ablate.ablate_run           (every block whose input and output shapes match)
+    deep dream       dream.dream_run             (top units of every layer and kind)
+
+The run is opened once (backend/run/context.py open_run) and its model, loaded once with the run's device and
+dtype, is handed to every part. Every part runs on every model family except the demo-only ones, which are skipped
+with a note (the stage's `notes` in the manifest, the part's result, and printed): the concept-steering report
+(and its object masks) needs the demo's pixel attribute scorer, and off the demo the steered priors, edits and
+ablations record pixel effects only (no scored attributes).
 
 "Top units" are chosen as the analysis figures choose them (analysis.plots.top_units): each concept's best unit
 first, then the highest-peaked units that are neither dead nor dense. Every finished part leaves a marker under
@@ -20,6 +26,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 from tqdm.auto import tqdm
@@ -27,7 +34,19 @@ from tqdm.auto import tqdm
 from backend.errors import DifflensError
 from backend.run.store import RunStore
 
+if TYPE_CHECKING:
+    from backend.run.context import RunContext
+
 STAGE = "interventions"
+NOT_DEMO = {
+    "concept-report": "the concept-steering report needs the demo model (it scores colours from pixels with the "
+                      "demo's attribute scorer and steers under its object masks)",
+    "attributes": "attributes are not scored off the demo model (the pixel attribute scorer knows the demo's shapes "
+                  "only): steered priors, feature edits and ablations record pixel effects",
+}
+"""Why each demo-only part is skipped on another model (the stage's notes)."""
+NO_ATTRIBUTES = ("the concept-steering report needs prompts with attributes (a .jsonl prompt file with "
+                 "\"attributes\", as data/prompts/demo.jsonl)")
 
 
 @dataclass
@@ -52,7 +71,7 @@ class InterventionsConfig:
     """Skip every candidate block in turn on the run's first prompts."""
     dream: bool = True
     """Deep-dream the top units."""
-    dream_steps: int = 100
+    dream_iterations: int = 100
     """Optimisation steps per dream."""
     dream_seeds: int = 4
     """Dreams per unit (seeds 0..n-1)."""
@@ -62,7 +81,7 @@ class InterventionsConfig:
 
 
 def validate(cfg: InterventionsConfig) -> InterventionsConfig:
-    for name in ("top_units", "edit_features", "concept_seeds", "dream_steps", "dream_seeds"):
+    for name in ("top_units", "edit_features", "concept_seeds", "dream_iterations", "dream_seeds"):
         if getattr(cfg, name) < 1:
             raise DifflensError(f"interventions.{name} must be at least 1 (got {getattr(cfg, name)})")
     if not cfg.steer_seeds:
@@ -100,8 +119,10 @@ def analysed_partitions(store: RunStore) -> list[tuple[str, str]]:
     return [tuple(name.split("/", 1)) for name in names]
 
 
-def planned_parts(store: RunStore, cfg: InterventionsConfig, has_attributes: bool) -> list[tuple[str, dict]]:
-    """(marker name, call) for every part of the stage, in order."""
+def planned_parts(store: RunStore, cfg: InterventionsConfig) -> list[tuple[str, dict]]:
+    """(marker name, call) for every part of the stage, in order. The concept report is planned whenever it is
+    enabled and a layer has features; on a run it cannot serve (not the demo, no attributes) it is a skip with a
+    note."""
     parts: list[tuple[str, dict]] = []
     partitions = analysed_partitions(store)
     top = {(layer, kind): chosen_units(store, layer, kind, cfg.top_units) for layer, kind in partitions}
@@ -110,7 +131,7 @@ def planned_parts(store: RunStore, cfg: InterventionsConfig, has_attributes: boo
             parts.append((f"steer-{layer}-{kind}-{unit}", {"do": "steer", "layer": layer, "kind": kind, "unit": unit}))
     for layer in sorted({layer for layer, kind in partitions if kind == "feature"}):
         parts.append((f"edit-{layer}", {"do": "edit", "layer": layer}))
-    if cfg.concept_report and has_attributes and any(kind == "feature" for _, kind in partitions):
+    if cfg.concept_report and any(kind == "feature" for _, kind in partitions):
         parts.append(("concept-report", {"do": "concepts"}))
     if cfg.ablation:
         parts.append(("ablation", {"do": "ablate"}))
@@ -122,83 +143,99 @@ def planned_parts(store: RunStore, cfg: InterventionsConfig, has_attributes: boo
     return parts
 
 
-def run_interventions(run_dir: str | Path, cfg: InterventionsConfig | None = None, progress: bool = True) -> dict:
-    """Run (or resume) every part of the stage on an analysed run; returns a summary (also in the manifest)."""
+def has_attributes(store: RunStore) -> bool:
+    """The run's prompts carry attributes (a .jsonl prompt file with "attributes", as the demo's)."""
+    gens = pl.read_parquet(store.table_glob("generations"))
+    return any(a not in ("", "{}") for a in gens["attributes"].to_list())
+
+
+def run_interventions(run: str | Path | RunContext, cfg: InterventionsConfig | None = None, progress: bool = True,
+                      model=None) -> dict:
+    """Run (or resume) every part of the stage on an analysed run (a directory or an open RunContext; `model`: the
+    run's model already loaded); returns a summary (also in the manifest): parts, seconds, results per part and
+    notes (what was skipped and why)."""
+    from backend.interventions.effects import is_demo
+    from backend.run.context import RunContext, open_run
+
     cfg = validate(cfg or InterventionsConfig())
-    store = RunStore(run_dir)
-    manifest = store.read_manifest()
-    if manifest is None:
-        raise DifflensError(f"{run_dir} is not a run directory (no manifest.json); run `python cli.py run-all` first")
-    if manifest.get("stages", {}).get("analysis", {}).get("status") != "done":
-        raise DifflensError(f"{run_dir} has not been analysed; run `python cli.py analyze --run {run_dir}` first")
+    ctx = run.require("analysis") if isinstance(run, RunContext) else open_run(run, model=model, require="analysis")
     if not cfg.enabled:
         return {"skipped": "interventions.enabled = false"}
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), manifest["stages"]["analysis"].get("key")],
+    store = ctx.store
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), ctx.stage("analysis").get("key")],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    if manifest.get("stages", {}).get(STAGE, {}).get("key") != key:
+    before = ctx.stage(STAGE)
+    if before.get("key") != key:
         store.clear_stage_markers(STAGE)
+        before = {}
     t0 = time.time()
     store.update_stage(STAGE, status="running", key=key, started=t0, config=cfg.to_dict())
-    gens = pl.read_parquet(store.table_glob("generations"))
-    has_attributes = any(a not in ("", "{}") for a in gens["attributes"].to_list())
-    parts = planned_parts(store, cfg, has_attributes)
-    results: dict = dict(manifest.get("stages", {}).get(STAGE, {}).get("results") or {})
-    model = None
+    parts = planned_parts(store, cfg)
+    results: dict = dict(before.get("results") or {})
+    notes: list[str] = list(before.get("notes") or [])
+
+    def note(text: str) -> None:
+        if text not in notes:
+            notes.append(text)
+            if progress:
+                tqdm.write(f"note: {text}")
+
     with tqdm(total=len(parts), desc="interventions", unit="part", disable=not progress) as bar:
         for name, call in parts:
             if store.batch_done(STAGE, name):
                 bar.update(1)
                 continue
-            if model is None:
-                model = _load_run_model(manifest)
             bar.set_postfix_str(name[:40])
-            results[name] = _run_part(store.root, call, cfg, model)
+            demo = is_demo(ctx.model)  # the run's model: loaded once, here, only when a part is left to do
+            if not demo and call["do"] in ("steer", "edit", "ablate"):
+                note(NOT_DEMO["attributes"])
+            results[name] = _run_part(ctx, call, cfg, demo)
+            if "skipped" in results[name]:
+                note(f"{name} skipped: {results[name]['skipped']}")
             store.mark_batch_done(STAGE, name)
-            store.update_stage(STAGE, results=results)
+            store.update_stage(STAGE, results=results, notes=notes)
             bar.update(1)
     seconds = round(time.time() - t0, 3)
-    store.update_stage(STAGE, status="done", finished=time.time(), seconds=seconds, results=results)
-    return {"parts": len(parts), "seconds": seconds, "results": results}
+    store.update_stage(STAGE, status="done", finished=time.time(), seconds=seconds, results=results, notes=notes)
+    return {"parts": len(parts), "seconds": seconds, "results": results, "notes": notes}
 
 
-def _load_run_model(manifest: dict):
-    from backend.models import load_model, parse_dtype
-
-    config = manifest["config"]
-    return load_model(config["model"], device=config.get("device", "cpu"),
-                      dtype=parse_dtype(config.get("dtype", "float32")))
-
-
-def _run_part(run_dir: Path, call: dict, cfg: InterventionsConfig, model) -> dict:
-    """One part; returns what the summary keeps of it."""
+def _run_part(ctx: RunContext, call: dict, cfg: InterventionsConfig, demo: bool) -> dict:
+    """One part on the run's model; returns what the summary keeps of it ({"skipped": why} for a demo-only part
+    this run cannot serve)."""
     from backend.interventions import ablate as ablation
     from backend.interventions import concepts as concept_report
     from backend.interventions import dream
     from backend.interventions import edit as feature_edits
     from backend.interventions import steer as interventions
 
-    do = call["do"]
+    do, model, store = call["do"], ctx.model, ctx.store
     if do == "steer":
-        steps = steer_steps(RunStore(run_dir), call["layer"], call["kind"], call["unit"])
-        res = interventions.steer_run(run_dir, call["layer"], call["kind"], call["unit"], scale=cfg.steer_scale,
+        steps = steer_steps(store, call["layer"], call["kind"], call["unit"])
+        res = interventions.steer_run(ctx.root, call["layer"], call["kind"], call["unit"], scale=cfg.steer_scale,
                                       steps=steps, seeds=cfg.steer_seeds, model=model)
-        return {"grid": RunStore(run_dir).relative(Path(res.grid)), "mean_effect": float(res.rows["effect"].mean())}
+        return {"grid": store.relative(Path(res.grid)), "mean_effect": float(res.rows["effect"].mean())}
     if do == "edit":
-        res = feature_edits.edit_run(run_dir, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds, model=model)
+        res = feature_edits.edit_run(ctx.root, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds,
+                                     model=model)
         effects = res.rows.group_by("preset", maintain_order=True).agg(pl.col("effect").mean())
-        return {"grid": RunStore(run_dir).relative(Path(res.grid)),
+        return {"grid": store.relative(Path(res.grid)),
                 "mean_effect": {p: round(float(e), 4) for p, e in effects.iter_rows()}}
     if do == "concepts":
-        table = concept_report.concept_steering_report(run_dir, seeds=range(cfg.concept_seeds), model=model)
+        if not demo:
+            return {"skipped": NOT_DEMO["concept-report"]}
+        if not has_attributes(store):
+            return {"skipped": NO_ATTRIBUTES}
+        table = concept_report.concept_steering_report(ctx.root, seeds=range(cfg.concept_seeds), model=model)
         return {r["concept"] + " @ " + r["layer"]: f"{r['hits']}/{r['seeds']}" for r in table.iter_rows(named=True)}
     if do == "ablate":
-        summary, grid = ablation.ablate_run(run_dir, model=model)
-        return {"grid": RunStore(run_dir).relative(Path(grid)), "blocks": summary.height}
+        summary, grid = ablation.ablate_run(ctx.root, model=model)
+        return {"grid": store.relative(Path(grid)), "blocks": summary.height}
     if do == "dream":
-        dcfg = dream.default_config(call["kind"])
-        dcfg.opt_steps = cfg.dream_steps
-        s = dream.dream_run(run_dir, call["layer"], call["kind"], call["unit"], dcfg,
-                            seeds=list(range(cfg.dream_seeds)), progress=False, model=model)
+        dcfg = dream.default_config(call["kind"])  # the latent scale: the model's (dream.latent_scale)
+        dcfg.opt_steps = cfg.dream_iterations
+        s = dream.dream_run(ctx, call["layer"], call["kind"], call["unit"], dcfg,
+                            seeds=list(range(cfg.dream_seeds)), progress=False)
         return {"activation": [round(s["activation_start"], 4), round(s["activation_end"], 4)],
                 "target_steps": s["target_steps"]}
     raise ValueError(f"unknown part {do!r}")
