@@ -21,6 +21,9 @@ PIPELINE_ADAPTERS = {
     "PixArtAlphaPipeline": ("diffusers", "PixArtAlphaPipeline", "PixArtAlphaModel"),
 }
 ADAPTER_MODULES = {"DemoModel": "backend.models.demo"}
+DIFFUSERS_DTYPE_ARG = "0.40"
+"""The first diffusers whose from_pretrained takes `dtype=` (from it on `torch_dtype=` is deprecated); older ones
+ignore it and load float32. pyproject's floor."""
 
 
 def resolve_spec(spec: str) -> Path:
@@ -71,10 +74,35 @@ def load_model(spec: str = "demo", device: str | torch.device = "cpu", dtype: to
                                         use_safetensors=True, **extra)
     except OSError as exc:
         raise ModelLoadError(f"could not load {path}: {str(exc).splitlines()[0]}") from exc
+    check_dtype(pipe, dtype, path)  # before moving it: a float32 copy of a large model may not fit the GPU
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     adapter_module = importlib.import_module(ADAPTER_MODULES.get(adapter_name, "backend.models.latent"))
     return getattr(adapter_module, adapter_name)(pipe, spec=spec)
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """A component's dtype as diffusers / transformers report it (modules they keep in float32 excepted)."""
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def check_dtype(pipe, dtype: torch.dtype, path) -> None:
+    """A one-line error when a component did not load in dtype (a diffusers older than 0.40 ignores `dtype=`)."""
+    import diffusers
+    from packaging.version import Version
+
+    for name, component in pipe.components.items():
+        got = module_dtype(component) if isinstance(component, torch.nn.Module) else None
+        if got is not None and got != dtype:
+            short = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+            why = (f"diffusers {diffusers.__version__} ignores the dtype argument: install "
+                   f"diffusers>={DIFFUSERS_DTYPE_ARG} (pip install -U diffusers)"
+                   if Version(diffusers.__version__) < Version(DIFFUSERS_DTYPE_ARG)
+                   else f"diffusers {diffusers.__version__} kept it so")
+            raise ModelLoadError(f"{path}: {name} loaded as {short(got)}, not the requested {short(dtype)}; {why}")
 
 
 def quiet_hf_logging() -> None:

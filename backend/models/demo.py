@@ -149,7 +149,7 @@ def new_pipeline() -> DemoShapesPipeline:
 
 
 def load_pipeline(path: str | Path = DEMO_DIR, device="cpu", dtype=torch.float32) -> DemoShapesPipeline:
-    pipe = DemoShapesPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    pipe = DemoShapesPipeline.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     return pipe.to(device)
 
 

@@ -147,6 +147,51 @@ def test_pndm_calls_the_denoiser_once_per_timestep(sd_dir, tmp_path):
     assert seen == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["sd_dir", "sdxl_dir", "pixart_dir", "untrained_demo_dir"])
+def test_loads_in_the_requested_dtype(request, name, dtype):
+    model = load_model(str(request.getfixturevalue(name)), dtype=dtype)
+    assert model.dtype == dtype
+    modules = {k: v for k, v in model.pipe.components.items() if isinstance(v, torch.nn.Module)}
+    assert {k: v.dtype for k, v in modules.items()} == dict.fromkeys(modules, dtype)
+    if dtype == torch.bfloat16:  # a step and a decode run in it (float16 kernels are a GPU matter)
+        image = model.generate(["a red cat" if name != "untrained_demo_dir" else "a red circle"], [0], n_steps=1,
+                               guidance=2.0)
+        assert image.dtype == torch.float32 and torch.isfinite(image).all()
+
+
+def test_a_dtype_the_loader_ignored_is_a_one_line_error(sd_dir, monkeypatch):
+    """diffusers < 0.40 takes no dtype= (it warns and loads float32): a model in the wrong dtype must not pass."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    original = StableDiffusionPipeline.from_pretrained.__func__
+
+    def old_diffusers(cls, path, dtype=None, torch_dtype=None, **kwargs):
+        return original(cls, path, **kwargs)  # the dtype arguments ignored
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(old_diffusers))
+    monkeypatch.setattr(diffusers, "__version__", "0.35.2")
+    with pytest.raises(ModelLoadError, match=r"float32, not the requested bfloat16.*diffusers>=0\.40") as exc:
+        load_model(str(sd_dir), dtype=torch.bfloat16)
+    assert "\n" not in str(exc.value)
+
+
+def test_diffusers_floor_accepts_the_dtype_argument():
+    """pyproject's floor is the first diffusers whose from_pretrained takes dtype= (0.40; torch_dtype= is
+    deprecated from there on), and the installed diffusers meets it."""
+    import tomllib
+    from importlib.metadata import version
+
+    from conftest import ROOT
+    from packaging.version import Version
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (floor,) = [d.split(">=")[1] for d in deps if d.startswith("diffusers>=")]
+    assert Version(floor) >= Version("0.40")
+    assert Version(version("diffusers")) >= Version(floor)
+
+
 def test_demo_reference_pipeline_call_matches_adapter(untrained_demo_dir):
     model = load_model(str(untrained_demo_dir))
     prompt = "a small blue square at the top, white background"
