@@ -57,8 +57,8 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
     import pyarrow.parquet as pq
 
     from backend.analysis.compare import compare_groups
-    from backend.analysis.config import AnalysisConfig
     from backend.analysis.peaks import peaks_and_units
+    from backend.run.config import AnalysisConfig
     from backend.run.schema import TABLES
     from backend.run.store import RunStore
 

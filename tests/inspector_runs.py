@@ -29,7 +29,6 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
     activity for a unit's histogram)."""
     from backend.analysis.compare import compare_groups
     from backend.analysis.concepts import best_auroc, concept_labels, concepts_table, unit_localisation
-    from backend.analysis.config import AnalysisConfig
     from backend.analysis.examples import select_examples
     from backend.analysis.frequencies import frequencies_table
     from backend.analysis.histograms import histograms_table
@@ -37,6 +36,7 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
     from backend.analysis.peaks import peaks_and_units
     from backend.analysis.profiles import count_activity, profile_arrays, profiles_table
     from backend.demo import shapes
+    from backend.run.config import AnalysisConfig
 
     rng = np.random.default_rng(0)
     gens = gens_for(N_GENS, GROUPS, seeds_per_prompt=2, attributes=_attributes)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
+from backend.run.config import AnalysisConfig
 
 
 def check_same_seeds(gens: pl.DataFrame, group_a: str, group_b: str) -> None:
@@ -99,10 +99,10 @@ def write_comparison(store, freqs: pl.DataFrame, ranked: pl.DataFrame, group_a: 
 def compare_run(run, group_a: str, group_b: str, cfg: AnalysisConfig | None = None) -> tuple[pl.DataFrame, Path]:
     """Rank units of an analysed run (directory or RunContext) by group A vs B; writes the comparisons rows and the
     histogram PNG."""
-    from backend.analysis.config import validate
+    from backend.run.config import validate_analysis
     from backend.run.context import as_context
 
-    cfg = validate(cfg or AnalysisConfig())
+    cfg = validate_analysis(cfg or AnalysisConfig())
     ctx = as_context(run, require="capture")
     store = ctx.store
     if not store.table_dir("frequencies").is_dir():

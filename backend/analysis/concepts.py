@@ -33,8 +33,8 @@ import pyarrow as pa
 from scipy.sparse import csr_matrix
 from scipy.stats import rankdata
 
-from backend.analysis.config import AnalysisConfig
 from backend.analysis.inputs import Partition, RunInputs
+from backend.run.config import AnalysisConfig
 
 CHUNK_CELLS = 20_000_000
 CHUNK_SQL = "SELECT unit, step, gen_id, {pool} AS v FROM read_parquet(?) WHERE unit >= ? AND unit < ?"

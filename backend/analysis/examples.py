@@ -30,10 +30,10 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from backend.analysis.config import AnalysisConfig
 from backend.analysis.inputs import Partition, RunInputs
 from backend.errors import DifflensError
 from backend.models.hooks import HookEvent, read_activations
+from backend.run.config import AnalysisConfig
 from backend.run.context import RunContext
 from backend.run.store import RunStore, shard_name
 

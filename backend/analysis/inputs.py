@@ -15,8 +15,8 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from backend.analysis.config import AnalysisConfig
 from backend.errors import DifflensError
+from backend.run.config import AnalysisConfig
 from backend.run.context import RunContext, as_context
 from backend.run.store import RunStore
 
@@ -116,3 +116,14 @@ def fingerprint(inputs: RunInputs) -> str:
         st = Path(path).stat()
         h.update(f"{Path(path).relative_to(inputs.store.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+SHARD = "part-0000000"
+"""The one shard of each analysis table partition."""
+
+
+def read_part(store: RunStore, table: str, part: Partition) -> pl.DataFrame:
+    path = store.partition_dir(table, part.layer, part.kind) / f"{SHARD}.parquet"
+    if not path.is_file():
+        raise DifflensError(f"{store.root} has no {table} table for {part.name}; run `python cli.py analyze` first")
+    return pl.read_parquet(path)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.signal import find_peaks
 
-from backend.analysis.config import AnalysisConfig
+from backend.run.config import AnalysisConfig
 
 
 def min_distance_steps(timesteps: np.ndarray, separation: float) -> int:

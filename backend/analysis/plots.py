@@ -83,8 +83,7 @@ def write_profile_plots(store, layer: str, kind: str, profiles: pl.DataFrame, pe
 def write_run_plots(run, cfg, partitions=None) -> list[Path]:
     """Profile figures of the top units of every analysed (layer, kind) of a run (directory or RunContext); needs
     `analyze` first."""
-    from backend.analysis.inputs import load_inputs
-    from backend.stages.analysis import read_part
+    from backend.analysis.inputs import load_inputs, read_part
 
     inputs = load_inputs(run)
     out = []

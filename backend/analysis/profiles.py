@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from backend.analysis.config import AnalysisConfig
 from backend.analysis.inputs import Partition, RunInputs
 from backend.errors import DifflensError
+from backend.run.config import AnalysisConfig
 
 
 @dataclass

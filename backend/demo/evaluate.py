@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from backend.analysis.grid import labelled_grid, save_png
 from backend.demo import shapes
+from backend.fileio import atomic_write_json
+from backend.grid import labelled_grid, save_png
 from backend.models.base import DiffusionModel, to_uint8
-from backend.run.fileio import atomic_write_json
 
 
 def generate_uint8(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int | None,

@@ -209,6 +209,6 @@ def prompt_records(specs: list[ShapeSpec], group_by: str | None = None) -> list[
 
 
 def write_jsonl(records: list[dict], path) -> None:
-    from backend.run.fileio import atomic_write_text
+    from backend.fileio import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from backend.demo import shapes
+from backend.fileio import atomic_write_json, atomic_write_with
 from backend.models import demo
-from backend.run.fileio import atomic_write_json, atomic_write_with
 from sae.checkpoint import load_optimizer, optimizer_tensors
 
 

@@ -46,7 +46,7 @@ def safe_name(name: str) -> str:
 
 
 def write_grid(store: RunStore, rel: str, images_NHW3: np.ndarray, labels: list[str], cols: int) -> Path:
-    from backend.analysis.grid import labelled_grid
+    from backend.grid import labelled_grid
 
     store.write_png(rel, labelled_grid(np.asarray(images_NHW3), labels, cols=max(1, cols)))
     return store.root / rel

@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from backend.fileio import atomic_path, atomic_write_json, atomic_write_with
 from backend.run import schema
-from backend.run.fileio import atomic_path, atomic_write_json, atomic_write_with
 
 MANIFEST = "manifest.json"
 

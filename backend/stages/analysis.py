@@ -24,16 +24,15 @@ import time
 
 import polars as pl
 
-from backend.analysis.config import AnalysisConfig, validate
-from backend.analysis.inputs import Partition, RunInputs, connect, fingerprint, load_inputs
+from backend.analysis.inputs import SHARD, Partition, RunInputs, connect, fingerprint, load_inputs, read_part
 from backend.errors import DifflensError
+from backend.run.config import AnalysisConfig, validate_analysis
 from backend.run.schema import tables_of_stage
 from backend.run.store import RunStore, stage_key
 
 __all__ = ["AnalysisConfig", "analyze"]
 
 STAGE = "analysis"
-SHARD = "part-0000000"
 
 
 def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
@@ -41,7 +40,7 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     the manifest). The settings are recorded as the run's [analysis] config."""
     from backend.analysis.examples import REPLAY_STAGE
 
-    cfg = validate(cfg or AnalysisConfig())
+    cfg = validate_analysis(cfg or AnalysisConfig())
     t0 = time.time()
     inputs = load_inputs(run)
     store = inputs.store
@@ -66,13 +65,6 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     store.update_stage(STAGE, status="done", finished=time.time(), seconds=seconds, results=results)
     return {"out_dir": str(store.root), "partitions": [p.name for p in inputs.partitions], "pending": inputs.pending,
             "seconds": seconds, **results}
-
-
-def read_part(store: RunStore, table: str, part: Partition) -> pl.DataFrame:
-    path = store.partition_dir(table, part.layer, part.kind) / f"{SHARD}.parquet"
-    if not path.is_file():
-        raise DifflensError(f"{store.root} has no {table} table for {part.name}; run `python cli.py analyze` first")
-    return pl.read_parquet(path)
 
 
 def _write_part(store: RunStore, table: str, part: Partition, data) -> None:

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 
 from backend.errors import DifflensError
+from backend.fileio import atomic_write_json
 from backend.run import distributed
 from backend.run.config import SAEStageConfig
 from backend.run.context import as_context, open_run
-from backend.run.fileio import atomic_write_json
 from backend.run.schema import TABLES
 from backend.run.store import RunStore, stage_key
 from sae.data import SAEDataError, ShardReader

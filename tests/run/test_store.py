@@ -8,8 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from backend import fileio
 from backend.errors import DifflensError
-from backend.run import fileio, schema
+from backend.run import schema
 from backend.run.store import RunStore, conform, stage_key
 
 

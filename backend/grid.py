@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from backend.run.fileio import atomic_write_with
+from backend.fileio import atomic_write_with
 
 
 def labelled_grid(images_NHW3: np.ndarray, labels: list[str], cols: int = 6, cell: int = 96,
