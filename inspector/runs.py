@@ -25,7 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.errors import DifflensError
 from backend.run.manifest import MANIFEST, is_run, not_a_run_message
+from backend.run.schema import check_format_version
 
 RUNS_ENV = "DIFFLENS_RUNS"
 DEFAULT_RUNS = "runs"
@@ -184,6 +186,10 @@ def read_manifest(run_path: str | os.PathLike) -> dict:
                        "is corrupt or still being written") from exc
     if not isinstance(data, dict):
         raise RunError(f"the manifest of {path.name} is not a JSON object; the run is corrupt")
+    try:
+        check_format_version(data, path)
+    except DifflensError as exc:
+        raise RunError(str(exc)) from exc
     return data
 
 

@@ -10,9 +10,14 @@ from safetensors.torch import load_file, save_file
 
 
 def _atomic(path: Path, write) -> None:
+    """write(tmp) then rename onto path; a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -37,9 +37,14 @@ def save_sae(sae: SAE, directory: str | Path, extra: dict | None = None) -> Path
 
 
 def _write_atomically(directory: Path, name: str, writer) -> None:
+    """writer(tmp) then rename onto directory/name; a failed write leaves no temporary file."""
     tmp = directory / f".{name}.tmp"
-    writer(tmp)
-    tmp.replace(directory / name)
+    try:
+        writer(tmp)
+        tmp.replace(directory / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:

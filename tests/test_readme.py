@@ -14,11 +14,11 @@ from conftest import ROOT
 README = (ROOT / "README.md").read_text()
 # Long-running examples run with extra options appended (the last value of an option wins).
 SHORTER = {
-    ("demo-model", "train"): ["--steps", "2", "--batch-size", "4", "--out-dir", "scratch-model",
+    ("demo-model", "train"): ["--train-steps", "2", "--batch-size", "4", "--out-dir", "scratch-model",
                               "--work-dir", "scratch-train"],
     ("run-all",): ["--sae-total-tokens", "200000", "--interventions-top-units", "1", "--interventions-dream-steps",
                    "10"],
-    ("dream",): ["--steps", "10", "--seeds", "2"],
+    ("dream",): ["--iterations", "10", "--seeds", "2"],
     ("steer-report",): ["--seeds", "0-1"],
     ("train-sae",): ["--total-tokens", "200000"],
 }

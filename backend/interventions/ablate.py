@@ -207,7 +207,7 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
                          "attributes": to_json(fx.attributes), "baseline_attributes": to_json(fx.baseline_attributes),
                          "changed_attributes": to_json(fx.changed), "spec": key})
         table = rows_frame(rows, "ablations")
-        ctx.store.write_parquet(ctx.store.table_dir("ablations") / f"layer={block}" / f"{mode}-{key}.parquet", table)
+        ctx.store.write_table_shard("ablations", f"{mode}-{key}", table, layer=block)
     images, labels = result.grid_images()
     grid = write_grid(ctx.store, f"{folder}/{mode}-grid-{digest(blocks)}.png", images, labels, cols=len(s_seeds))
     summary = result.summary()

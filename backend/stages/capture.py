@@ -114,6 +114,9 @@ class CapturePlan:
     encoders: dict[str, FeatureEncoder]
     n_steps: int
     guidance: float
+    denoiser_steps: int
+    """Denoiser calls per generation: n_steps, or more for schedulers that repeat a timestep (PNDM: n_steps + 1);
+    the activity table has one step per call, like the steps table."""
 
 
 def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str, FeatureEncoder] | None = None,
@@ -137,7 +140,7 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     guidance = model.default_guidance if c.guidance < 0 else c.guidance
     if c.half == "both" and guidance > 1:
         raise DifflensError("capture.half='both' with CFG records two rows per generation; use cond or uncond")
-    return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance)
+    return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance, len(model.timesteps(n_steps)))
 
 
 def capture_with_saes(cfg: RunConfig, sae_options: list[str] | None, overwrite: bool = False,
@@ -389,8 +392,9 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             fields = dict(started=time.time(), layers=c.layers, n_steps=n_steps, guidance=guidance,
                           generations=len(gens))
             if stage == FEATURES_STAGE:
-                store.begin_stage(stage, stage_key({"capture": capture_key, "saes": sae_ids}), sae_ids=sae_ids,
-                                  **fields)
+                stale = [store.relative(store.partition_dir("activity", layer, "feature")) for layer in c.layers]
+                store.begin_stage(stage, stage_key({"capture": capture_key, "saes": sae_ids}), clear=stale,
+                                  sae_ids=sae_ids, **fields)
             else:
                 store.begin_stage(stage, capture_key, **fields)
         dist.barrier()
@@ -406,7 +410,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                     skipped += 1
                     bar.update(len(batch))
                     continue
-                rec = _Recorder(batch, n_steps, c.tokens_per_step, encoders or {})
+                rec = _Recorder(batch, p.denoiser_steps, c.tokens_per_step, encoders or {})
                 with read_activations(model, hooked, rec, read=c.read, half=c.half):
                     images = to_uint8(model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch],
                                                      n_steps, guidance))

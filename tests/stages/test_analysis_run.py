@@ -23,7 +23,7 @@ from sae.train import SAETrainConfig, train
 FEATURE_LAYER = "up_blocks.1.attentions.1"
 TABLES = ("units", "profiles", "peaks", "examples", "frequencies", "histograms", "comparisons", "concepts",
           "localisation")
-SMALL = dict(examples_top_n=3)  # what `python cli.py analyze --examples 3` runs
+SMALL = dict(examples_top_n=3)  # what `python cli.py analyze --examples-top-n 3` runs
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_changed_setting_recomputes_and_an_interrupted_replay_resumes(run_dir, t
 @pytest.mark.slow
 def test_cli_analyze_compare_plots(run_dir):
     runner = CliRunner()
-    result = runner.invoke(app, ["analyze", "--run", str(run_dir), "--examples", "3"])
+    result = runner.invoke(app, ["analyze", "--run", str(run_dir), "--examples-top-n", "3"])
     assert result.exit_code == 0, result.output
     assert "mean best AUROC" in result.output and "feature" in result.output
     result = runner.invoke(app, ["compare", "red", "blue", "--run", str(run_dir), "--top", "3"])
@@ -157,7 +157,7 @@ def test_not_a_run_is_a_one_line_error(tmp_path):
 def test_interventions_stage_writes_every_table_and_resumes(run_dir, tmp_path, monkeypatch):
     """run-all's interventions stage on the analysed tiny run: steered priors, edits, concept report, ablation and
     dreams land in their tables with their images; a rerun loads no model and rewrites nothing."""
-    from backend.stages import interventions as intervention_stage
+    from backend import models
     from backend.stages.interventions import InterventionsConfig, run_interventions
 
     copy = tmp_path / "run"
@@ -175,10 +175,10 @@ def test_interventions_stage_writes_every_table_and_resumes(run_dir, tmp_path, m
     assert all((copy / p).read_bytes()[:4] == b"\x89PNG" for p in images)
     assert json.loads((copy / "manifest.json").read_text())["stages"]["interventions"]["status"] == "done"
 
-    def no_model(_manifest):
+    def no_model(*_args, **_kwargs):
         raise AssertionError("a finished stage must not load the model again")
 
-    monkeypatch.setattr(intervention_stage, "_load_run_model", no_model)
+    monkeypatch.setattr(models, "load_model", no_model)
     before = {p: p.stat().st_mtime_ns for p in (copy / "tables").rglob("*.parquet")}
     run_interventions(copy, cfg, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (copy / "tables").rglob("*.parquet")} == before

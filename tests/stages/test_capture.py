@@ -17,7 +17,7 @@ from conftest import ROOT
 from backend.errors import DifflensError, PromptFileError, UnknownLayerError
 from backend.models import load_model
 from backend.models.hooks import read_activations
-from backend.run.config import load_config, override
+from backend.run.config import RunConfig, load_config, override
 from backend.run.prompts import DEMO_PROMPTS, load_prompts
 from backend.stages.capture import capture, plan_generations
 
@@ -378,3 +378,22 @@ def test_a_refused_capture_leaves_an_existing_run_byte_identical(reference_run, 
     with pytest.raises(UnknownLayerError):
         capture(bad, progress=False)
     assert tree_digest(cfg.out_dir) == before
+
+
+def test_a_scheduler_that_repeats_a_timestep_is_captured_whole(sd_dir, tmp_path):
+    """SD 1.5 ships PNDM, which calls the denoiser n_steps + 1 times: every call is a step of the activity table,
+    as of the steps table (capture used to overflow its buffers at the last call)."""
+    import tiny_pipelines
+
+    name = "sd15-pndm"
+    _, cls, config = tiny_pipelines.REAL_SCHEDULERS[name]
+    model_dir = tiny_pipelines.with_scheduler(sd_dir, tmp_path / name, cls, config)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    cfg = RunConfig(name="pndm", runs_dir=str(tmp_path / "runs"), model=str(model_dir), prompts=str(prompts))
+    cfg.capture.layers = ["mid_block.attentions.0"]
+    cfg.capture.images_per_prompt, cfg.capture.steps, cfg.capture.tokens_per_step = 1, 3, 4
+    capture(cfg, progress=False)
+    steps = pl.read_parquet(cfg.out_dir / "tables" / "steps.parquet")
+    activity = pl.read_parquet(cfg.out_dir / "tables" / "activity" / "**" / "*.parquet", hive_partitioning=True)
+    assert steps.height == 4 and sorted(activity["step"].unique()) == [0, 1, 2, 3]
