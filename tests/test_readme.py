@@ -16,7 +16,7 @@ README = (ROOT / "README.md").read_text()
 SHORTER = {
     ("demo-model", "train"): ["--train-steps", "2", "--batch-size", "4", "--out-dir", "scratch-model",
                               "--work-dir", "scratch-train"],
-    ("run-all",): ["--sae-total-tokens", "200000", "--interventions-top-units", "1", "--interventions-dream-steps",
+    ("run-all",): ["--sae-total-tokens", "200000", "--interventions-top-units", "1", "--interventions-dream-iterations",
                    "10"],
     ("dream",): ["--iterations", "10", "--seeds", "2"],
     ("steer-report",): ["--seeds", "0-1"],
