@@ -104,6 +104,25 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
     return store
 
 
+def check_feature_replacement(cfg: RunConfig, encoders: dict, overwrite: bool) -> None:
+    """Recording other SAEs' features on a finished run replaces that feature activity (and makes the analysis
+    stale): a one-line error unless overwrite, before anything is touched."""
+    store = RunStore(cfg.out_dir)
+    if not encoders or overwrite or not is_run(store.root):
+        return
+    manifest = store.read_manifest() or {}
+    done = manifest.get("stages", {}).get(FEATURES_STAGE, {})
+    if manifest.get("identity") != run_identity(cfg) or done.get("status") != "done":
+        return
+    old = done.get("sae_ids") or {}
+    changed = sorted(layer for layer, e in encoders.items()
+                     if layer in old and old[layer] != getattr(e, "identity", ""))
+    if changed:
+        raise DifflensError(f"{store.root} already has feature activity of other SAEs for {', '.join(changed)}; "
+                            "recording these SAEs replaces it and makes the analysis stale: pass --overwrite to do "
+                            "so")
+
+
 @dataclass
 class CapturePlan:
     """Everything a capture needs, validated before anything is written."""
@@ -123,7 +142,7 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
          device: str | None = None) -> CapturePlan:
     """Validate the config, the prompts (against the model's tokenizer), the layers and the SAEs; touches no file."""
     from backend.models import load_model, parse_dtype
-    from backend.models.layers import check_layers
+    from backend.models.layers import check_layers, layer_channels
 
     cfg = validate(cfg)
     prompts = load_prompts(cfg.prompts)
@@ -136,6 +155,11 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     if unknown:
         raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
                             f"(layers: {', '.join(c.layers)})")
+    for layer, encoder in encoders.items():
+        width, channels = getattr(encoder, "d_in", None), layer_channels(model, layer)
+        if width is not None and width != channels:
+            raise DifflensError(f"the SAE given for {layer} takes width {width}, but the layer has {channels} "
+                                "channels; pass an SAE trained on this layer")
     n_steps = c.steps or model.default_steps
     guidance = model.default_guidance if c.guidance < 0 else c.guidance
     if c.half == "both" and guidance > 1:
@@ -372,6 +396,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
     with distributed.distributed(cfg.device) as dist:
         p = plan(cfg, model, encoders, device=distributed.local_device(cfg.device))
         cfg, model, encoders, c = p.cfg, p.model, p.encoders, p.cfg.capture
+        check_feature_replacement(cfg, encoders, overwrite)
         if dist.is_main:
             store = prepare_run_dir(cfg, overwrite)
         dist.barrier()
@@ -392,7 +417,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             fields = dict(started=time.time(), layers=c.layers, n_steps=n_steps, guidance=guidance,
                           generations=len(gens))
             if stage == FEATURES_STAGE:
-                stale = [store.relative(store.partition_dir("activity", layer, "feature")) for layer in c.layers]
+                stale = [store.relative(store.partition_dir("activity", layer, "feature")) for layer in encoders]
                 store.begin_stage(stage, stage_key({"capture": capture_key, "saes": sae_ids}), clear=stale,
                                   sae_ids=sae_ids, **fields)
             else:

@@ -292,7 +292,7 @@ def _random_sae_dir(tmp_path, d_in, n=32, k=4):
     from sae.model import SAE, SAEConfig
 
     torch.manual_seed(0)
-    return save_sae(SAE(SAEConfig(d_in=d_in, n_latents=n, k=k)), tmp_path / f"sae-{d_in}")
+    return save_sae(SAE(SAEConfig(d_in=d_in, n_latents=n, k=k)), tmp_path / f"sae-{d_in}-{n}")
 
 
 def test_sae_option_records_features_on_a_finished_run(reference_run, untrained_demo_dir, prompt_file, tmp_path):
@@ -319,6 +319,20 @@ def test_sae_option_records_features_on_a_finished_run(reference_run, untrained_
     after["activity"] = after["activity"].filter(pl.col("kind") == "channel")
     assert_same(before, after)  # the features pass touched nothing else
 
+    from run_snapshots import tree_digest
+
+    recorded = tree_digest(runs / "s")
+    other = _random_sae_dir(tmp_path, 64, n=16)  # another SAE of the same layer
+    args = ["capture", *cli_args(untrained_demo_dir, prompt_file, runs, "s"),
+            "--sae", f"mid_block.attentions.0={other}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "replaces it" in result.output and "--overwrite" in result.output
+    assert tree_digest(runs / "s") == recorded
+    result = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    feats = pl.read_parquet(f"{runs}/s/tables/activity/layer=mid_block.attentions.0/kind=feature/*.parquet")
+    assert feats["unit"].max() < 16  # the new SAE's features replaced the old ones
+
 
 def test_sae_errors(reference_run, untrained_demo_dir, prompt_file, tmp_path):
     from typer.testing import CliRunner
@@ -330,6 +344,7 @@ def test_sae_errors(reference_run, untrained_demo_dir, prompt_file, tmp_path):
     wrong = _random_sae_dir(tmp_path, 32)
     r = runner.invoke(app, [*base, "--sae", f"mid_block.attentions.0={wrong}"])
     assert r.exit_code == 1 and "takes width 32, but the layer has 64 channels" in r.output
+    assert not (tmp_path / "x").exists()  # refused before the run directory was made
     r = runner.invoke(app, [*base, "--sae", f"down_blocks.1.attentions.0={wrong}"])
     assert r.exit_code == 1 and "does not capture" in r.output
     r = runner.invoke(app, [*base, "--sae", "mid_block.attentions.0"])
