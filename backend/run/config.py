@@ -31,7 +31,7 @@ A run.toml looks like this (every key optional; these are the defaults for the d
     top_k_channels = 20                 # a channel is active when among its step's top-k channels
     examples_top_n = 8                  # top generations per unit (over all steps and per peak step)
 
-    [interventions]                     # every field of backend/stages/interventions.py InterventionsConfig
+    [interventions]                     # every field of InterventionsConfig below
     top_units = 2                       # units per (layer, kind) steered and dreamed
     dream_iterations = 100
 """
@@ -49,8 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.errors import DifflensError
-from backend.stages.interventions import InterventionsConfig
-from backend.stages.interventions import validate as validate_interventions
 from sae.train import SAETrainConfig
 
 DEMO_LAYERS = ["mid_block.attentions.0", "up_blocks.1.attentions.1"]
@@ -172,6 +170,46 @@ def validate_analysis(cfg: AnalysisConfig) -> AnalysisConfig:
             raise DifflensError(f"analysis.{name} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.compare_pseudo_count <= 0:
         raise DifflensError(f"analysis.compare_pseudo_count must be > 0 (got {cfg.compare_pseudo_count})")
+    return cfg
+
+
+@dataclass
+class InterventionsConfig:
+    """What run-all's interventions stage does (the `[interventions]` section of a run config)."""
+
+    enabled: bool = True
+    """Run the stage at all."""
+    top_units: int = 2
+    """Units per (layer, kind) that get a steered prior and a deep dream."""
+    steer_scale: float = 4.0
+    """Steering strength as a multiple of the unit's max activation (units table)."""
+    steer_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Seeds of the steered priors (and of the feature edits)."""
+    edit_features: int = 8
+    """Features zeroed by the `frequent` and `rare` edit presets."""
+    concept_report: bool = True
+    """On prompts with attributes (the demo), steer each colour's best feature and count hits."""
+    concept_seeds: int = 10
+    """Seeds per concept of the concept-steering report."""
+    ablation: bool = True
+    """Skip every candidate block in turn on the run's first prompts."""
+    dream: bool = True
+    """Deep-dream the top units."""
+    dream_iterations: int = 100
+    """Optimisation iterations per dream (`dream --iterations`)."""
+    dream_seeds: int = 4
+    """Dreams per unit (seeds 0..n-1)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_interventions(cfg: InterventionsConfig) -> InterventionsConfig:
+    for name in ("top_units", "edit_features", "concept_seeds", "dream_iterations", "dream_seeds"):
+        if getattr(cfg, name) < 1:
+            raise DifflensError(f"interventions.{name} must be at least 1 (got {getattr(cfg, name)})")
+    if not cfg.steer_seeds:
+        raise DifflensError("interventions.steer_seeds is empty; give at least one seed")
     return cfg
 
 

@@ -20,19 +20,15 @@ _done/interventions/, so an interrupted stage resumes with the next part; a chan
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 from tqdm.auto import tqdm
 
-from backend.errors import DifflensError
-from backend.run.store import RunStore
+from backend.run.config import InterventionsConfig, validate_interventions
+from backend.run.store import RunStore, stage_key
 
 if TYPE_CHECKING:
     from backend.run.context import RunContext
@@ -47,46 +43,6 @@ NOT_DEMO = {
 """Why each demo-only part is skipped on another model (the stage's notes)."""
 NO_ATTRIBUTES = ("the concept-steering report needs prompts with attributes (a .jsonl prompt file with "
                  "\"attributes\", as data/prompts/demo.jsonl)")
-
-
-@dataclass
-class InterventionsConfig:
-    """What run-all's interventions stage does (the `[interventions]` section of a run config)."""
-
-    enabled: bool = True
-    """Run the stage at all."""
-    top_units: int = 2
-    """Units per (layer, kind) that get a steered prior and a deep dream."""
-    steer_scale: float = 4.0
-    """Steering strength as a multiple of the unit's max activation (units table)."""
-    steer_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """Seeds of the steered priors (and of the feature edits)."""
-    edit_features: int = 8
-    """Features zeroed by the `frequent` and `rare` edit presets."""
-    concept_report: bool = True
-    """On prompts with attributes (the demo), steer each colour's best feature and count hits."""
-    concept_seeds: int = 10
-    """Seeds per concept of the concept-steering report."""
-    ablation: bool = True
-    """Skip every candidate block in turn on the run's first prompts."""
-    dream: bool = True
-    """Deep-dream the top units."""
-    dream_iterations: int = 100
-    """Optimisation steps per dream."""
-    dream_seeds: int = 4
-    """Dreams per unit (seeds 0..n-1)."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def validate(cfg: InterventionsConfig) -> InterventionsConfig:
-    for name in ("top_units", "edit_features", "concept_seeds", "dream_iterations", "dream_seeds"):
-        if getattr(cfg, name) < 1:
-            raise DifflensError(f"interventions.{name} must be at least 1 (got {getattr(cfg, name)})")
-    if not cfg.steer_seeds:
-        raise DifflensError("interventions.steer_seeds is empty; give at least one seed")
-    return cfg
 
 
 def chosen_units(store: RunStore, layer: str, kind: str, n: int) -> list[int]:
@@ -157,19 +113,19 @@ def run_interventions(run: str | Path | RunContext, cfg: InterventionsConfig | N
     from backend.interventions.effects import is_demo
     from backend.run.context import RunContext, open_run
 
-    cfg = validate(cfg or InterventionsConfig())
+    cfg = validate_interventions(cfg or InterventionsConfig())
     ctx = run.require("analysis") if isinstance(run, RunContext) else open_run(run, model=model, require="analysis")
     if not cfg.enabled:
         return {"skipped": "interventions.enabled = false"}
     store = ctx.store
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), ctx.stage("analysis").get("key")],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    ctx.record_config(STAGE, cfg.to_dict())
+    key = stage_key({"config": cfg.to_dict(), "analysis": ctx.stage("analysis").get("key")})
     before = ctx.stage(STAGE)
-    if before.get("key") != key:
-        store.clear_stage_markers(STAGE)
-        before = {}
     t0 = time.time()
-    store.update_stage(STAGE, status="running", key=key, started=t0, config=cfg.to_dict())
+    # a changed key redoes every part; its tables and media are replaced shard by shard (the same shard names),
+    # and the standalone commands (steer, edit, dream, ablate) write there too, so nothing is deleted up front
+    if store.begin_stage(STAGE, key, started=t0, config=cfg.to_dict()):
+        before = {}
     parts = planned_parts(store, cfg)
     results: dict = dict(before.get("results") or {})
     notes: list[str] = list(before.get("notes") or [])

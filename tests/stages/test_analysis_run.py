@@ -158,7 +158,8 @@ def test_interventions_stage_writes_every_table_and_resumes(run_dir, tmp_path, m
     """run-all's interventions stage on the analysed tiny run: steered priors, edits, concept report, ablation and
     dreams land in their tables with their images; a rerun loads no model and rewrites nothing."""
     from backend import models
-    from backend.stages.interventions import InterventionsConfig, run_interventions
+    from backend.run.config import InterventionsConfig
+    from backend.stages.interventions import run_interventions
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -185,7 +186,9 @@ def test_interventions_stage_writes_every_table_and_resumes(run_dir, tmp_path, m
 
 
 def test_interventions_need_an_analysed_run(tmp_path):
-    from backend.stages.interventions import InterventionsConfig, run_interventions, validate
+    from backend.run.config import InterventionsConfig
+    from backend.run.config import validate_interventions as validate
+    from backend.stages.interventions import run_interventions
 
     with pytest.raises(DifflensError, match="not a run directory"):
         run_interventions(tmp_path)

@@ -98,7 +98,8 @@ def test_run_all_on_stable_diffusion_with_the_sd15_config(sd_dir, tmp_path, monk
     check_demo_only_parts_skipped(run_dir, output)
     assert manifest(run_dir)["config"]["capture"]["guidance"] == 7.5  # the rest of sd15.toml as written
 
-    from backend.stages.interventions import InterventionsConfig, run_interventions
+    from backend.run.config import InterventionsConfig
+    from backend.stages.interventions import run_interventions
 
     def no_model(*args, **kwargs):
         raise AssertionError("a finished stage must not load the model again")
