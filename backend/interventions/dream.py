@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
+from backend.run.context import check_kind
 
 if TYPE_CHECKING:
     from backend.run.context import RunContext
@@ -233,13 +234,6 @@ def for_model(cfg: DreamConfig, model: DiffusionModel) -> DreamConfig:
     scale = latent_scale(model)
     values = {"moment_mean": scale.mean, "moment_std": scale.std, "range_limit": scale.limit}
     return dataclasses.replace(copy.deepcopy(cfg), **{name: values[name] for name in missing})
-
-
-def check_kind(kind: str) -> str:
-    """The one kind check (backend/run/context.py), imported late: backend/run/config.py may import this module."""
-    from backend.run.context import check_kind as check
-
-    return check(kind)
 
 
 @dataclass
@@ -441,7 +435,7 @@ def target_timesteps(model: DiffusionModel, target_steps: list[int], n_steps: in
     return [int(round(float(ts[s]))) for s in target_steps]
 
 
-def check_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sae=None) -> int:
+def check_dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sae=None) -> int:
     """unit as an int, or a one-line DifflensError for an unknown kind or layer, a feature without (or with the
     wrong) SAE, or a unit out of range (backend/run/context.py check_unit; the channel count from the model's one
     probe pass, backend/models/layers.py)."""
@@ -573,7 +567,7 @@ def dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, target_s
     fields left None are the model's (for_model); the result carries the config used.
     """
     cfg = validate_config(cfg or default_config(kind))
-    unit = check_unit(model, layer, kind, unit, sae)
+    unit = check_dream_unit(model, layer, kind, unit, sae)
     cfg = validate_config(for_model(cfg, model))
     if not target_steps:
         raise DifflensError("dream needs at least one target step")
