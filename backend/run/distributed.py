@@ -12,7 +12,8 @@ Which variables are trusted, first match wins:
   (0xfffffffa). A plain `python cli.py` there is one process, not rank 0 of a world that never starts.
 - otherwise: one process.
 
-Stages run unchanged under either launcher: each rank takes the generations with `gen_id % world == rank`.
+Stages run unchanged under either launcher: the run's batches (of batch_size generations, in gen_id order) are
+shared out, batch i to rank `i % world`.
 `--device cuda` becomes this process's GPU, `cuda:<local rank>` (`cuda:0` when the task sees one GPU, as under
 `srun --gpus-per-task=1`); distributed() sets it as the current CUDA device and binds the NCCL group to it.
 Collectives wait DIFFLENS_DIST_TIMEOUT_MIN minutes (default 120) before failing: rank-0-only work (the splice test,

@@ -55,6 +55,14 @@ def plan_generations(prompts: list[PromptRecord], images_per_prompt: int, seed: 
     ]
 
 
+def plan_batches(gens: list[Generation], batch_size: int, rank: int = 0, world: int = 1) -> list[list[Generation]]:
+    """This rank's batches: the run's generations cut into batches of batch_size in gen_id order, batch i going to
+    rank i % world. Batches (and so shard names and markers) do not depend on the number of processes, so a run
+    resumed with another world size skips exactly the finished batches and captures the rest once."""
+    batches = [gens[i:i + batch_size] for i in range(0, len(gens), batch_size)]
+    return batches[rank::world]
+
+
 def run_identity(cfg: RunConfig) -> dict:
     """What must match for a run directory to be resumed rather than refused."""
     import dataclasses
@@ -409,8 +417,8 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         hooked = [layer for layer in c.layers if layer in encoders] if stage == FEATURES_STAGE else c.layers
         n_steps, guidance = p.n_steps, p.guidance
         gens = plan_generations(p.prompts, c.images_per_prompt, c.seed)
-        mine = [g for g in gens if g.gen_id % dist.world == dist.rank]
-        batches = [mine[i:i + c.batch_size] for i in range(0, len(mine), c.batch_size)]
+        batches = plan_batches(gens, c.batch_size, dist.rank, dist.world)
+        mine = [g for batch in batches for g in batch]
         t0 = time.perf_counter()
         if dist.is_main:
             store.write_table("steps", _steps_table(model, n_steps))
