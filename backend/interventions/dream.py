@@ -673,14 +673,14 @@ def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cf
     tables/dreams/layer=<layer>/kind=<kind>/unit-<unit>.parquet; returns a summary (also in the manifest), with
     the settings used under "config".
     """
-    from backend.run.context import RunContext, open_run
+    from backend.run.context import as_context
 
     check_kind(kind)
     cfg = copy.deepcopy(cfg or default_config(kind))
     if seeds is not None:
         cfg.seeds = [int(s) for s in seeds]
     cfg = validate_config(cfg)
-    ctx = run if isinstance(run, RunContext) else open_run(run, model=model)
+    ctx = as_context(run, model=model)
     store = ctx.store
     notes = []
     peaks = peak_steps(store, layer, kind, unit)

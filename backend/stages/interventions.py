@@ -111,10 +111,10 @@ def run_interventions(run: str | Path | RunContext, cfg: InterventionsConfig | N
     run's model already loaded); returns a summary (also in the manifest): parts, seconds, results per part and
     notes (what was skipped and why)."""
     from backend.interventions.effects import is_demo
-    from backend.run.context import RunContext, open_run
+    from backend.run.context import as_context
 
     cfg = validate_interventions(cfg or InterventionsConfig())
-    ctx = run.require("analysis") if isinstance(run, RunContext) else open_run(run, model=model, require="analysis")
+    ctx = as_context(run, model=model).require("analysis")
     if not cfg.enabled:
         return {"skipped": "interventions.enabled = false"}
     store = ctx.store
