@@ -18,6 +18,9 @@ shared out, batch i to rank `i % world`.
 `srun --gpus-per-task=1`); distributed() sets it as the current CUDA device and binds the NCCL group to it.
 Collectives wait DIFFLENS_DIST_TIMEOUT_MIN minutes (default 120) before failing: rank-0-only work (the splice test,
 deleting a large run for --overwrite) can outlast torch's 10-minute default while the other ranks wait at a barrier.
+Under plain srun the rendezvous is MASTER_ADDR:MASTER_PORT when set, else the launch node
+(SLURM_LAUNCH_NODE_IPADDR) on a port derived from the job id (master_port), so two jobs sharing a node do not
+both listen on torch's usual 29500.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ TIMEOUT_ENV = "DIFFLENS_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 120.0
 SLURM_MAX_NORMAL_STEP_ID = 0xFFFFFFF0
 """Step ids from here up are Slurm's special steps (batch, extern, interactive, pending)."""
+DEFAULT_MASTER_PORT = 29500
+"""The rendezvous port outside a Slurm job (torch's usual one)."""
+JOB_PORT_BASE, JOB_PORT_SPAN = 10_000, 20_000
+"""In a Slurm job the port is JOB_PORT_BASE + SLURM_JOB_ID % JOB_PORT_SPAN: 10000-29999, below Linux's ephemeral
+range (32768-60999) so it never collides with an outgoing connection's port, and different for jobs whose ids
+differ by less than 20000."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,16 @@ def local_device(device: str) -> str:
     return str(device)
 
 
+def master_port(env=None) -> str:
+    """The rendezvous port when MASTER_PORT is not set: in a Slurm job 10000 + SLURM_JOB_ID % 20000 (two jobs on
+    one node get different ports), else 29500."""
+    env = os.environ if env is None else env
+    job = str(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", ""))).strip()
+    if job.isdigit():
+        return str(JOB_PORT_BASE + int(job) % JOB_PORT_SPAN)
+    return str(DEFAULT_MASTER_PORT)
+
+
 def timeout_minutes(timeout_min: float | None = None) -> float:
     """The collective timeout: the argument, else DIFFLENS_DIST_TIMEOUT_MIN, else 120 minutes."""
     if timeout_min is None:
@@ -129,9 +148,9 @@ def distributed(device: str = "cpu", timeout_min: float | None = None):
     started = False
     if dist.world > 1 and not torch.distributed.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes(timeout_min))
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-            os.environ.setdefault("MASTER_PORT", "29500")
+        # torchrun sets both; under srun: the launch node, on a port of this job (see master_port)
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", master_port())
         cuda = str(device).startswith("cuda")
         kwargs = {}
         if cuda and torch.cuda.is_available():

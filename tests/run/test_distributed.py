@@ -18,16 +18,18 @@ from backend.run.distributed import Dist, from_env, local_device
 
 LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
                "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID", "MASTER_ADDR", "MASTER_PORT",
-               "SLURM_LAUNCH_NODE_IPADDR", "DIFFLENS_DIST_TIMEOUT_MIN"]
+               "SLURM_LAUNCH_NODE_IPADDR", "DIFFLENS_DIST_TIMEOUT_MIN", "SLURM_JOB_ID", "SLURM_JOBID"]
 TIMEOUT_ENV = "DIFFLENS_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=120)
 
 
 @pytest.fixture
 def env(monkeypatch):
-    """A clean launch environment: set(**vars) simulates a launcher."""
+    """A clean launch environment: set(**vars) simulates a launcher. Every launch variable is restored afterwards,
+    also those distributed() sets itself (MASTER_ADDR, MASTER_PORT)."""
     for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores it (or removes it) after the test
+        monkeypatch.delenv(var)
 
     def set_vars(**values):
         for k, v in values.items():
@@ -204,6 +206,39 @@ def test_bad_timeout_is_a_one_line_error(env, monkeypatch, bad):
     FakeGroup(monkeypatch)
     with pytest.raises(DifflensError, match=TIMEOUT_ENV), distributed.distributed("cpu"):
         pass
+
+
+SRUN_JOB = SRUN_STEP | dict(SLURM_JOB_ID=4_123_457, SLURM_LAUNCH_NODE_IPADDR="10.0.0.7")
+
+
+def test_srun_rendezvous_port_comes_from_the_job_id(env, monkeypatch):
+    """Plain srun: two jobs on one node must not both listen on 29500; the port is derived from SLURM_JOB_ID."""
+    env(**SRUN_JOB)
+    FakeGroup(monkeypatch)
+    with distributed.distributed("cpu"):
+        assert os.environ["MASTER_ADDR"] == "10.0.0.7"
+        assert os.environ["MASTER_PORT"] == str(10_000 + 4_123_457 % 20_000) == "13457"
+    assert distributed.master_port({"SLURM_JOB_ID": "4123458"}) == "13458"  # the next job: another port
+    assert distributed.master_port({"SLURM_JOBID": "7"}) == "10007"  # the old variable name
+    assert distributed.master_port({}) == "29500"  # outside a Slurm job: torch's usual port
+    assert distributed.master_port({"SLURM_JOB_ID": "12_3"}) == "29500"  # not a number (arrays use their own id)
+
+
+@pytest.mark.parametrize("given", [dict(MASTER_PORT=31000), dict(MASTER_ADDR="10.0.0.9", MASTER_PORT=31000)])
+def test_a_given_master_port_wins(env, monkeypatch, given):
+    env(**SRUN_JOB, **given)
+    FakeGroup(monkeypatch)
+    with distributed.distributed("cpu"):
+        assert os.environ["MASTER_PORT"] == "31000"
+        assert os.environ["MASTER_ADDR"] == given.get("MASTER_ADDR", "10.0.0.7")
+
+
+def test_master_addr_without_port_gets_the_job_port(env, monkeypatch):
+    """MASTER_ADDR set by the job script but no MASTER_PORT: torch's env:// rendezvous needs both."""
+    env(**SRUN_JOB, MASTER_ADDR="10.0.0.9")
+    FakeGroup(monkeypatch)
+    with distributed.distributed("cpu"):
+        assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.9", "13457")
 
 
 def test_one_process_starts_no_group(env, monkeypatch):
