@@ -36,7 +36,7 @@ from backend.interventions.media import digest, rows_frame, safe_name, to_json, 
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import main_input, main_output, module, replace_main_output
 from backend.models.layers import check_layers, probe
-from backend.run.context import RunContext, open_run
+from backend.run.context import RunContext, as_context
 
 AblationMode = Literal["skip", "remove_delta"]
 MODES = ("skip", "remove_delta")
@@ -184,7 +184,7 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
     """Ablate each block (default: candidate_blocks) on prompts x seeds (default: the run's first 4 prompts,
     seed 0) with the run's steps and guidance; write `ablations` rows, images and a grid. Returns (per-block
     summary, grid path)."""
-    ctx = open_run(run_dir, model=model)
+    ctx = as_context(run_dir, model=model)
     ctx.store.remove_stale_temporaries()
     model = ctx.model
     blocks = list(blocks) if blocks else candidate_blocks(model)

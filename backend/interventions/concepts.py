@@ -30,7 +30,7 @@ from backend.interventions.media import digest, rows_frame, with_partition
 from backend.interventions.steer import SteerSpec, steer
 from backend.interventions.windows import Steps, parse_steps
 from backend.models.base import DiffusionModel
-from backend.run.context import RunContext, open_run
+from backend.run.context import RunContext, as_context
 
 REPORT_SCALE = 6.0
 """Default scale of concept_steering_report (with steps "late" and mask "object"). Chosen on the shipped demo
@@ -108,7 +108,7 @@ def concept_steering_report(run_dir: str | Path, layer: str | None = None, kind:
     other attribute changed; baseline_hits: unsteered images that already show it (should be 0).
     The demo model only: other models have no attribute scorer.
     """
-    ctx = open_run(run_dir, model=model)
+    ctx = as_context(run_dir, model=model)
     ctx.store.remove_stale_temporaries()
     if not is_demo(ctx.model):
         raise DifflensError("the concept steering report needs the demo model (its attributes are scored from pixels)")

@@ -41,7 +41,7 @@ from backend.interventions.media import (
 )
 from backend.interventions.windows import Steps, check_finite, describe_window, parse_steps, step_window
 from backend.models.base import DiffusionModel, to_uint8
-from backend.run.context import RunContext, check_unit, open_run
+from backend.run.context import RunContext, as_context, check_unit
 
 PRESETS = ("none", "frequent", "rare", "all")
 
@@ -108,7 +108,7 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     when `scale` lists features, scaling them by `factor` (negative too). Samples are prompts x seeds (default
     prompts: the run's first prompt). Writes media/edit/... and `interventions` rows (method zero or scale).
     """
-    ctx = open_run(run_dir, model=model)
+    ctx = as_context(run_dir, model=model)
     ctx.store.remove_stale_temporaries()
     model = ctx.model
     sae = ctx.sae(layer)

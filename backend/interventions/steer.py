@@ -57,7 +57,7 @@ from backend.interventions.windows import (
 )
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import Half
-from backend.run.context import RunContext, check_unit, open_run
+from backend.run.context import RunContext, as_context, check_unit
 from backend.run.store import RunStore
 
 Mode = Literal["prior", "prompt"]
@@ -243,6 +243,6 @@ def steer_run(run_dir: str | Path, layer: str, kind: Kind, unit: int, scale: flo
     spec = SteerSpec(layer=layer, kind=kind, unit=int(unit), scale=float(scale), strength=strength,
                      steps=parse_steps(steps), mask=mask, mode=mode, prompt=prompt,
                      seeds=tuple(int(s) for s in seeds), n_steps=n_steps, guidance=guidance, half=half)
-    ctx = open_run(run_dir, model=model)
+    ctx = as_context(run_dir, model=model)
     ctx.store.remove_stale_temporaries()
     return steer(ctx, spec)

@@ -168,11 +168,11 @@ def _run_part(ctx: RunContext, call: dict, cfg: InterventionsConfig, demo: bool)
     do, model, store = call["do"], ctx.model, ctx.store
     if do == "steer":
         steps = steer_steps(store, call["layer"], call["kind"], call["unit"])
-        res = interventions.steer_run(ctx.root, call["layer"], call["kind"], call["unit"], scale=cfg.steer_scale,
+        res = interventions.steer_run(ctx, call["layer"], call["kind"], call["unit"], scale=cfg.steer_scale,
                                       steps=steps, seeds=cfg.steer_seeds, model=model)
         return {"grid": store.relative(Path(res.grid)), "mean_effect": float(res.rows["effect"].mean())}
     if do == "edit":
-        res = feature_edits.edit_run(ctx.root, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds,
+        res = feature_edits.edit_run(ctx, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds,
                                      model=model)
         effects = res.rows.group_by("preset", maintain_order=True).agg(pl.col("effect").mean())
         return {"grid": store.relative(Path(res.grid)),
@@ -182,10 +182,10 @@ def _run_part(ctx: RunContext, call: dict, cfg: InterventionsConfig, demo: bool)
             return {"skipped": NOT_DEMO["concept-report"]}
         if not has_attributes(store):
             return {"skipped": NO_ATTRIBUTES}
-        table = concept_report.concept_steering_report(ctx.root, seeds=range(cfg.concept_seeds), model=model)
+        table = concept_report.concept_steering_report(ctx, seeds=range(cfg.concept_seeds), model=model)
         return {r["concept"] + " @ " + r["layer"]: f"{r['hits']}/{r['seeds']}" for r in table.iter_rows(named=True)}
     if do == "ablate":
-        summary, grid = ablation.ablate_run(ctx.root, model=model)
+        summary, grid = ablation.ablate_run(ctx, model=model)
         return {"grid": store.relative(Path(grid)), "blocks": summary.height}
     if do == "dream":
         dcfg = dream.default_config(call["kind"])  # the latent scale: the model's (dream.latent_scale)
