@@ -19,7 +19,13 @@ app.add_typer(demo_app, name="demo-model")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="`demo` or a local diffusers pipeline directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1 ...")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (half precision needs a GPU).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16 (bfloat16 also runs on a CPU; float16 "
+                                            "there is slow).")]
+RunDeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="torch device for the model: cpu, cuda, cuda:1 ... (cuda is this process's GPU under torchrun / "
+                     "srun). [default: the run's]")]
+RunDtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", help="Model dtype: float32, float16 or bfloat16. [default: the run's]")]
 
 
 def user_errors(fn):
@@ -41,7 +47,17 @@ def user_errors(fn):
 def _load(model: str, device: str, dtype: str):
     from backend.models import load_model, parse_dtype
 
+    _check_device(device, dtype)
     return load_model(model, device=device, dtype=parse_dtype(dtype))
+
+
+def _check_device(device: str, dtype: str, whose: str = "") -> None:
+    """A one-line error before anything loads: an unknown dtype, or a device this machine does not have."""
+    from backend.models import parse_dtype
+    from backend.run.distributed import check_device
+
+    parse_dtype(dtype)
+    check_device(device, whose)
 
 
 @app.command()
@@ -97,6 +113,28 @@ def _run_context(run: Path, config: Path | None = None, overrides: dict | None =
 
     ctx = open_run(run, **open_kw)
     return ctx, ctx.resolve(config, _overrides(overrides or {}, sets))
+
+
+def _model_run_context(run: Path, device: str | None, dtype: str | None, config: Path | None = None,
+                       overrides: dict | None = None, sets=None, loads: bool = True):
+    """_run_context for a command that runs the run's model: on the run's device and dtype unless --device /
+    --dtype say otherwise. Checked here, before anything loads: options always; the run's own device when the
+    command will load the model (`loads`; a stage that may have nothing left to do loads it only when needed)."""
+    ctx, cfg = _run_context(run, config, overrides, sets, device=device, dtype=dtype)
+    if loads or device or dtype:
+        _check_device(ctx.device, ctx.dtype, "" if device else "the run's device")
+    return ctx, cfg
+
+
+def _existing_run_config(cfg, config: Path | None, overrides: dict, sets: list[str] | None):
+    """A command that makes a run but acts on an existing one (capture --sae on a finished run): the run's saved
+    config joins the rule (defaults < saved < --config < options), so its device and dtype are kept."""
+    from backend.run.context import open_run
+    from backend.run.manifest import is_run
+
+    if not is_run(cfg.out_dir):
+        return cfg
+    return open_run(cfg.out_dir).resolve(config, _overrides(overrides, sets))
 
 
 def _print_capture(summary) -> None:
@@ -159,6 +197,9 @@ def capture(
     from backend.stages.capture import capture_with_saes
 
     cfg = _new_run_config(config, overrides, set_)
+    if sae:  # on an existing run this records its features: with the run's settings (device, dtype, ...)
+        cfg = _existing_run_config(cfg, config, overrides, set_)
+    _check_device(cfg.device, cfg.dtype)
     summary = capture_with_saes(cfg, sae, overwrite=overwrite)
     _print_capture(summary)
     _next_steps(summary.out_dir)
@@ -174,7 +215,9 @@ def run_all(overrides: dict, config: ConfigOpt = None, set_: SetOpt = None, over
     config."""
     from backend.stages.pipeline import run_all as run_pipeline
 
-    summary = run_pipeline(_new_run_config(config, overrides, set_), overwrite=overwrite)
+    cfg = _new_run_config(config, overrides, set_)
+    _check_device(cfg.device, cfg.dtype)
+    summary = run_pipeline(cfg, overwrite=overwrite)
     _print_capture(summary.stages["capture"])
     _print_saes(summary.out_dir, summary.stages.get("sae", {}))
     if "analysis" in summary.stages:
@@ -192,11 +235,11 @@ def run_all(overrides: dict, config: ConfigOpt = None, set_: SetOpt = None, over
 @config_options(Opt("sae", ["layers", "architecture", "expansion", "k", "total_tokens", "batch_size", "lr",
                             "splice_samples"], rename={"layers": "layer"}))
 def train_sae(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
-              overwrite: OverwriteOpt = False) -> None:
+              overwrite: OverwriteOpt = False, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None) -> None:
     """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/ and tables/sae_training."""
     from backend.stages.sae import train_saes
 
-    ctx, cfg = _run_context(run, config, overrides, set_)
+    ctx, cfg = _model_run_context(run, device, dtype, config, overrides, set_, loads=False)
     _print_saes(run, train_saes(ctx, cfg.sae, overwrite=overwrite))
 
 
@@ -239,11 +282,14 @@ def _print_analysis(summary: dict) -> None:
 @app.command()
 @user_errors
 @config_options(Opt("analysis", ["top_k_channels", "examples_top_n", "pool", "peaks_top_n", "device"]))
-def analyze(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def analyze(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
+            dtype: RunDtypeOpt = None) -> None:
     """Profiles, peaks, top examples with heat-maps, group frequencies and comparisons, concept recovery, plots."""
     from backend.stages.analysis import analyze as run_analysis
 
     ctx, cfg = _run_context(run, config, overrides, set_)
+    # the heat-map replay's model: on analysis.device (--device, saved with the run's [analysis]) else the run's
+    ctx, _ = _model_run_context(run, cfg.analysis.device or None, dtype, loads=False)
     _print_analysis(run_analysis(ctx, cfg.analysis))
 
 
@@ -301,18 +347,17 @@ def dream(
     unit: Annotated[int, typer.Option(help="Channel index, or SAE feature index.")] = 0,
     snapshot_every: Annotated[int | None, typer.Option(
         help="Record activation, penalties and image every N iterations. [default: 10]")] = None,
-    device: Annotated[str | None, typer.Option(help="torch device. [default: the run's]")] = None,
+    device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
     """Deep dream: optimise an image so one unit fires at step 0 and its peak steps; snapshots go to `dreams`."""
     from backend.interventions.dream import default_config, dream_run
 
-    ctx, cfg = _run_context(run, overrides=overrides, device=device)
+    ctx, cfg = _model_run_context(run, device, dtype, overrides=overrides)
     dcfg = default_config(kind)
     dcfg.opt_steps = cfg.interventions.dream_iterations
     if snapshot_every is not None:
         dcfg.snapshot_every = snapshot_every
-    s = dream_run(ctx.root, layer, kind, unit, dcfg, seeds=list(range(cfg.interventions.dream_seeds)),
-                  model=ctx.model if device else None)
+    s = dream_run(ctx, layer, kind, unit, dcfg, seeds=list(range(cfg.interventions.dream_seeds)))
     for note in s["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(f"dreamed {layer} / {kind} {unit} at steps {s['target_steps']} ({len(s['seeds'])} seeds, "
@@ -326,13 +371,13 @@ def dream(
 @user_errors
 @config_options(Opt("interventions"))
 def intervene(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None,
-              set_: SetOpt = None) -> None:
+              set_: SetOpt = None, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None) -> None:
     """run-all's interventions stage on an analysed run: steered priors and dreams of the top units, feature
     edits, concept steering, block ablation (settings: the run config's [interventions] section)."""
     from backend.stages.interventions import run_interventions
 
-    ctx, cfg = _run_context(run, config, overrides, set_)
-    _print_interventions(run, run_interventions(ctx.root, cfg.interventions))
+    ctx, cfg = _model_run_context(run, device, dtype, config, overrides, set_, loads=False)
+    _print_interventions(run, run_interventions(ctx, cfg.interventions))  # the model loads only if a part is left
 
 
 def _print_interventions(run: Path, summary: dict) -> None:
@@ -386,15 +431,17 @@ def steer(
     prompt: Annotated[str | None, typer.Option(help="Steer this prompt, shown beside the unsteered image; without "
                                                     "it: the steered prior (empty prompt, no guidance).")] = None,
     seeds: SeedsOpt = None, steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+    device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
     """Add strength x a unit's direction to a layer's output and compare with the unsteered images."""
     from backend.interventions.steer import steer_run
 
-    ctx, cfg = _run_context(run)
+    ctx, cfg = _model_run_context(run, device, dtype)
     iv = cfg.interventions
     res = steer_run(ctx.root, layer, kind, unit, scale=iv.steer_scale if scale is None else scale, strength=strength,
                     steps=window, mask=mask, mode="prompt" if prompt else "prior", prompt=prompt,
-                    seeds=iv.steer_seeds if seeds is None else _seeds(seeds), n_steps=steps, guidance=guidance)
+                    seeds=iv.steer_seeds if seeds is None else _seeds(seeds), n_steps=steps, guidance=guidance,
+                    model=ctx.model)
     rows = res.rows
     typer.echo(f"steered {kind} {unit} of {layer}: strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
     for r in rows.iter_rows(named=True):
@@ -417,15 +464,16 @@ def steer_report(
     = None,
     seeds: Annotated[str | None, typer.Option(help=f"Seeds: a range 0-9 or a list. "
                                                    f"{_doc('interventions', 'concept_seeds')}")] = None,
+    device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
     """Demo model: how often steering each concept's best unit turns images to that concept."""
     from backend.interventions.concepts import REPORT_SCALE, concept_steering_report
 
-    ctx, cfg = _run_context(run)
+    ctx, cfg = _model_run_context(run, device, dtype)
     seed_list = list(range(cfg.interventions.concept_seeds)) if seeds is None else _seeds(seeds)
     table = concept_steering_report(ctx.root, layer, kind, scale=REPORT_SCALE if scale is None else scale,
                                     steps=window, mask=None if mask == "none" else mask, seeds=seed_list,
-                                    attributes=tuple(attribute or ("colour",)))
+                                    attributes=tuple(attribute or ("colour",)), model=ctx.model)
     for r in table.iter_rows(named=True):
         typer.echo(f"  {r['layer']:<28} {r['concept']:<18} {kind} {r['unit']:>5} (AUROC {r['auroc']:.3f}, rank "
                    f"{r['rank']}): {r['hits']}/{r['seeds']} = {r['rate']:.0%} (clean {r['clean_rate']:.0%}, "
@@ -449,16 +497,17 @@ def edit(
     = None,
     seeds: SeedsOpt = None,
     window: Annotated[str, typer.Option(help="all, late, or an inclusive window 3-8.")] = "all",
+    device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
     """Zero or scale SAE features (decode(edited codes) + reconstruction error) next to the unedited images."""
     from backend.interventions.edit import PRESETS, edit_run
 
-    ctx, cfg = _run_context(run)
+    ctx, cfg = _model_run_context(run, device, dtype)
     iv = cfg.interventions
     res = edit_run(ctx.root, layer, presets=tuple(preset) if preset else PRESETS,
                    n=iv.edit_features if n is None else n, zero=zero or (), scale=scale_feature or (),
                    factor=factor, prompts=prompt,
-                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window)
+                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window, model=ctx.model)
     for (name,), rows in res.rows.group_by(["preset"], maintain_order=True):
         typer.echo(f"  {name:<14} {len(rows['features'][0]):>5} features  mean effect {rows['effect'].mean():.3f}")
     typer.echo(f"grid: {res.grid}\ntable: {res.shard}")
@@ -475,12 +524,14 @@ def ablate(
                                                                       "4]")] = None,
     seeds: Annotated[str, typer.Option(help="Seeds: a range 0-7 or a list 0,3,5.")] = "0",
     steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+    device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
     """Skip each block in turn on a fixed prompt set; image grid and effect score per block."""
     from backend.interventions.ablate import ablate_run
 
-    summary, grid = ablate_run(run, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=steps,
-                               guidance=guidance)
+    ctx, _ = _model_run_context(run, device, dtype)
+    summary, grid = ablate_run(ctx.root, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=steps,
+                               guidance=guidance, model=ctx.model)
     typer.echo(f"  {'block':<48} {'effect':>7} {'changed':>8}")
     for r in summary.iter_rows(named=True):
         changed = "-" if r["changed"] is None else f"{r['changed']:.0%}"

@@ -110,6 +110,36 @@ def local_device(device: str) -> str:
     return str(device)
 
 
+def device_problem(device: str) -> str | None:
+    """Why this process cannot use a torch device (None when it can): an unknown name, CUDA missing from this torch
+    build or not visible, a GPU index beyond the visible ones, no MPS."""
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        return f"unknown device {device!r}; use cpu, cuda, cuda:<index> or mps"
+    if dev.type == "cuda":
+        if torch.version.cuda is None and not torch.cuda.is_available():
+            return (f"this torch ({torch.__version__}) is a CPU build without CUDA: install a CUDA build of torch "
+                    "(README, section GPU)")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to this process (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"{dev} does not exist: this process sees {count} GPU(s), cuda:0..cuda:{count - 1}"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine"
+    return None
+
+
+def check_device(device: str, whose: str = "") -> None:
+    """A one-line DifflensError when device_problem(device) finds one; `whose` names where the device came from
+    (e.g. "the run's device"), and the error then says how to choose another."""
+    problem = device_problem(device)
+    if problem:
+        origin = f" ({whose}; pass --device cpu to use the CPU)" if whose else ""
+        raise DifflensError(f"device {device!r}{origin}: {problem}")
+
+
 def master_port(env=None) -> str:
     """The rendezvous port when MASTER_PORT is not set: in a Slurm job 10000 + SLURM_JOB_ID % 20000 (two jobs on
     one node get different ports), else 29500."""
