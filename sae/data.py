@@ -1,4 +1,8 @@
-"""Training data for SAEs: a shuffling, resumable reader over fp16 token shards `part-*.npy` ([N, D]).
+"""Training data for SAEs: a shuffling, resumable reader over token shards `part-*.npy` ([N, D]).
+
+A shard's numpy dtype says how to read it: float16 (or float32) holds the values; uint16 holds bfloat16 bit
+patterns (numpy has no bfloat16: a run captured in bfloat16 stores its tokens so, meta.json "dtype": "bfloat16",
+docs/run-format.md). Batches are float32 either way.
 
 Shards are memory-mapped and read in chunks. Each epoch permutes the chunks; consecutive groups of
 `window_chunks` chunks form a window that is loaded, shuffled row-wise, and cut into batches. Everything is a
@@ -19,7 +23,36 @@ import torch
 
 
 class SAEDataError(ValueError):
-    """Activation shards that cannot be trained on (missing, empty, non-finite, wrong width)."""
+    """Activation shards that cannot be trained on (missing, empty, non-finite, wrong width or dtype)."""
+
+
+SHARD_DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16)}
+"""Token shard dtype name (meta.json "dtype") -> the numpy dtype of its .npy (bfloat16: uint16 bit patterns)."""
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float values -> bfloat16 bit patterns (uint16), rounded to nearest even as torch rounds; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # rounding could carry a NaN's payload into the sign bit or make it inf: a quiet NaN instead
+        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return rounded
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 values (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def shard_dtype_name(array: np.ndarray) -> str | None:
+    """The dtype name of a shard array (SHARD_DTYPES), None for a dtype no shard has."""
+    return next((name for name, dt in SHARD_DTYPES.items() if array.dtype == dt), None)
+
+
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """Shard rows as float32 values (bfloat16 bit patterns decoded)."""
+    return from_bfloat16_bits(rows) if rows.dtype == np.uint16 else np.asarray(rows, dtype=np.float32)
 
 
 @dataclass
@@ -38,7 +71,7 @@ def find_shards(directory: str | Path) -> list[Path]:
 
 
 class ShardReader:
-    """Batches [B, D] float32 from fp16 shards, shuffled through a bounded window."""
+    """Batches [B, D] float32 from token shards (float16, float32 or bfloat16), shuffled through a bounded window."""
 
     def __init__(self, shards: list[Path], batch_size: int, seed: int = 0, chunk_rows: int = 4096,
                  window_chunks: int = 32, check_finite: bool = True):
@@ -50,6 +83,7 @@ class ShardReader:
         self.window_chunks = window_chunks
         self.check_finite = check_finite
         self.arrays = [np.load(s, mmap_mode="r") for s in self.shards]
+        self._check_dtypes()
         widths = {a.shape[1] for a in self.arrays if a.ndim == 2}
         if any(a.ndim != 2 for a in self.arrays) or len(widths) != 1:
             raise SAEDataError(f"shards under {self.shards[0].parent} are not all [N, D] of one width D")
@@ -64,6 +98,21 @@ class ShardReader:
                                f"of {batch_size}; capture more or lower the batch size")
         self.state = ReaderState()
         self._checked: set[int] = set()
+
+    def _check_dtypes(self) -> None:
+        """Every shard of a dtype shards have, and of the dtype its directory's meta.json names (when it has one)."""
+        metas: dict[Path, dict] = {}
+        for path, array in zip(self.shards, self.arrays, strict=True):
+            name = shard_dtype_name(array)
+            if name is None:
+                raise SAEDataError(f"{path} holds {array.dtype} values; token shards are float16, float32 or "
+                                   "bfloat16 (stored as uint16)")
+            if path.parent not in metas:
+                metas[path.parent] = read_meta(path.parent)
+            said = metas[path.parent].get("dtype")
+            if said is not None and said != name:
+                raise SAEDataError(f"{path} holds {name} but {path.parent / 'meta.json'} says {said}; recapture "
+                                   "the layer")
 
     @classmethod
     def from_dir(cls, directory: str | Path, batch_size: int, **kw) -> ShardReader:
@@ -80,7 +129,7 @@ class ShardReader:
         parts = []
         for c in sorted(order):  # read in file order; the row permutation below does the shuffling
             shard, start, stop = self.chunks[c]
-            part = np.asarray(self.arrays[shard][start:stop], dtype=np.float32)
+            part = as_float32(self.arrays[shard][start:stop])
             if self.check_finite and c not in self._checked:
                 if not np.isfinite(part).all():
                     bad = int(np.argwhere(~np.isfinite(part).all(1))[0, 0]) + start
@@ -114,8 +163,8 @@ class ShardReader:
         """Per-channel mean and the scale making E||x - mean|| = sqrt(D), from an evenly spaced sample."""
         rng = np.random.default_rng([self.seed, 7])
         picks = rng.choice(len(self.chunks), size=min(len(self.chunks), 64), replace=False)
-        rows = np.concatenate([np.asarray(self.arrays[self.chunks[c][0]][self.chunks[c][1]:self.chunks[c][2]],
-                                          dtype=np.float64) for c in picks])[:max_rows]
+        rows = np.concatenate([as_float32(self.arrays[self.chunks[c][0]][self.chunks[c][1]:self.chunks[c][2]])
+                               for c in picks])[:max_rows].astype(np.float64)
         if not np.isfinite(rows).all():
             raise SAEDataError(f"NaN/Inf activations in the shards under {self.shards[0].parent}")
         mean = rows.mean(0)

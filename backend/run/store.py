@@ -3,8 +3,8 @@
 docs/run-format.md is the normative description of the format; backend/run/schema.py its table catalogue. In short:
     manifest.json                 format_version, identity, config, versions, stage status, keys and timings
     images/<gen_id:06d>.png       final image of each generation
-    activations/<layer>/          part-NNNNNNN.npy fp16 [N, d] + part-NNNNNNN.parquet (gen_id, step, position)
-                                  + meta.json (d, dtype, count)
+    activations/<layer>/          part-NNNNNNN.npy [N, d] (float16, or bfloat16 bits for a bfloat16 run)
+                                  + part-NNNNNNN.parquet (gen_id, step, position) + meta.json (d, dtype, count)
     tables/<table>/...            Parquet; large tables are hive-partitioned: layer=<layer>/kind=<kind>/part-*.parquet
     _done/<stage>/<batch>.json    markers: a batch of a stage is complete only once its marker exists
 
@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from backend.fileio import atomic_path, atomic_write_json, atomic_write_with
 from backend.run import schema
+from sae.data import bfloat16_bits, shard_dtype_name
 
 MANIFEST = "manifest.json"
 
@@ -38,6 +40,31 @@ MANIFEST = "manifest.json"
 ROW_GROUP_ROWS = 8192
 """Parquet row-group size: tables are sorted by unit, so a reader asking for one unit decodes only the row groups
 whose unit range covers it (DuckDB and pyarrow skip the rest by their min/max statistics)."""
+
+
+TOKEN_DTYPES = ("float16", "bfloat16")
+"""Token shard dtypes (meta.json "dtype"): bfloat16 for a run in bfloat16, float16 otherwise (token_dtype)."""
+FLOAT16_MAX = 65504.0
+"""The largest float16: float16 token shards clamp finite values beyond it (and count them)."""
+TOKEN_CLAMPED_KEY = "difflens.clamped"
+"""Key of a token index file's Parquet metadata: values of its shard clamped to +-FLOAT16_MAX (a decimal string)."""
+
+
+def token_dtype(run_dtype: str) -> str:
+    """The token shard dtype of a run in run_dtype ("float32", "bfloat16", ... or a torch dtype's name)."""
+    return "bfloat16" if str(run_dtype).removeprefix("torch.") in ("bfloat16", "bf16") else "float16"
+
+
+def clamp_to_float16(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """(x as float16 with finite values beyond +-FLOAT16_MAX clamped to it, how many were); inf and NaN stay."""
+    x = np.asarray(x)
+    if x.dtype == np.float16:
+        return x, 0
+    over = np.isfinite(x) & (np.abs(x) > FLOAT16_MAX)
+    n = int(over.sum())
+    if n:
+        x = np.where(over, np.sign(x) * FLOAT16_MAX, x)
+    return x.astype(np.float16), n
 
 
 def shard_name(first_gen_id: int) -> str:
@@ -229,27 +256,58 @@ class RunStore:
             raise ValueError(f"table {table!r}: columns differ from its schema (unexpected {unknown})")
         return pa.Table.from_pylist(rows, schema=spec.schema)
 
-    def write_token_shard(self, layer: str, name: str, tokens_ND: np.ndarray, index: pa.Table) -> None:
-        """fp16 token vectors [N, d] and their (gen_id, step, position) rows, under one shard name."""
+    def write_token_shard(self, layer: str, name: str, tokens_ND: np.ndarray, index: pa.Table,
+                          dtype: str = "float16", clamped: int = 0) -> int:
+        """Token vectors [N, d] and their (gen_id, step, position) rows, under one shard name; returns the number
+        of values clamped to the float16 range.
+
+        dtype is the shard's (docs/run-format.md, token shards): "float16", or "bfloat16" (a run in bfloat16:
+        stored as uint16 bit patterns; tokens_ND is then float values, rounded to nearest even, or already bit
+        patterns as uint16). A float16 shard clamps finite values beyond +-65504 (FLOAT16_MAX) to it and counts
+        them; `clamped` adds the values a caller clamped before (capture clamps on the device to keep its buffers
+        small). The count is kept in the index file's metadata (TOKEN_CLAMPED_KEY) for finish_token_meta."""
         if sorted(index.column_names) != sorted(schema.TOKEN_INDEX.names):
             raise ValueError(f"token index columns {index.column_names} differ from {schema.TOKEN_INDEX.names}")
+        if dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token shard dtype {dtype!r}; use one of {', '.join(TOKEN_DTYPES)}")
+        tokens = np.asarray(tokens_ND)
+        if dtype == "bfloat16":
+            data = tokens if tokens.dtype == np.uint16 else bfloat16_bits(tokens)
+        else:
+            data, clamped_here = clamp_to_float16(tokens)
+            clamped += clamped_here
         index = index.select(schema.TOKEN_INDEX.names).cast(schema.TOKEN_INDEX)
+        index = index.replace_schema_metadata({TOKEN_CLAMPED_KEY: str(int(clamped))})
         directory = self.activations_dir(layer)
         with atomic_path(directory / f"{name}.npy") as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(tokens_ND, dtype=np.float16))
+                np.save(f, np.ascontiguousarray(data))
         self.write_parquet(directory / f"{name}.parquet", index)
+        return int(clamped)
 
     def finish_token_meta(self, layer: str) -> dict:
-        """Write activations/<layer>/meta.json from the shards on disk (d, dtype, count, shards)."""
+        """Write activations/<layer>/meta.json from the shards on disk (d, dtype, count, shards, and clamped when
+        values were clamped to the float16 range: then a warning says how many)."""
         directory = self.activations_dir(layer)
         shards = sorted(directory.glob("part-*.npy"))
-        count, d = 0, None
+        count, d, dtypes, clamped = 0, None, set(), 0
         for shard in shards:
             arr = np.load(shard, mmap_mode="r")
             count += arr.shape[0]
             d = arr.shape[1]
-        meta = {"d": d, "dtype": "float16", "count": count, "shards": [s.stem for s in shards], "layout": "row-major"}
+            dtypes.add(shard_dtype_name(arr))
+            index = shard.with_suffix(".parquet")
+            if index.exists():
+                clamped += int((pq.read_schema(index).metadata or {}).get(TOKEN_CLAMPED_KEY.encode(), b"0"))
+        if len(dtypes) > 1 or None in dtypes:
+            raise ValueError(f"{directory}: token shards of different or unknown dtypes ({sorted(map(str, dtypes))})")
+        meta = {"d": d, "dtype": dtypes.pop() if dtypes else "float16", "count": count,
+                "shards": [s.stem for s in shards], "layout": "row-major"}
+        if clamped:
+            meta["clamped"] = clamped
+            warnings.warn(f"{clamped} token values of layer {layer} ({clamped / max(count * (d or 1), 1):.2%}) were "
+                          f"beyond the float16 range and clamped to +-{FLOAT16_MAX:g} in its token shards; capture "
+                          "with --dtype bfloat16 to store them as they are", UserWarning, stacklevel=2)
         atomic_write_json(directory / "meta.json", meta)
         return meta
 

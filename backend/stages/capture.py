@@ -3,8 +3,8 @@
 Per layer and batch of generations it writes
   - tables/activity/layer=L/kind=channel/part-G.parquet: (gen_id, step, unit, mean, max), the spatial mean and
     max of every channel, sorted by (unit, step, gen_id);
-  - activations/L/part-G.{npy,parquet}: a random sample of token vectors per (generation, step), fp16, with
-    (gen_id, step, position);
+  - activations/L/part-G.{npy,parquet}: a random sample of token vectors per (generation, step), with
+    (gen_id, step, position): float16 (clamped to its range, counted in meta.json), or bfloat16 for a bfloat16 model;
   - with SAEs given, tables/activity/layer=L/kind=feature/part-G.parquet for active features only;
 and per batch the generations rows and images. A batch is complete once its marker is written, so a killed
 capture resumes at the first incomplete batch and ends with the same files as an uninterrupted one.
@@ -31,7 +31,7 @@ from backend.run import distributed
 from backend.run.config import RunConfig, file_digest, validate
 from backend.run.context import is_run
 from backend.run.prompts import PromptRecord, load_prompts
-from backend.run.store import RunStore, shard_name, stage_key
+from backend.run.store import FLOAT16_MAX, RunStore, shard_name, stage_key, token_dtype
 
 STAGE = "capture"
 FEATURES_STAGE = "features"  # a later pass that records SAE features of an already captured run
@@ -199,6 +199,10 @@ class _Recorder:
         self.positions: dict[str, torch.Tensor] = {}
         self.features: dict[str, list] = {}
         self.spatial: dict[str, tuple[int, int] | None] = {}
+        self.token_dtype: dict[str, str] = {}
+        """Per layer, the token shards' dtype (backend/run/store.py token_dtype): the model's when bfloat16."""
+        self.clamped: dict[str, torch.Tensor] = {}
+        """Per layer, token sample values clamped to the float16 range (a float16 buffer; on the device)."""
 
     def _positions(self, n_tokens: int, device) -> torch.Tensor:
         """[B, S, k] token positions, deterministic per (gen_id, step); all positions when k >= n_tokens."""
@@ -222,7 +226,12 @@ class _Recorder:
             self.max[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
             self.positions[ev.layer] = self._positions(t, tok.device)
             k = self.positions[ev.layer].shape[-1]
-            self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=torch.float16, device=tok.device)
+            # the samples are kept in the shards' dtype: bfloat16 tokens as they are (lossless); others in float16,
+            # clamped to its range and counted (a float32 run's values beyond 65504 would become inf)
+            self.token_dtype[ev.layer] = token_dtype(str(tok.dtype))
+            buffer = torch.bfloat16 if self.token_dtype[ev.layer] == "bfloat16" else torch.float16
+            self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=buffer, device=tok.device)
+            self.clamped[ev.layer] = torch.zeros((), dtype=torch.long, device=tok.device)
             self.features[ev.layer] = []
             self.spatial[ev.layer] = ev.spatial
             width = getattr(self.encoders.get(ev.layer), "d_in", c)
@@ -233,7 +242,12 @@ class _Recorder:
         self.mean[ev.layer][:, ev.step] = tokf.mean(1)
         self.max[ev.layer][:, ev.step] = tokf.amax(1)
         pos = self.positions[ev.layer][:, ev.step]
-        self.samples[ev.layer][:, ev.step] = torch.gather(tokf, 1, pos[..., None].expand(-1, -1, c)).half()
+        picked = torch.gather(tokf, 1, pos[..., None].expand(-1, -1, c))
+        if self.token_dtype[ev.layer] == "float16":
+            over = picked.isfinite() & (picked.abs() > FLOAT16_MAX)
+            self.clamped[ev.layer] += over.sum()
+            picked = torch.where(over, picked.sign() * FLOAT16_MAX, picked)
+        self.samples[ev.layer][:, ev.step] = picked.to(self.samples[ev.layer].dtype)
         if ev.layer in self.encoders:
             self.features[ev.layer].append((ev.step, feature_stats(self.encoders[ev.layer], tokf)))
 
@@ -338,7 +352,11 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
         activity = _activity_table(gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy())
         store.write_table_shard("activity", name, activity, layer=layer, kind="channel")
         stats.activity_rows += activity.num_rows
-        samples = rec.samples[layer].cpu().numpy()
+        shard_dtype = rec.token_dtype[layer]
+        samples = rec.samples[layer].cpu()
+        # numpy has no bfloat16: a bfloat16 shard is its bit patterns (uint16)
+        samples = (samples.view(torch.int16).numpy().view(np.uint16) if shard_dtype == "bfloat16"
+                   else samples.numpy())
         stats.token_bytes += samples.nbytes
         b, s, k, c = samples.shape
         pos = rec.positions[layer].cpu().numpy()
@@ -347,7 +365,8 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
             "step": np.tile(np.repeat(np.arange(s, dtype=np.int16), k), b),
             "position": pos.reshape(-1).astype(np.int32),
         })
-        store.write_token_shard(layer, name, samples.reshape(-1, c), index)
+        store.write_token_shard(layer, name, samples.reshape(-1, c), index, dtype=shard_dtype,
+                                clamped=int(rec.clamped[layer]))
         if rec.encoders.get(layer) is not None:
             store.write_table_shard("activity", name, _feature_table(gen_ids, rec.features[layer]),
                                     layer=layer, kind="feature")

@@ -68,3 +68,52 @@ def test_empty_and_mismatched_shards(tmp_path):
     np.save(tmp_path / "part-0000001.npy", np.zeros((10, 5), np.float16))
     with pytest.raises(SAEDataError, match="one width"):
         ShardReader.from_dir(tmp_path, 8)
+
+
+# ------------------------------------------------------------------------------------------------ shard dtypes
+def test_bfloat16_bits_round_to_nearest_even_like_torch():
+    import torch
+
+    from sae.data import bfloat16_bits, from_bfloat16_bits
+
+    x = np.concatenate([np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 65504.0, 1e5, -3.4e38, np.inf, -np.inf,
+                                  1e-40], np.float32),
+                        np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 1e4])
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(bfloat16_bits(x), want)
+    assert np.array_equal(from_bfloat16_bits(want), torch.from_numpy(want.view(np.int16)).view(torch.bfloat16)
+                          .float().numpy())
+    assert np.isnan(from_bfloat16_bits(bfloat16_bits(np.array([np.nan], np.float32)))).all()
+
+
+def test_bfloat16_shards_are_read_as_their_values(tmp_path):
+    """A bfloat16 shard (uint16 bit patterns, meta.json "dtype": "bfloat16") holds values beyond float16's
+    65504: the reader returns them exactly, as float32."""
+    import json
+
+    from sae.data import bfloat16_bits, from_bfloat16_bits
+
+    values = (np.random.default_rng(1).standard_normal((64, 4)) * 1e5).astype(np.float32)
+    bits = bfloat16_bits(values)
+    np.save(tmp_path / "part-0000000.npy", bits)
+    (tmp_path / "meta.json").write_text(json.dumps({"d": 4, "dtype": "bfloat16", "count": 64}))
+    reader = ShardReader.from_dir(tmp_path, 64, chunk_rows=64)
+    batch = next(iter(reader)).numpy()
+    want = from_bfloat16_bits(bits)
+    assert np.abs(want).max() > 65504
+    assert sorted(map(tuple, batch)) == sorted(map(tuple, want))  # every row, shuffled, bit for bit
+    mean, _ = reader.estimate_stats()
+    np.testing.assert_allclose(mean, want.mean(0), rtol=1e-5)
+
+
+def test_a_shard_of_another_dtype_than_its_meta_is_refused(tmp_path):
+    import json
+
+    np.save(tmp_path / "part-0000000.npy", np.zeros((10, 4), np.float16))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": 4, "dtype": "bfloat16", "count": 10}))
+    with pytest.raises(SAEDataError, match=r"part-0000000.npy holds float16.*meta.json says bfloat16"):
+        ShardReader.from_dir(tmp_path, 8)
+    np.save(tmp_path / "part-0000000.npy", np.zeros((10, 4), np.int32))
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(SAEDataError, match="int32"):
+        ShardReader.from_dir(tmp_path, 8)
