@@ -4,30 +4,136 @@ is imported inside the functions, so importing this module costs nothing until t
 
 Steering uses backend/interventions/steer.py (unit directions, strength schedules, masked steering edits), the same
 code `python cli.py steer` runs, so the Lab shows what the batch job would produce.
+
+One loaded model serves every browser session (Streamlit runs each session's script in its own thread). A model is
+not safe to share between concurrent generations: hooks are registered on its modules (a read hook fires on every
+forward pass, whoever started it; a steering hook edits them all) and it keeps the scheduler's state and the current
+step. So every forward pass of a cached model runs under its lock (`model_lock`): one generation at a time per
+model, each seeing only its own activations.
+
+A generation keeps what the page shows, not the layer's tokens (float32 tokens of every step are about 0.5 GB per
+SDXL generation): per step, every unit's mean and max over the tokens and the maps of the TOP_KEPT most active units,
+summarised on the model's device inside the hook (`summarise`).
+
+Device and dtype: the run's device when this machine has it, else the CPU (`lab_device`; a run made on a GPU node
+opens on a CPU-only login node); half precision on the CPU is bfloat16 (float16 runs use float32 there: `lab_dtype`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import threading
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
 
 THREADS_ENV = "DIFFLENS_LAB_THREADS"
 """Torch threads for the Lab's model (default: 1 for the demo model, torch's default otherwise)."""
+TOP_KEPT = 32
+"""Units per step whose maps a generation keeps (the page's "Top" input goes up to this)."""
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class Capture:
-    """One generation and its layer's tokens at every step."""
+    """One generation and, per step of its layer, what the page shows (see `summarise`)."""
 
     image: np.ndarray
     """uint8 [H, W, 3]."""
-    tokens: dict[int, np.ndarray] = field(default_factory=dict)
-    """step -> [T, C] float32 (the conditional half)."""
+    kind: str
+    """"channel", or "feature" (the SAE's codes of the layer)."""
+    means: np.ndarray
+    """[S, U] float32: every unit's mean over the tokens, per step (S denoiser calls)."""
+    maxes: np.ndarray
+    """[S, U] float32: every unit's max over the tokens."""
+    top: np.ndarray
+    """[S, K] int32: the K units of highest mean, best first (ties: lower unit first)."""
+    maps: np.ndarray
+    """[S, K, T] float16: their maps over the tokens, each divided by its largest |value| (`scales`)."""
+    scales: np.ndarray
+    """[S, K] float32."""
     grid: tuple[int, int] = (1, 1)
     """(h, w) of the layer's token grid."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.image, self.means, self.maxes, self.top, self.maps, self.scales))
+
+
+# ------------------------------------------------------------------------------------------------ device and dtype
+
+
+def _torch_device_problem(device: str) -> str | None:
+    """Why this machine cannot run on device (None when it can)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{device!r} is not a torch device"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA GPU" + (" (this torch is a CPU build)" if torch.version.cuda is None
+                                                     else "")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"this machine shows {torch.cuda.device_count()} GPU(s)"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        return "this machine has no MPS"
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        return f"the Lab cannot generate on {dev.type}"
+    return None
+
+
+def lab_device(run_device: str) -> tuple[str, str | None]:
+    """The Lab's default device: the run's when this machine has it, else "cpu"; and a note when it is not the
+    run's."""
+    if run_device == "cpu":
+        return "cpu", None
+    problem = _torch_device_problem(run_device)
+    if problem is None:
+        return run_device, None
+    return "cpu", f"this run was made on {run_device}, but {problem}: the Lab runs its model on the CPU"
+
+
+def device_options(run_device: str) -> list[str]:
+    """Devices to offer: the run's (when available), the CPU, every visible GPU, MPS."""
+    import torch
+
+    options = [run_device] if _torch_device_problem(run_device) is None else []
+    options.append("cpu")
+    if torch.cuda.is_available():
+        options += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        options.append("mps")
+    return list(dict.fromkeys(options))
+
+
+def lab_dtype(device: str, run_dtype: str) -> tuple[str, str | None]:
+    """The Lab's default dtype on device: the run's, except float16 on the CPU, which becomes float32 (CPU float16
+    kernels are slow and some are missing; bfloat16 runs there); and a note when it is not the run's."""
+    name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(run_dtype, run_dtype)
+    if name not in DTYPES:
+        return "float32", f"this run's dtype {run_dtype!r} is unknown: the Lab uses float32"
+    if name == "float16" and str(device).split(":")[0] == "cpu":
+        return "float32", ("this run is float16, which is slow on the CPU and lacks some kernels there: the Lab "
+                           "uses float32 (choose float16 or bfloat16 to try half precision)")
+    return name, None
+
+
+def half_precision_problem(exc: BaseException, device: str, dtype: str) -> str | None:
+    """A sentence for an op that has no kernel in this half precision on this device (None for other errors)."""
+    text = str(exc)
+    if dtype == "float32" or not isinstance(exc, RuntimeError):
+        return None
+    if "not implemented for" in text and ("Half" in text or "BFloat16" in text):
+        return (f"an operation of this model has no {dtype} kernel on {device} ({text.splitlines()[0]}); choose "
+                "float32 (or bfloat16) as the dtype above")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the model
 
 
 def model_problem(spec: str) -> str | None:
@@ -49,7 +155,7 @@ def model_problem(spec: str) -> str | None:
 
 @st.cache_resource(max_entries=2, show_spinner=False)
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
-    """The run's model, loaded once per process (shared by every session)."""
+    """The run's model, loaded once per process (shared by every session: use it under model_lock)."""
     import torch
 
     from backend.models import load_model as _load
@@ -59,7 +165,22 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
     if threads:  # the demo model is tiny: more threads only add overhead (and stall on a busy machine)
         torch.set_num_threads(max(1, int(threads)))
     model = _load(spec, device=device, dtype=parse_dtype(dtype))
+    model_lock(model)
     return model
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock of a (cached, shared) model: held for every forward pass, so one session's hooks never see another
+    session's generation. Re-entrant: steering holds it and calls the layer probe, which takes it too."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -72,30 +193,79 @@ def load_sae(sae_dir: str, device: str = "cpu"):
 def layer_channels(model, layer: str) -> int:
     from backend.models.layers import layer_channels as _channels
 
-    return _channels(model, layer)
+    with model_lock(model):  # the first call per model runs a probe forward pass
+        return _channels(model, layer)
 
 
-@st.cache_data(max_entries=24, show_spinner=False)
-def capture(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
-            read: str = "output") -> Capture:
-    """Generate one image and keep the layer's tokens at every step (cached per inputs)."""
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def summarise(tokens_TC, kind: str = "channel", sae=None, keep: int = TOP_KEPT) -> tuple[np.ndarray, ...]:
+    """What the page shows of one step, computed where the tokens are: (mean [U], max [U], top [K], maps [K, T]
+    float16, scales [K]) of the units (channels, or the SAE's codes of the tokens), K = min(keep, U), top ordered by
+    mean, best first."""
+    import torch
+
+    with torch.no_grad():
+        x = tokens_TC.float()
+        t = x.shape[0]
+        if kind == "feature":
+            codes = sae.encode(x.to(sae.W_dec.dtype))
+            vals, idx = codes.values.float(), codes.indices
+            n = int(sae.cfg.n_latents)
+            flat_i, flat_v = idx.reshape(-1), vals.reshape(-1)
+            mean = torch.zeros(n, device=x.device).index_add_(0, flat_i, flat_v) / t
+            # codes are >= 0 and a token without a feature has code 0, as in the dense [T, N] codes
+            mx = torch.zeros(n, device=x.device).scatter_reduce_(0, flat_i, flat_v, reduce="amax")
+        else:
+            mean, mx = x.mean(0), x.amax(0)
+        top = torch.sort(mean, descending=True, stable=True).indices[:keep]
+        if kind == "feature":
+            slot = torch.full((n,), -1, dtype=torch.long, device=x.device)
+            slot[top] = torch.arange(len(top), device=x.device)
+            s = slot[idx]
+            hit = s >= 0
+            rows = torch.arange(t, device=x.device)[:, None].expand_as(idx)
+            maps = torch.zeros(t, len(top), device=x.device).index_put_((rows[hit], s[hit]), vals[hit],
+                                                                         accumulate=True).T
+        else:
+            maps = x[:, top].T
+        scales = maps.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+        maps = (maps / scales[:, None]).half()
+        return (mean.cpu().numpy(), mx.cpu().numpy(), top.to(torch.int32).cpu().numpy(), maps.cpu().numpy(),
+                scales.cpu().numpy())
+
+
+def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: float, read: str = "output",
+             kind: str = "channel", sae=None) -> Capture:
+    """Generate one image under the model's lock, summarising the layer at every step (see `summarise`)."""
     import torch
 
     from backend.models.base import to_uint8
     from backend.models.hooks import read_activations
 
-    kept: dict[int, np.ndarray] = {}
+    steps: dict[int, tuple] = {}
     grid: list[tuple[int, int] | None] = [None]
 
     def keep(ev) -> None:
-        kept[int(ev.step)] = ev.tokens[0].detach().float().cpu().numpy()
+        steps[int(ev.step)] = summarise(ev.tokens[0], kind, sae)
         grid[0] = ev.spatial
 
-    with torch.no_grad(), read_activations(_model, [layer], keep, read=read, half="cond"):
-        images = _model.generate([prompt], [int(seed)], int(n_steps), float(guidance))
+    with model_lock(model), torch.no_grad(), read_activations(model, [layer], keep, read=read, half="cond"):
+        images = model.generate([prompt], [int(seed)], int(n_steps), float(guidance))
     image = to_uint8(images)[0]
-    n_tokens = next(iter(kept.values())).shape[0] if kept else 1
-    return Capture(image, kept, _grid(grid[0], n_tokens))
+    order = sorted(steps)
+    parts = [np.stack([steps[i][j] for i in order]) for j in range(5)]
+    n_tokens = parts[3].shape[-1] if order else 1
+    return Capture(image, kind, *parts, grid=_grid(grid[0], n_tokens))
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def capture(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
+            read: str = "output", kind: str = "channel", _sae=None, sae_key: str = "", device: str = "",
+            dtype: str = "") -> Capture:
+    """`generate`, cached per inputs (the model by spec, device and dtype; the SAE by sae_key, its directory)."""
+    return generate(_model, layer, prompt, seed, n_steps, guidance, read, kind, _sae)
 
 
 def _grid(spatial, n_tokens: int) -> tuple[int, int]:
@@ -105,29 +275,15 @@ def _grid(spatial, n_tokens: int) -> tuple[int, int]:
     return (side, side) if side * side == n_tokens else (1, n_tokens)
 
 
-def unit_maps(tokens_TC: np.ndarray, kind: str, sae=None) -> np.ndarray:
-    """[T, U] activations of every unit at every token: channels as they are, features as SAE codes."""
-    if kind == "channel":
-        return tokens_TC
-    import torch
-
-    with torch.no_grad():
-        x = torch.as_tensor(tokens_TC).to(sae.W_dec.device, sae.W_dec.dtype)
-        return sae.encode(x, dense=True).float().cpu().numpy()
-
-
-def top_units(cap: Capture, step: int, kind: str, sae=None, k: int = 8, by: str = "mean") -> list[dict]:
-    """The k units most active at a step of a captured generation: unit, mean, max, and its map [h, w]."""
-    maps_TU = unit_maps(cap.tokens[step], kind, sae)
-    score = maps_TU.mean(0) if by == "mean" else maps_TU.max(0)
-    order = np.argsort(-score, kind="stable")[:k]
+def top_units(cap: Capture, step: int, k: int = 8) -> list[dict]:
+    """The k units most active (by mean) at a step of a generation: unit, mean, max, and its map [h, w]."""
     h, w = cap.grid
     out = []
-    for u in order:
-        column = maps_TU[:, u]
+    for j, u in enumerate(cap.top[step][:k]):
+        column = cap.maps[step, j].astype(np.float32) * cap.scales[step, j]
         heat = column.reshape(h, w) if h * w == column.size else column.reshape(1, -1)
-        out.append({"unit": int(u), "mean": float(maps_TU[:, u].mean()), "max": float(maps_TU[:, u].max()),
-                    "heatmap": heat.astype(np.float32)})
+        out.append({"unit": int(u), "mean": float(cap.means[step, u]), "max": float(cap.maxes[step, u]),
+                    "heatmap": heat})
     return out
 
 
@@ -153,27 +309,30 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
     from backend.interventions.windows import strength_schedule
     from backend.models.base import to_uint8
 
-    n_channels = layer_channels(model, layer)
-    edits = []
-    for kind, unit, strength in items:
-        direction = unit_direction(kind, int(unit), n_channels, sae if kind == "feature" else None)
-        edits.append(steering_edit(direction, strength_schedule(float(strength), window, n_steps), mask_HW))
+    with model_lock(model):  # the layer probe and the steered generation (its edit hook acts on every forward pass)
+        n_channels = layer_channels(model, layer)
+        edits = []
+        for kind, unit, strength in items:
+            direction = unit_direction(kind, int(unit), n_channels, sae if kind == "feature" else None)
+            edits.append(steering_edit(direction, strength_schedule(float(strength), window, n_steps), mask_HW))
 
-    def edit(tokens, step):
-        for e in edits:
-            tokens = e(tokens, step)
-        return tokens
+        def edit(tokens, step):
+            for e in edits:
+                tokens = e(tokens, step)
+            return tokens
 
-    with torch.no_grad():
-        images = edited_generate(model, layer, [prompt], [int(seed)], edit if edits else None, int(n_steps),
-                                 float(guidance))
+        with torch.no_grad():
+            images = edited_generate(model, layer, [prompt], [int(seed)], edit if edits else None, int(n_steps),
+                                     float(guidance))
     return to_uint8(images)[0]
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def steer_cached(_model, _sae, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
                  items: tuple[tuple[str, int, float], ...], window: tuple[int, int], mask_key: bytes | None,
-                 mask_shape: tuple[int, int] | None) -> np.ndarray:
+                 mask_shape: tuple[int, int] | None, sae_key: str = "", device: str = "",
+                 dtype: str = "") -> np.ndarray:
+    """`steer`, cached per inputs (the model by spec, device and dtype; the SAE by sae_key)."""
     mask = None if mask_key is None else np.frombuffer(mask_key, np.float32).reshape(mask_shape).copy()
     return steer(_model, layer, prompt, seed, n_steps, guidance, list(items), window, mask, _sae)
 

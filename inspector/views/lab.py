@@ -2,7 +2,10 @@
 units (strength, step window, rectangular mask), original and steered side by side.
 
 Only this page loads a model, and only when asked (the "Load model" button); the model stays loaded for every
-session (`st.cache_resource`), and generations and steered images are cached on their inputs.
+session (`st.cache_resource`, one generation at a time: inspector/live.py model_lock), and generations (what the page
+shows of them) and steered images are cached on their inputs. The model runs on the run's device when this machine
+has it, else on the CPU (a GPU run opened on a CPU-only login node), and the page says which; the device and dtype can
+be chosen before loading.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ with ui.guard():
     man = queries.manifest(run)
 config = man.get("config") or {}
 spec = str(config.get("model", "demo"))
-device, dtype = str(config.get("device", "cpu")), str(config.get("dtype", "float32"))
+run_device, run_dtype = str(config.get("device", "cpu")), str(config.get("dtype", "float32"))
 layers = queries.run_layers(man)
 run_steps = queries.captured_steps(man)
 run_guidance = queries.captured_guidance(man)
@@ -36,7 +39,18 @@ if not layers:
     st.info("this run records no layers: run `python cli.py capture`")
     st.stop()
 
-st.caption(f"model `{spec}` on {device} ({dtype})")
+default_device, device_note = live.lab_device(run_device)
+devices = live.device_options(run_device)
+d1, d2 = st.columns(2)
+device = d1.selectbox("Device", devices, index=devices.index(default_device), key="lab.device",
+                      help=f"the run was made on {run_device}; the Lab uses it when this machine has it, else the CPU")
+default_dtype, dtype_note = live.lab_dtype(device, run_dtype)
+dtype = d2.selectbox("Dtype", live.DTYPES, index=live.DTYPES.index(default_dtype), key="lab.dtype",
+                     help=f"the run's is {run_dtype}; half precision on the CPU: bfloat16")
+st.caption(f"model `{spec}` (run made on {run_device}, {run_dtype}): the Lab runs it on {device} ({dtype})")
+for note in (device_note, dtype_note):
+    if note:
+        st.info(note)
 if not st.session_state.get(LOADED):
     st.write("The model is loaded on request and then kept in memory for every session.")
     if st.button("Load model", type="primary", icon=":material/play_arrow:"):
@@ -48,7 +62,11 @@ with st.spinner(f"loading {spec} ..."):
     try:
         model = live.load_model(spec, device, dtype)
     except Exception as exc:  # noqa: BLE001 - shown in the page
-        ui.show_error(exc, "loading the model")
+        half = live.half_precision_problem(exc, device, dtype)
+        if half:
+            st.error(f"loading the model: {half}")
+        else:
+            ui.show_error(exc, "loading the model")
         st.stop()
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -80,13 +98,20 @@ layer, kind, prompt, seed, n_steps, guidance = st.session_state[GEN]
 if kind == "feature" and layer not in sae_layers:
     st.info(f"`{layer}` has no SAE in this run; showing channels")
     kind = "channel"
-sae = None
+sae, sae_dir = None, ""
 try:
     with st.spinner("generating ..."):
-        cap = live.capture(model, spec, layer, prompt, seed, n_steps, guidance, read)
-        sae = live.load_sae(str(queries.safe_path(run.path, f"sae/{layer}")), device) if kind == "feature" else None
+        if kind == "feature":
+            sae_dir = str(queries.safe_path(run.path, f"sae/{layer}"))
+            sae = live.load_sae(sae_dir, device)
+        cap = live.capture(model, spec, layer, prompt, seed, n_steps, guidance, read, kind, sae, sae_dir, device,
+                           dtype)
 except Exception as exc:  # noqa: BLE001 - e.g. a word the demo tokenizer does not know
-    ui.show_error(exc, "generating")
+    half = live.half_precision_problem(exc, device, dtype)
+    if half:
+        st.error(f"generating: {half}")
+    else:
+        ui.show_error(exc, "generating")
     st.stop()
 
 st.subheader("Top units of this image")
@@ -96,8 +121,8 @@ with left:
 with right:
     s1, s2 = st.columns([3, 1])
     step = int(s1.slider("Step", 0, n_steps - 1, value=min(n_steps - 1, n_steps // 2), key="lab.step"))
-    k = int(s2.number_input("Top", min_value=1, max_value=32, value=8, key="lab.k"))
-    tops = live.top_units(cap, step, kind, sae, k)
+    k = int(s2.number_input("Top", min_value=1, max_value=live.TOP_KEPT, value=8, key="lab.k"))
+    tops = live.top_units(cap, step, k)
     cols = st.columns(4)
     small = overlay.thumbnail(cap.image, 160)
     for i, t in enumerate(tops):
@@ -144,7 +169,7 @@ try:
     with st.spinner("steering ..."):
         steered = live.steer_cached(model, sae, spec, layer, prompt, seed, n_steps, guidance, tuple(items),
                                     tuple(window), None if mask is None else mask.tobytes(),
-                                    None if mask is None else mask.shape)
+                                    None if mask is None else mask.shape, sae_dir, device, dtype)
     st.session_state["lab.steered"] = True
 except Exception as exc:  # noqa: BLE001 - e.g. a unit out of range
     ui.show_error(exc, "steering")
