@@ -10,8 +10,11 @@ Selection (DuckDB, streaming): per (unit, step) the top-N generations by cfg.exa
 Heat-maps are recorded by replaying the chosen generations (same prompt, seed, steps and guidance as the
 capture; generation is deterministic) under `read_activations` with the capture's read/half settings: for a
 channel, its map at `heatmap_step`; for a feature, its SAE code map (sae/<layer>/). Each replayed map is
-checked against the recorded activity (its pooled value must equal the recorded one), so a replay that does
-not reproduce the capture is an error, not a silent wrong picture.
+checked against the recorded activity (its pooled value must equal the recorded one, within
+analysis.replay_tolerance and at least 4 ulps of the run's dtype), so a replay that does not reproduce the
+capture is an error, not a silent wrong picture. GPU kernels (in half precision above all) round differently for
+other batch sizes, so a half-precision run or a GPU replay replays the capture's own batches, whole
+(analysis.replay_batches), with deterministic kernels (backend/models/base.py deterministic_kernels, as capture).
 
 Heat-maps are stored in `examples` as a row-major list<float32> column `heatmap` with `height` x `width`.
 Replay runs in batches of generations; each batch writes a work shard under _work/analysis/heatmaps/ and a
@@ -94,21 +97,60 @@ def grid_shape(spatial: tuple[int, int] | None, n_tokens: int) -> tuple[int, int
     return (side, side) if side * side == n_tokens else (1, n_tokens)
 
 
+def replay_tolerance(cfg: AnalysisConfig, run_dtype: str, model_dtype: torch.dtype) -> float:
+    """The relative tolerance of the replay check: cfg.replay_tolerance, but at least 4 units in the last place
+    (4 eps) of the coarser of the run's dtype and the replaying model's: half-precision kernels round differently
+    from run to run where torch has no deterministic one."""
+    from backend.models import parse_dtype
+
+    eps = max(torch.finfo(parse_dtype(run_dtype)).eps, torch.finfo(model_dtype).eps)
+    return max(cfg.replay_tolerance, 4 * eps)
+
+
+def replay_by_capture_batches(cfg: AnalysisConfig, run_dtype: str, device: torch.device | str) -> bool:
+    """Whether the replay runs the capture's batches (analysis.replay_batches; "auto": for a run in half
+    precision or a replay on a GPU, where kernels depend on the batch's size and composition)."""
+    if cfg.replay_batches != "auto":
+        return cfg.replay_batches == "capture"
+    return run_dtype not in ("float32", "fp32") or torch.device(device).type == "cuda"
+
+
+def replay_batches(gens: pl.DataFrame, requested: pl.Series, cfg: AnalysisConfig, capture_batch_size: int | None,
+                   ) -> list[pl.DataFrame]:
+    """The batches the replay generates: with capture_batch_size, the capture's batches (backend/stages/capture.py
+    plan_batches: every generation of the run cut into batches of that size in gen_id order) that hold a requested
+    generation, whole; else the requested generations, cfg.replay_batch_size per batch (grouped by steps and
+    guidance)."""
+    gens = gens.sort("gen_id")
+    if capture_batch_size:
+        batches = [gens.slice(i, capture_batch_size) for i in range(0, len(gens), capture_batch_size)]
+        return [b for b in batches if b["gen_id"].is_in(requested.implode()).any()]
+    wanted = gens.filter(pl.col("gen_id").is_in(requested.implode()))
+    batches = []
+    for _, same in wanted.group_by(["n_steps", "guidance"], maintain_order=True):
+        batches += [same.slice(i, cfg.replay_batch_size) for i in range(0, len(same), cfg.replay_batch_size)]
+    return batches
+
+
 def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConfig, progress: bool = True) -> int:
     """Replay the generations of requests (layer, kind, unit, gen_id, heatmap_step, activation) and write their
     heat-maps as work shards; returns the number of batches replayed (0 when all were done)."""
     ctx = inputs.ctx
     store = ctx.store
-    gens = inputs.gens.filter(pl.col("gen_id").is_in(requests["gen_id"].unique().implode())).sort("gen_id")
-    batches = []
-    for _, same in gens.group_by(["n_steps", "guidance"], maintain_order=True):
-        batches += [same.slice(i, cfg.replay_batch_size) for i in range(0, len(same), cfg.replay_batch_size)]
+    identity = ctx.manifest.get("identity") or {}
+    run_dtype = identity.get("dtype") or ctx.config.dtype
+    device = cfg.device or ctx.device
+    capture_batch_size = None
+    if replay_by_capture_batches(cfg, run_dtype, device):
+        capture_batch_size = int((identity.get("capture") or {}).get("batch_size") or ctx.config.capture.batch_size)
+    batches = replay_batches(inputs.gens, requests["gen_id"].unique(), cfg, capture_batch_size)
     todo = [b for b in batches if not store.batch_done(REPLAY_STAGE, shard_name(int(b["gen_id"][0])))]
     if not todo:
         return 0
     if cfg.device and cfg.device != ctx.device:
-        ctx = RunContext(ctx.store, ctx.manifest, device=cfg.device)
+        ctx = RunContext(ctx.store, ctx.manifest, device=cfg.device, dtype=ctx.dtype)
     model = ctx.model
+    tolerance = replay_tolerance(cfg, run_dtype, model.dtype)
     saes = _load_saes(ctx, requests)
     layers = sorted(requests["layer"].unique().to_list())
     with tqdm(total=sum(len(b) for b in todo), desc="replay heat-maps", unit="img", disable=not progress) as bar:
@@ -121,7 +163,7 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
             with read_activations(model, layers, keeper, read=ctx.read, half=ctx.half):
                 model.generate(batch["prompt"].to_list(), batch["seed"].to_list(), int(batch["n_steps"][0]),
                                float(batch["guidance"][0]))
-            table = _maps_table(mine, keeper, saes, cfg)
+            table = _maps_table(mine, keeper, saes, cfg, tolerance)
             name = shard_name(int(batch["gen_id"][0]))
             store.write_parquet(heatmap_dir(store) / f"{name}.parquet", table)
             store.mark_batch_done(REPLAY_STAGE, name, n=len(batch))
@@ -135,7 +177,11 @@ def _load_saes(ctx, requests: pl.DataFrame) -> dict:
 
 
 @torch.no_grad()
-def _maps_table(mine: pl.DataFrame, keeper: _Keeper, saes: dict, cfg: AnalysisConfig) -> pa.Table:
+def _maps_table(mine: pl.DataFrame, keeper: _Keeper, saes: dict, cfg: AnalysisConfig,
+                tolerance: float | None = None) -> pa.Table:
+    """The heat-maps of one replayed batch, each checked against its recorded pooled value within tolerance
+    (relative; default cfg.replay_tolerance)."""
+    tolerance = cfg.replay_tolerance if tolerance is None else tolerance
     cols: dict[str, list] = {k: [] for k in ("layer", "kind", "unit", "gen_id", "heatmap_step", "heatmap",
                                               "height", "width")}
     for (layer, kind, b, step), rows in mine.group_by(["layer", "kind", "b", "heatmap_step"]):
@@ -151,13 +197,13 @@ def _maps_table(mine: pl.DataFrame, keeper: _Keeper, saes: dict, cfg: AnalysisCo
         pooled = maps.max(1) if cfg.example_stat == "max" else maps.mean(1)
         recorded = rows["activation"].to_numpy()
         scale = max(1.0, float(np.abs(recorded).max()))
-        if not np.allclose(pooled, recorded, rtol=cfg.replay_tolerance, atol=cfg.replay_tolerance * scale):
+        if not np.allclose(pooled, recorded, rtol=tolerance, atol=tolerance * scale):
             worst = int(np.abs(pooled - recorded).argmax())
             raise DifflensError(
                 f"replaying generation {rows['gen_id'][worst]} did not reproduce its recorded {layer}/{kind} "
-                f"activity (unit {rows['unit'][worst]}: {pooled[worst]:.5g} vs {recorded[worst]:.5g}); generation "
-                "is not deterministic here: run analyze on the capture's device and dtype, or raise "
-                "analysis.replay_tolerance")
+                f"activity (unit {rows['unit'][worst]}: {pooled[worst]:.5g} vs {recorded[worst]:.5g}, relative "
+                f"tolerance {tolerance:.3g}); generation is not deterministic here: run analyze on the capture's "
+                "device and dtype with analysis.replay_batches = 'capture', or raise analysis.replay_tolerance")
         h, w = grid_shape(keeper.spatial[layer], maps.shape[1])
         n = len(rows)
         cols["layer"] += [layer] * n

@@ -8,7 +8,9 @@ guidance the denoiser's batch is `[uncond; cond]` (the order diffusers pipelines
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -37,6 +39,33 @@ def to_uint8(images_B3HW: torch.Tensor) -> np.ndarray:
 def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image, so an image depends on its seed, not on its batch."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device | str) -> Iterator[None]:
+    """Deterministic kernels for the block on a CUDA device (the flags are restored after; elsewhere nothing
+    changes: CPU kernels give the same result for the same batch).
+
+    torch.use_deterministic_algorithms(True, warn_only=True) (an op without a deterministic kernel warns instead
+    of failing), cudnn.deterministic and no cudnn autotuning (benchmark picks kernels by timing, so differently
+    from run to run). cuBLAS needs CUBLAS_WORKSPACE_CONFIG before it initialises: it is set here (":4096:8") when
+    unset, which takes effect only if no CUDA matmul ran yet in the process (else torch warns once).
+    Capture and the heat-map replay both generate under it, so a replay of the capture's batches reproduces it.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
 class DiffusionModel:
@@ -128,20 +157,22 @@ class DiffusionModel:
     def generate(self, prompts: list[str], seeds: list[int], n_steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1]. CFG is on when guidance > 1 (as in diffusers pipelines)."""
+        """Images [B, 3, H, W] in [0, 1]. CFG is on when guidance > 1 (as in diffusers pipelines). On a GPU the
+        kernels are deterministic (deterministic_kernels), so the same batch gives the same values again."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         n_steps = n_steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         cfg = guidance > 1.0
-        cond, uncond = self.encode_prompts(list(prompts), cfg)
-        generators = seed_generators(seeds)
-        # the schedule first: the initial noise scale (init_noise_sigma) can depend on it (Euler, "leading" spacing)
-        timesteps = self.timesteps(n_steps)
-        latents = self.initial_latents(generators, height, width)
-        for i, t in enumerate(timesteps):
-            self.step_index = i
-            latents = self.step(latents, t, cond, uncond, guidance, generators)
-            if on_step is not None:
-                on_step(i, t, latents)
-        return self.decode(latents)
+        with deterministic_kernels(self.device):
+            cond, uncond = self.encode_prompts(list(prompts), cfg)
+            generators = seed_generators(seeds)
+            # the schedule first: the initial noise scale (init_noise_sigma) can depend on it (Euler, "leading")
+            timesteps = self.timesteps(n_steps)
+            latents = self.initial_latents(generators, height, width)
+            for i, t in enumerate(timesteps):
+                self.step_index = i
+                latents = self.step(latents, t, cond, uncond, guidance, generators)
+                if on_step is not None:
+                    on_step(i, t, latents)
+            return self.decode(latents)

@@ -130,7 +130,14 @@ class AnalysisConfig:
     replay_batch_size: int = 32
     """Generations replayed per batch to record example heat-maps."""
     replay_tolerance: float = 1e-3
-    """Relative tolerance between a replayed map's pooled value and the recorded activity (else an error)."""
+    """Relative tolerance between a replayed map's pooled value and the recorded activity (else an error); at least
+    4 units in the last place of the run's dtype (bfloat16: 0.031, float16: 0.0039)."""
+    replay_batches: str = "auto"
+    """How the heat-map replay batches generations: "capture" (the capture's own batches, each whole: the same batch
+    composition, so kernels that depend on the batch, as GPU kernels do, give the recorded values again),
+    "requested" (only the example generations, replay_batch_size per batch: less work, exact where kernels do not
+    depend on the batch, as float32 on CPU) or "auto" (capture for a run in float16 / bfloat16 or a replay on a
+    GPU, else requested)."""
     compare_multiplier: float = 2.0
     """`compare` keeps units with freq_a > m * freq_b (m is this)."""
     compare_pseudo_count: float = 0.5
@@ -160,7 +167,8 @@ class AnalysisConfig:
 
 def validate_analysis(cfg: AnalysisConfig) -> AnalysisConfig:
     """Raise a one-line DifflensError for a setting out of range."""
-    choices = {"pool": ("mean", "max"), "peak_on": ("freq", "mean", "max"), "example_stat": ("mean", "max")}
+    choices = {"pool": ("mean", "max"), "peak_on": ("freq", "mean", "max"), "example_stat": ("mean", "max"),
+               "replay_batches": ("auto", "capture", "requested")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise DifflensError(f"analysis.{name} is {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
