@@ -1,5 +1,9 @@
 # Two entry points: `make demo` (set up, then run the main job) and `make test` (set up, then run the tests).
-# The venv gets torch's CPU wheel first (torch==2.13.0), so nothing later can pull a CUDA build.
+# The venv gets torch first: `pip install $(TORCH)` (torch==2.13.0), so the project's torch>=2.3 bound is then met
+# and nothing later pulls another build. A venv that already has a torch keeps it (a GPU user installs a CUDA build
+# into .venv before `make setup`: README, "GPU"); TORCH may carry pip options, e.g.
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# and TORCH= (empty) installs no torch at all.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +14,13 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)"
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "keeping the torch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif [ -z "$(strip $(TORCH))" ]; then \
+		echo "TORCH is empty: no torch installed first"; \
+	else \
+		echo "$(PY) -m pip install $(TORCH)"; $(PY) -m pip install $(TORCH); \
+	fi
 	$(PY) -m pip install -e .
 	touch $@
 

@@ -6,6 +6,7 @@ GPU, and devices this machine lacks are one-line errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,192 @@ def test_capture_sae_of_a_gpu_run_on_a_cpu_node(tmp_path, recorded_capture):
     result = runner.invoke(app, ["capture", "--runs-dir", str(tmp_path / "runs"), "--name", "gpu",
                                  "--sae", f"{LAYER}={root}/sae/{LAYER}"])
     assert result.exit_code == 1 and "device 'cuda'" in result.output and recorded_capture == {}
+
+
+# ------------------------------------------------------------------------------------------------ set-up: Makefile
+
+FAKE_PYTHON = r"""#!/bin/bash
+# a stand-in python: logs its arguments (one with a space in quotes); `-m venv DIR` makes DIR/bin/python a stand-in
+# too; `-c "import torch..."` succeeds when $HAS_TORCH is set (a venv with a torch already installed)
+line="$(basename "$0")"
+for a in "$@"; do case "$a" in *" "*|"") line="$line '$a'";; *) line="$line $a";; esac; done
+echo "$line" >> "$LOG"
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
+if [ "$1" = "-c" ]; then
+  case "$2" in
+    *"import torch"*) [ -n "$HAS_TORCH" ] || exit 1; case "$2" in *print*) echo "2.13.0+cu128";; esac;;
+  esac
+fi
+exit 0
+"""
+
+
+def _make(tmp_path, *args, has_torch=False, premade_venv=False, dry=False):
+    """Run the project's Makefile in a scratch copy with stand-in pythons; (make's output, the pythons' calls)."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from conftest import ROOT
+
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # one scratch copy per call
+    work = tmp_path / "proj"
+    work.mkdir()
+    shutil.copy(ROOT / "Makefile", work / "Makefile")
+    (work / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    if premade_venv:  # the GPU user's `python3 -m venv .venv && .venv/bin/pip install torch ...`
+        (work / ".venv" / "bin").mkdir(parents=True)
+        shutil.copy(fake, work / ".venv" / "bin" / "python")
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
+    env |= dict(LOG=str(log), HAS_TORCH="1" if has_torch else "")
+    done = subprocess.run(["make", "-C", str(work), *(["-n"] if dry else []), "setup", f"PYTHON={fake}", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout, log.read_text().splitlines()
+
+
+def test_make_setup_installs_torch_first_on_a_fresh_machine(tmp_path):
+    out, calls = _make(tmp_path)
+    assert calls == ["python3 -m venv .venv", "python -m pip install --upgrade pip", "python -c 'import torch'",
+                     "python -m pip install torch==2.13.0", "python -m pip install -e ."]
+
+
+def test_make_setup_keeps_a_torch_already_in_the_venv(tmp_path):
+    """The GPU set-up of the README: a CUDA build installed into .venv first is kept (it used to be replaced by
+    `pip install torch==2.13.0`, i.e. whatever build the index serves, whenever the versions differed)."""
+    out, calls = _make(tmp_path, has_torch=True, premade_venv=True)
+    assert not any("pip install torch" in c for c in calls), calls
+    assert calls[-1] == "python -m pip install -e ."
+    assert "keeping the torch already in .venv: 2.13.0+cu128" in out
+
+
+def test_make_setup_torch_may_carry_pip_options(tmp_path):
+    url = "https://download.pytorch.org/whl/cu128"
+    _, calls = _make(tmp_path, f"TORCH=torch==2.13.0 --index-url {url}")
+    assert f"python -m pip install torch==2.13.0 --index-url {url}" in calls
+    _, calls = _make(tmp_path, "TORCH=")
+    assert calls == ["python3 -m venv .venv", "python -m pip install --upgrade pip", "python -c 'import torch'",
+                     "python -m pip install -e ."]
+
+
+def test_make_dry_run_shows_the_torch_step(tmp_path):
+    """make -n: the recipe as it would run, TORCH expanded, nothing executed."""
+    out, calls = _make(tmp_path, "TORCH=torch==2.13.0 --index-url https://example.org/whl/cu128", dry=True)
+    assert calls == []
+    assert "pip install torch==2.13.0 --index-url https://example.org/whl/cu128" in out
+    assert 'import torch' in out and "pip install -e ." in out
+
+
+# ------------------------------------------------------------------------------------------------ README: GPU
+
+
+def gpu_section() -> str:
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## GPU\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def gpu_command_lines() -> list[list[str]]:
+    """Every line of the GPU section's shell blocks that runs cli.py (comments dropped), split like a shell."""
+    import re
+    import shlex
+
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", gpu_section(), flags=re.S):
+        for line in block.splitlines():
+            line = line.split(" #")[0].strip()
+            if "cli.py" in line.split():
+                lines.append(shlex.split(line))
+    return lines
+
+
+def test_readme_gpu_set_up_matches_the_makefile():
+    import re
+
+    from conftest import ROOT
+
+    section = gpu_section()
+    default = re.search(r"^TORCH \?= (.+)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
+    pins = re.findall(r"pip install (torch==\S+)", section) + re.findall(r'TORCH="(torch==\S+)', section)
+    assert pins and set(pins) == {default}
+    assert "keeping the torch already in .venv" in section  # what make prints (test above)
+    # these lines must not be run by tests/test_readme.py on a CPU: they sit in sh blocks, not bash
+    assert "```bash" not in section
+
+
+LAUNCH_VARS = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+               "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
+               "SLURM_LAUNCH_NODE_IPADDR"]
+
+
+def _simulate_launcher(monkeypatch, launcher: list[str]) -> tuple[int, str]:
+    """The environment one process of the launcher sees (its second process); (local rank, name)."""
+    for var in LAUNCH_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    if not launcher or launcher[0] == "python":
+        return 0, ""
+    if launcher[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        args = get_args_parser().parse_args([*launcher[1:], "cli.py"])  # torchrun accepts these options
+        n = int(args.nproc_per_node)
+        for k, v in dict(RANK=1, WORLD_SIZE=n, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29400).items():
+            monkeypatch.setenv(k, str(v))
+        return 1, "torchrun"
+    assert launcher[:2] == ["srun", "python"], launcher
+    for k, v in dict(SLURM_STEP_ID=0, SLURM_PROCID=1, SLURM_NTASKS=4, SLURM_STEP_NUM_TASKS=4, SLURM_LOCALID=1,
+                     SLURM_JOB_ID=4_123_457, SLURM_LAUNCH_NODE_IPADDR="10.0.0.7").items():
+        monkeypatch.setenv(k, str(v))
+    return 1, "srun"
+
+
+def test_readme_gpu_command_lines(tmp_path, monkeypatch, loads, fake_gpus):
+    """Each GPU command line of the README, as the process it starts sees it (launcher environment simulated, 4 GPUs
+    faked, process group and model load recorded): its options parse, and the model is loaded on this process's
+    GPU in the dtype the line asks for (or the run's)."""
+    import shlex
+    import shutil
+
+    from conftest import ROOT
+
+    from tests.run.test_distributed import FakeGroup
+
+    lines = gpu_command_lines()
+    launchers = {(line[: line.index("cli.py")] or ["python"])[0] for line in lines}
+    assert launchers == {"python", "torchrun", "srun"}, lines
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "data" / "prompts", tmp_path / "data" / "prompts")
+    monkeypatch.chdir(tmp_path)
+    # the finished SD run the `--run runs/sd15` lines act on (made on cuda in float16, as configs/sd15.toml says)
+    make_intervention_run(tmp_path / "runs" / "sd15", random_sae())
+    _set_config(tmp_path / "runs" / "sd15", model="models/stable-diffusion-v1-5", device="cuda", dtype="float16")
+    for line in lines:
+        at = line.index("cli.py")
+        local_rank, launcher = _simulate_launcher(monkeypatch, line[:at])
+        group = FakeGroup(monkeypatch)
+        args = line[at + 1:]
+        loads.clear()
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, Loaded), (shlex.join(line), result.output, result.exception)
+        opts = dict(zip(args, args[1:], strict=False))
+        device = opts["--device"]
+        if device == "cuda" and launcher:
+            device = f"cuda:{local_rank}"
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[opts.get("--dtype", "float16")]
+        assert loads == [("models/stable-diffusion-v1-5", device, dtype)], shlex.join(line)
+        if launcher:  # one process group per process, bound to its GPU
+            assert [c["backend"] for c in group.init] == ["nccl"] and group.set_device == [torch.device(device)]
+        if launcher == "srun":
+            import os
+
+            assert os.environ["MASTER_PORT"] == "13457"
