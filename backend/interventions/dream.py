@@ -13,7 +13,10 @@ x + sigma eps into the same form); at step 0 abar_t is ~0, so some see-through i
 there. The unit's activation is the spatial mean of channel c of the layer's tokens [B, T, C], or of SAE
 latent i of those tokens (reported: the SAE code; optimised: its dense pre-activation, which has a gradient
 even while the latent is outside the top-k). Seeds x target steps run as one denoiser batch, cut off at the
-hooked layer (the rest of the network is not needed).
+hooked layer (the rest of the network is not needed), or in micro-batches of `micro_batch` rows whose gradients
+are summed (the same gradient, less memory). The denoiser runs in its own dtype (the latent stays float32); in
+float16 its backward pass is loss-scaled (`LossScale`, dynamic), or the small gradients of a weak unit would flush
+to zero.
 
 Latent scale. The latent lives in the model's own units: pixels in [-1, 1] for a pixel-space model (the demo: mean
 0, std 0.25), VAE latents for a latent-space model (SD's reach about +-4 at std ~1). The scale-carrying settings
@@ -117,6 +120,10 @@ class DreamConfig:
     is given."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """Seeds of the dreams run together (each seed: its own start, noise and augmentation)."""
+    micro_batch: int = 0
+    """Rows (seeds x target steps) the denoiser sees per forward and backward pass; 0: all at once. The gradients
+    of the micro-batches are summed, so the result is the same: lower it when a dream runs out of memory (SDXL at
+    1024 px holds every row's activations for the backward pass)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,6 +165,8 @@ def validate_config(cfg: DreamConfig) -> DreamConfig:
         raise DifflensError(f"dream moment_std must be > 0 (got {cfg.moment_std})")
     if cfg.moment_mean is not None and not math.isfinite(cfg.moment_mean):
         raise DifflensError(f"dream moment_mean must be finite (got {cfg.moment_mean})")
+    if cfg.micro_batch < 0:
+        raise DifflensError(f"dream micro_batch must be >= 0 (0: every row at once; got {cfg.micro_batch})")
     if cfg.scale_range >= 1:
         raise DifflensError(f"dream scale_range must be below 1 (got {cfg.scale_range})")
     return cfg
@@ -486,8 +495,58 @@ def weighted_penalty_S(pen: dict[str, torch.Tensor], cfg: DreamConfig) -> torch.
     return cfg.tv_weight * pen["tv"] + cfg.range_weight * pen["range"] + cfg.moment_weight * pen["moment"]
 
 
+class LossScale:
+    """Dynamic loss scaling of a backward pass through a float16 denoiser (as torch.amp.GradScaler scales a
+    loss): float16 gradients below its smallest subnormal (6e-8) flush to zero, and a unit with tiny activations
+    has such gradients, so the dream would not move. The loss is multiplied by `scale` before the backward pass
+    and the latent's gradient (float32) divided by it after; a gradient that is not finite (the scaled backward
+    overflowed) halves the scale and the backward is repeated; after `growth_interval` finite ones in a row the
+    scale doubles (up to max_scale). Disabled (scale 1, no check) unless the denoiser runs in float16: bfloat16
+    has float32's exponent range."""
+
+    def __init__(self, enabled: bool, scale: float = 2.0 ** 16, growth_interval: int = 50,
+                 max_scale: float = 2.0 ** 24, max_backoffs: int = 64):
+        self.enabled = enabled
+        self.scale = float(scale) if enabled else 1.0
+        self.growth_interval, self.max_scale, self.max_backoffs = growth_interval, max_scale, max_backoffs
+        self.good = 0
+        self.backoffs = 0
+        """Times the scale was halved (over the whole dream)."""
+
+    @classmethod
+    def for_model(cls, model: DiffusionModel) -> LossScale:
+        return cls(enabled=model.dtype == torch.float16)
+
+    def grad(self, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """d(loss)/dx, computed through the scaled loss; frees the graph."""
+        if not self.enabled:
+            (g,) = torch.autograd.grad(loss, x)
+            return g
+        for _ in range(self.max_backoffs):
+            (g,) = torch.autograd.grad(loss * self.scale, x, retain_graph=True)
+            g = g.float() / self.scale
+            if bool(torch.isfinite(g).all()):
+                self.good += 1
+                if self.good % self.growth_interval == 0:
+                    self.scale = min(self.scale * 2, self.max_scale)
+                return g
+            self.scale, self.good, self.backoffs = self.scale / 2, 0, self.backoffs + 1
+        raise DifflensError("the float16 dream's gradient is not finite at any loss scale (the denoiser overflows "
+                            "in float16); dream in bfloat16 or float32 (--dtype)")
+
+
+def _rows(cond, rows: slice, n: int):
+    """The rows of a conditioning dict (nested dicts too) whose tensors have batch size n."""
+    if isinstance(cond, dict):
+        return {k: _rows(v, rows, n) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor) and cond.ndim > 0 and cond.shape[0] == n:
+        return cond[rows]
+    return cond
+
+
 class _Dreamer:
-    """The batch of one dream: seeds x target steps rows, ordered target-major (row = k * S + seed index)."""
+    """The batch of one dream: seeds x target steps rows, ordered target-major (row = k * S + seed index). The
+    denoiser sees them in micro-batches of cfg.micro_batch rows (0: all at once)."""
 
     def __init__(self, model: DiffusionModel, layer: str, kind: str, unit: int, timesteps: list[int],
                  cfg: DreamConfig, sae, read: str):
@@ -498,16 +557,22 @@ class _Dreamer:
         self.model, self.layer, self.kind, self.unit, self.cfg, self.sae, self.read = (
             model, layer, kind, unit, cfg, sae, read)
         self.n_seeds, self.n_targets = len(cfg.seeds), len(timesteps)
-        b = self.n_seeds * self.n_targets
+        self.n_rows = b = self.n_seeds * self.n_targets
         signal_T, noise_T = see_through_weights(alphas.cpu(), timesteps, cfg.see_through)
         self.signal_B = signal_T.repeat_interleave(self.n_seeds).view(-1, 1, 1, 1).to(model.device)
         self.noise_B = noise_T.repeat_interleave(self.n_seeds).view(-1, 1, 1, 1).to(model.device)
         self.timesteps_B = torch.as_tensor(timesteps, device=model.device).repeat_interleave(self.n_seeds)
+        self.seed_B = torch.arange(self.n_seeds, device=model.device).repeat(self.n_targets)
         with torch.no_grad():
             self.cond, _ = model.encode_prompts([""] * b, cfg=False)
         self.generators = [torch.Generator().manual_seed(int(s)) for s in cfg.seeds]
         self.fixed_noise_B: torch.Tensor | None = None  # drawn once the latent's shape is known (noise_for)
         self.eval_noise_B: torch.Tensor | None = None
+        self.loss_scale = LossScale.for_model(model)
+
+    def micro_batches(self) -> list[slice]:
+        step = self.cfg.micro_batch or self.n_rows
+        return [slice(i, min(i + step, self.n_rows)) for i in range(0, self.n_rows, step)]
 
     def noise_draw_B(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         """Noise [T * S, *shape]: each seed's rows from its own generator (so a seed's dream ignores its batch)."""
@@ -527,20 +592,36 @@ class _Dreamer:
                 [torch.Generator().manual_seed(int(s) + 104729) for s in self.cfg.seeds], shape)
         return self.eval_noise_B
 
+    def activations_R(self, x_SCHW: torch.Tensor, noise_BCHW: torch.Tensor,
+                      rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, activation) of batch rows `rows`: the latents seen through noise at their timesteps."""
+        x_RCHW = x_SCHW[self.seed_B[rows]]
+        inputs = (self.signal_B[rows] * x_RCHW + self.noise_B[rows] * noise_BCHW[rows]).to(self.model.dtype)
+        cond = _rows(self.cond, rows, self.n_rows)
+        tokens = layer_tokens_BTC(self.model, self.layer, self.read, inputs, self.timesteps_B[rows], cond)
+        return unit_activation_B(tokens.float(), self.kind, self.unit, self.sae)
+
     def activations_TS(self, x_SCHW: torch.Tensor, noise_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, activation) [T, S] of the latents seen through noise at each target timestep."""
-        x_BCHW = x_SCHW.repeat(self.n_targets, 1, 1, 1)
-        inputs = (self.signal_B * x_BCHW + self.noise_B * noise_BCHW).to(self.model.dtype)
-        tokens = layer_tokens_BTC(self.model, self.layer, self.read, inputs, self.timesteps_B, self.cond)
-        obj_B, act_B = unit_activation_B(tokens.float(), self.kind, self.unit, self.sae)
+        parts = [self.activations_R(x_SCHW, noise_BCHW, rows) for rows in self.micro_batches()]
+        obj_B, act_B = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return obj_B.view(self.n_targets, self.n_seeds), act_B.view(self.n_targets, self.n_seeds)
 
     def gradient_SCHW(self, x_SCHW: torch.Tensor) -> torch.Tensor:
-        """d(loss)/dx for one augmented, noised batch (loss = -objective + weighted penalties, summed over seeds)."""
+        """d(loss)/dx for one augmented, noised batch (loss = -objective + weighted penalties, summed over seeds;
+        a seed's objective is its mean over target steps). The objective's gradient w.r.t. the augmented latent is
+        summed over micro-batches (each backward loss-scaled through a float16 denoiser), then taken back through
+        the augmentation once; the penalties' gradient (float32, on x) is added."""
         x = x_SCHW.detach().requires_grad_(True)
-        seen = augmented(x, self.cfg, self.generators)
-        obj_TS, _ = self.activations_TS(seen, self.noise_for(tuple(x.shape[1:]), fixed=not self.cfg.fresh_noise))
-        loss = (weighted_penalty_S(penalties_S(x, self.cfg), self.cfg) - obj_TS.mean(0)).sum()
+        seen = augmented(x, self.cfg, self.generators)  # the step's random draws: once, for every micro-batch
+        noise = self.noise_for(tuple(x.shape[1:]), fixed=not self.cfg.fresh_noise)
+        seen_leaf = seen.detach().requires_grad_(True)
+        grad_seen = torch.zeros_like(seen_leaf)
+        for rows in self.micro_batches():
+            obj_R, _ = self.activations_R(seen_leaf, noise, rows)
+            grad_seen += self.loss_scale.grad(-obj_R.sum() / self.n_targets, seen_leaf)
+            del obj_R  # this micro-batch's graph goes before the next one's is built
+        loss = weighted_penalty_S(penalties_S(x, self.cfg), self.cfg).sum() + (seen * grad_seen).sum()
         (grad,) = torch.autograd.grad(loss, x)
         return grad
 
