@@ -103,8 +103,7 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
         shutil.rmtree(root)
         manifest = None
     if manifest is not None:
-        store.remove_stale_temporaries()
-        store.write_manifest({**manifest, "config": cfg.to_dict()})  # the settings of later stages may change
+        store.remove_stale_temporaries()  # the later stages record their own sections of the config as they run
     else:
         root.mkdir(parents=True, exist_ok=True)
         store.write_manifest({"identity": run_identity(cfg), "config": cfg.to_dict(), "versions": versions(),
