@@ -438,10 +438,9 @@ def steer(
 
     ctx, cfg = _model_run_context(run, device, dtype)
     iv = cfg.interventions
-    res = steer_run(ctx.root, layer, kind, unit, scale=iv.steer_scale if scale is None else scale, strength=strength,
+    res = steer_run(ctx, layer, kind, unit, scale=iv.steer_scale if scale is None else scale, strength=strength,
                     steps=window, mask=mask, mode="prompt" if prompt else "prior", prompt=prompt,
-                    seeds=iv.steer_seeds if seeds is None else _seeds(seeds), n_steps=steps, guidance=guidance,
-                    model=ctx.model)
+                    seeds=iv.steer_seeds if seeds is None else _seeds(seeds), n_steps=steps, guidance=guidance)
     rows = res.rows
     typer.echo(f"steered {kind} {unit} of {layer}: strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
     for r in rows.iter_rows(named=True):
@@ -471,9 +470,9 @@ def steer_report(
 
     ctx, cfg = _model_run_context(run, device, dtype)
     seed_list = list(range(cfg.interventions.concept_seeds)) if seeds is None else _seeds(seeds)
-    table = concept_steering_report(ctx.root, layer, kind, scale=REPORT_SCALE if scale is None else scale,
+    table = concept_steering_report(ctx, layer, kind, scale=REPORT_SCALE if scale is None else scale,
                                     steps=window, mask=None if mask == "none" else mask, seeds=seed_list,
-                                    attributes=tuple(attribute or ("colour",)), model=ctx.model)
+                                    attributes=tuple(attribute or ("colour",)))
     for r in table.iter_rows(named=True):
         typer.echo(f"  {r['layer']:<28} {r['concept']:<18} {kind} {r['unit']:>5} (AUROC {r['auroc']:.3f}, rank "
                    f"{r['rank']}): {r['hits']}/{r['seeds']} = {r['rate']:.0%} (clean {r['clean_rate']:.0%}, "
@@ -504,10 +503,10 @@ def edit(
 
     ctx, cfg = _model_run_context(run, device, dtype)
     iv = cfg.interventions
-    res = edit_run(ctx.root, layer, presets=tuple(preset) if preset else PRESETS,
+    res = edit_run(ctx, layer, presets=tuple(preset) if preset else PRESETS,
                    n=iv.edit_features if n is None else n, zero=zero or (), scale=scale_feature or (),
                    factor=factor, prompts=prompt,
-                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window, model=ctx.model)
+                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window)
     for (name,), rows in res.rows.group_by(["preset"], maintain_order=True):
         typer.echo(f"  {name:<14} {len(rows['features'][0]):>5} features  mean effect {rows['effect'].mean():.3f}")
     typer.echo(f"grid: {res.grid}\ntable: {res.shard}")
@@ -530,8 +529,8 @@ def ablate(
     from backend.interventions.ablate import ablate_run
 
     ctx, _ = _model_run_context(run, device, dtype)
-    summary, grid = ablate_run(ctx.root, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=steps,
-                               guidance=guidance, model=ctx.model)
+    summary, grid = ablate_run(ctx, blocks=block, prompts=prompt, seeds=_seeds(seeds), mode=mode, n_steps=steps,
+                               guidance=guidance)
     typer.echo(f"  {'block':<48} {'effect':>7} {'changed':>8}")
     for r in summary.iter_rows(named=True):
         changed = "-" if r["changed"] is None else f"{r['changed']:.0%}"
