@@ -38,7 +38,10 @@ class SAETrainConfig:
     l1_coeff: float = 1e-3
     """L1 weight for relu SAEs."""
     batch_size: int = 4096
-    total_tokens: int = 20_000_000
+    """Tokens per optimizer step."""
+    total_tokens: int = 4_000_000
+    """Training tokens per layer (the demo run has 0.9M tokens on its 8x8 layer: a few passes); the reader cycles
+    through the shards as often as it takes."""
     lr: float = 0.0
     """0: 2e-4 * sqrt(16384 / n_latents) (lr scaled with 1/sqrt(n))."""
     warmup_steps: int = 100

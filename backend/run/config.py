@@ -82,9 +82,6 @@ class CaptureConfig:
 class SAEStageConfig(SAETrainConfig):
     """SAE training settings of a run (see sae.train.SAETrainConfig), plus what the stage adds around it."""
 
-    total_tokens: int = 4_000_000
-    """Training tokens per layer (the demo run has 0.9M tokens on its 8x8 layer: a few passes)."""
-    batch_size: int = 4096
     layers: list[str] = field(default_factory=list)
     """Layers to train (empty: every captured layer)."""
     splice_samples: int = 32
