@@ -217,15 +217,13 @@ def latent_scale(model: DiffusionModel) -> LatentScale:
 
 @torch.no_grad()
 def _fit_scale(model: DiffusionModel) -> LatentScale:
-    final: list[torch.Tensor] = []
     saved = model.scheduler, model.step_index, model.cfg_active
     model.scheduler = copy.deepcopy(saved[0])  # generate sets the scheduler up; the model's is left as it was
     try:
-        model.generate([""] * len(FIT_SEEDS), list(FIT_SEEDS), guidance=1.0,
-                       on_step=lambda _i, _t, latents: final.append(latents))
+        final = model.generate([""] * len(FIT_SEEDS), list(FIT_SEEDS), guidance=1.0, output="latent")
     finally:
         model.scheduler, model.step_index, model.cfg_active = saved
-    x = final[-1].float().flatten(1).cpu()
+    x = final.float().flatten(1).cpu()
     if not bool(torch.isfinite(x).all()):
         return FALLBACK_SCALE
     mean, std = float(x.mean(1).mean()), float(x.std(1).mean())

@@ -74,6 +74,9 @@ class DiffusionModel:
     family = "base"
     default_steps = 30
     default_guidance = 7.5
+    decode_batch = 4
+    """Images per VAE decode call (latent-space models; 0: the whole batch at once). Decoding takes far more
+    memory per image than denoising (SDXL at 1024 px: several GB), so a batch is decoded in slices."""
 
     def __init__(self, pipe, denoiser: torch.nn.Module, spec: str):
         self.pipe = pipe
@@ -112,7 +115,7 @@ class DiffusionModel:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], float32 [B, 3, H, W]."""
+        """Images in [0, 1], float32 [B, 3, H, W] (a VAE decodes decode_batch images at a time)."""
         raise NotImplementedError
 
     def timesteps(self, n_steps: int) -> torch.Tensor:
@@ -156,11 +159,15 @@ class DiffusionModel:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], n_steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
-                 on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1]. CFG is on when guidance > 1 (as in diffusers pipelines). On a GPU the
+                 on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 output: str = "image") -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1], or with output="latent" the final latents undecoded (no VAE pass: for
+        callers that want latents only). CFG is on when guidance > 1 (as in diffusers pipelines). On a GPU the
         kernels are deterministic (deterministic_kernels), so the same batch gives the same values again."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if output not in ("image", "latent"):
+            raise ValueError(f"output must be 'image' or 'latent' (got {output!r})")
         n_steps = n_steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         cfg = guidance > 1.0
@@ -175,4 +182,4 @@ class DiffusionModel:
                 latents = self.step(latents, t, cond, uncond, guidance, generators)
                 if on_step is not None:
                     on_step(i, t, latents)
-            return self.decode(latents)
+            return latents if output == "latent" else self.decode(latents)

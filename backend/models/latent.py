@@ -13,6 +13,9 @@ from backend.models.base import Cond, DiffusionModel
 
 class _VaeDecodeMixin:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], float32 [B, 3, H, W], decoded decode_batch latents at a time (the VAE's activations at
+        full resolution are most of a generation's peak memory). A float16 VAE whose config asks for it
+        (force_upcast: SD/SDXL VAEs overflow in float16) decodes in float32."""
         vae = self.pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         dtype = torch.float32 if upcast else vae.dtype
@@ -23,14 +26,17 @@ class _VaeDecodeMixin:
             latents = latents * std / cfg.scaling_factor + mean
         else:
             latents = latents / cfg.scaling_factor
+        step = self.decode_batch if self.decode_batch and self.decode_batch > 0 else max(len(latents), 1)
         if upcast:
             vae.to(torch.float32)
         try:
-            image = vae.decode(latents.to(dtype), return_dict=False)[0]
+            images = [vae.decode(latents[i:i + step].to(dtype), return_dict=False)[0].float()
+                      for i in range(0, len(latents), step)]
         finally:
             if upcast:
                 vae.to(torch.float16)
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        image = torch.cat(images) if images else torch.zeros(0, 3, 0, 0)
+        return (image / 2 + 0.5).clamp(0, 1)
 
     def initial_latents(self, generators, height=None, width=None) -> torch.Tensor:
         """The pipeline's prepare_latents, but scaled by *our* scheduler after its set_timesteps: the pipeline's
@@ -96,10 +102,11 @@ class StableDiffusionXLModel(_VaeDecodeMixin, DiffusionModel):
         }
         return make(cond, pooled), (make(uncond, uncond_pooled) if cfg else None)
 
-    def generate(self, prompts, seeds, n_steps=None, guidance=None, height=None, width=None, on_step=None):
+    def generate(self, prompts, seeds, n_steps=None, guidance=None, height=None, width=None, on_step=None,
+                 output="image"):
         # size conditioning must be known before the prompts are encoded
         self._size = (height or self.default_resolution[0], width or self.default_resolution[1])
-        return super().generate(prompts, seeds, n_steps, guidance, height, width, on_step)
+        return super().generate(prompts, seeds, n_steps, guidance, height, width, on_step, output)
 
 
 class PixArtAlphaModel(_VaeDecodeMixin, DiffusionModel):

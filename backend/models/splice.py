@@ -36,10 +36,8 @@ class SpliceResult:
 @torch.no_grad()
 def clean_latents(model: DiffusionModel, prompts: list[str], seeds: list[int], n_steps: int,
                   guidance: float) -> torch.Tensor:
-    """x0: the final latents of these generations (the model's own samples)."""
-    final = {}
-    model.generate(prompts, seeds, n_steps, guidance, on_step=lambda i, t, lat: final.__setitem__("x0", lat))
-    return final["x0"]
+    """x0: the final latents of these generations (the model's own samples; not decoded)."""
+    return model.generate(prompts, seeds, n_steps, guidance, output="latent")
 
 
 def noised_and_target(model: DiffusionModel, x0, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
