@@ -101,10 +101,12 @@ def _overrides(overrides: dict, sets: list[str] | None) -> dict:
 
 
 def _new_run_config(config: Path | None, overrides: dict, sets: list[str] | None):
-    """Commands that make a run: defaults < --config < options."""
+    """Commands that make or resume a run (capture, run-all): defaults < --config < options, and when the run
+    already exists its saved config joins the rule (defaults < saved < --config < options), so a resumed run keeps
+    its device, dtype and settings unless told otherwise."""
     from backend.run.config import resolve
 
-    return resolve(file=config, overrides=_overrides(overrides, sets))
+    return _existing_run_config(resolve(file=config, overrides=_overrides(overrides, sets)), config, overrides, sets)
 
 
 def _run_context(run: Path, config: Path | None = None, overrides: dict | None = None, sets=None, **open_kw):
@@ -127,8 +129,7 @@ def _model_run_context(run: Path, device: str | None, dtype: str | None, config:
 
 
 def _existing_run_config(cfg, config: Path | None, overrides: dict, sets: list[str] | None):
-    """A command that makes a run but acts on an existing one (capture --sae on a finished run): the run's saved
-    config joins the rule (defaults < saved < --config < options), so its device and dtype are kept."""
+    """cfg for a run that exists already: resolved again with the run's saved config as the base."""
     from backend.run.context import open_run
     from backend.run.manifest import is_run
 
@@ -197,8 +198,6 @@ def capture(
     from backend.stages.capture import capture_with_saes
 
     cfg = _new_run_config(config, overrides, set_)
-    if sae:  # on an existing run this records its features: with the run's settings (device, dtype, ...)
-        cfg = _existing_run_config(cfg, config, overrides, set_)
     _check_device(cfg.device, cfg.dtype)
     summary = capture_with_saes(cfg, sae, overwrite=overwrite)
     _print_capture(summary)

@@ -372,13 +372,26 @@ def nest(overrides: dict) -> dict:
     return out
 
 
+RENAMED = {("interventions", "dream_steps"): "dream_iterations"}
+"""Config keys renamed since run format 1: (section, old) -> new."""
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A saved run config with keys of older difflens versions renamed (format-1 runs are read as they are)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (saved or {}).items()}
+    for (section, old), new in RENAMED.items():
+        if old in out.get(section, {}):
+            out[section].setdefault(new, out[section].pop(old))
+    return out
+
+
 def resolve(saved: dict | None = None, file: str | Path | None = None, overrides: dict | None = None,
             where: str = "options") -> RunConfig:
     """The one config rule of every command: dataclass defaults < the run's saved config (commands acting on an
     existing run) < --config FILE < command-line options (dotted keys, None = not given)."""
     data: dict = {}
     if saved:
-        data = merge(data, saved)
+        data = merge(data, upgrade_saved(saved))
     if file is not None:
         from_dict(read_toml(file), str(file))  # its own errors name the file
         data = merge(data, read_toml(file))

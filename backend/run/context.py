@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.errors import DifflensError
-from backend.run.config import RunConfig, from_dict
+from backend.run.config import RunConfig, from_dict, upgrade_saved
 from backend.run.manifest import captured_guidance, captured_steps, is_run, not_a_run, stage
 from backend.run.store import RunStore
 
@@ -45,7 +45,7 @@ class RunContext:
                  model=None):
         self.store = store
         self.manifest = manifest
-        self.config: RunConfig = from_dict(manifest.get("config") or {}, f"{store.root}/manifest.json")
+        self.config: RunConfig = from_dict(upgrade_saved(manifest.get("config") or {}), f"{store.root}/manifest.json")
         self.device = device or self.config.device
         self.dtype = dtype or self.config.dtype
         self._model = model
@@ -85,7 +85,7 @@ class RunContext:
         manifest.setdefault("config", {})[section] = values
         self.store.write_manifest(manifest)
         self.manifest = manifest
-        self.config = from_dict(manifest["config"], f"{self.root}/manifest.json")
+        self.config = from_dict(upgrade_saved(manifest["config"]), f"{self.root}/manifest.json")
 
     def reload(self) -> RunContext:
         self.manifest = self.store.read_manifest() or self.manifest

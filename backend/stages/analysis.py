@@ -35,6 +35,14 @@ __all__ = ["AnalysisConfig", "analyze"]
 STAGE = "analysis"
 
 
+RESOURCE_KEYS = ("device", "duckdb_memory_limit", "duckdb_threads", "replay_batch_size")
+"""Analysis settings that change where and how fast it runs, not its results: outside the stage key."""
+
+
+def results_config(cfg: AnalysisConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESOURCE_KEYS}
+
+
 def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> dict:
     """Run (or resume) every analysis part on a run (directory or RunContext); returns a summary (also stored in
     the manifest). The settings are recorded as the run's [analysis] config."""
@@ -45,7 +53,7 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     inputs = load_inputs(run)
     store = inputs.store
     inputs.ctx.record_config(STAGE, cfg.to_dict())
-    key = stage_key({"inputs": fingerprint(inputs), "config": cfg.to_dict()})
+    key = stage_key({"inputs": fingerprint(inputs), "config": results_config(cfg)})
     outputs = [f"tables/{t}" for t in tables_of_stage(STAGE)] + [f"tables/{t}.parquet" for t in tables_of_stage(STAGE)]
     if store.begin_stage(STAGE, key, clear=[*outputs, "_work/analysis", "media/plots"], started=t0,
                          config=cfg.to_dict(), pending=inputs.pending, partitions=[p.name for p in inputs.partitions]):

@@ -86,3 +86,34 @@ def test_one_meaning_per_option_name():
     for name, other in (("dream", "--iterations"), ("edit", "--window"), ("demo-model train", "--train-steps")):
         out = runner.invoke(app, [*name.split(), "--help"], env={"COLUMNS": "200"}).output
         assert "--steps" not in out and other in out, name
+
+
+def test_a_format_1_run_config_is_read_with_its_renamed_keys(tmp_path):
+    """Runs written before the option names were unified saved interventions.dream_steps."""
+    import json
+
+    from backend.run.context import open_run
+
+    old = RunConfig().to_dict()
+    old["interventions"]["dream_steps"] = old["interventions"].pop("dream_iterations") + 7
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": old, "stages": {}}))  # no format_version: 1
+    ctx = open_run(tmp_path)
+    assert ctx.config.interventions.dream_iterations == RunConfig().interventions.dream_iterations + 7
+    assert resolve(saved=old).interventions.dream_iterations == ctx.config.interventions.dream_iterations
+
+
+def test_resuming_a_run_keeps_its_saved_settings(tmp_path, monkeypatch):
+    """capture / run-all on an existing run start from its saved config: a GPU run resumed without --device stays
+    on its device (it used to fall back to the defaults)."""
+    import json
+
+    import cli
+
+    saved = RunConfig(name="r", runs_dir=str(tmp_path), device="cuda:3", dtype="bfloat16").to_dict()
+    saved["sae"]["k"] = 32
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "manifest.json").write_text(json.dumps({"config": saved, "stages": {}, "format_version": 2}))
+    cfg = cli._new_run_config(None, {"name": "r", "runs_dir": str(tmp_path)}, None)
+    assert (cfg.device, cfg.dtype, cfg.sae.k) == ("cuda:3", "bfloat16", 32)
+    cfg = cli._new_run_config(None, {"name": "r", "runs_dir": str(tmp_path), "device": "cpu"}, ["sae.k=8"])
+    assert (cfg.device, cfg.sae.k) == ("cpu", 8)
