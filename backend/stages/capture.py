@@ -251,13 +251,36 @@ class _Recorder:
             self.features[ev.layer].append((ev.step, feature_stats(self.encoders[ev.layer], tokf)))
 
 
-def feature_stats(encoder: FeatureEncoder, tokens_BTC: torch.Tensor) -> tuple[np.ndarray, ...]:
+FEATURE_CHUNK_BYTES = 64 << 20
+"""Largest dense pre-activation block [rows, n_latents] (float32) feature_stats has an encoder build at once: an SAE
+encodes through a dense [N, n_latents] product, which for a whole batch is GBs (SDXL: 32 x 1024 tokens x 10240
+latents = 1.3 GB)."""
+
+
+def encode_in_chunks(encoder: FeatureEncoder, x_NC: torch.Tensor,
+                     max_bytes: int = FEATURE_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """encoder(x) in row chunks of at most max_bytes of dense float32 pre-activations (encoder.n_latents wide; an
+    encoder without n_latents gets every row at once), concatenated; a chunk's codes narrower than the widest
+    (ReLU SAEs: as many slots as the most active row) are padded with zeros (inactive)."""
+    n_latents = getattr(encoder, "n_latents", None)
+    rows = len(x_NC) if not n_latents else max(1, int(max_bytes) // (4 * int(n_latents)))
+    if rows >= len(x_NC):
+        return encoder(x_NC)
+    parts = [encoder(x_NC[i:i + rows]) for i in range(0, len(x_NC), rows)]
+    width = max(v.shape[1] for v, _ in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])
+
+
+def feature_stats(encoder: FeatureEncoder, tokens_BTC: torch.Tensor,
+                  max_bytes: int = FEATURE_CHUNK_BYTES) -> tuple[np.ndarray, ...]:
     """Sparse per-generation feature activity: (gen_index, feature, mean, max) of active features only.
 
-    Mean is over all positions (inactive positions count as 0), max over positions.
+    Mean is over all positions (inactive positions count as 0), max over positions. The tokens are encoded in row
+    chunks (encode_in_chunks), so memory holds at most max_bytes of dense pre-activations.
     """
     b, t, c = tokens_BTC.shape
-    values, indices = encoder(tokens_BTC.reshape(b * t, c))
+    values, indices = encode_in_chunks(encoder, tokens_BTC.reshape(b * t, c), max_bytes)
     values = values.float()
     gen_idx = torch.arange(b, device=values.device).repeat_interleave(t)[:, None].expand_as(indices)
     active = values > 0
@@ -282,6 +305,8 @@ class SAEEncoder:
         except SAELoadError as exc:
             raise DifflensError(str(exc)) from exc
         self.d_in = self.sae.cfg.d_in
+        self.n_latents = int(self.sae.cfg.n_latents)
+        """Width of its dense pre-activations (encode_in_chunks sizes its row chunks by it)."""
         self.path = str(path)
         self.identity = file_digest(Path(path) / "sae.safetensors")
 

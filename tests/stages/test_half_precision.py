@@ -1,5 +1,7 @@
-"""Half precision on CPU, as the GPU path runs it (--dtype bfloat16 / float16): run-all on the demo finishes in
-each, with small settings (capture -> sae -> features -> analysis with its heat-map replay -> interventions)."""
+"""Half precision and GPU memory, on CPU, as the GPU path runs them (--dtype bfloat16 / float16): run-all on the
+demo finishes in each, with small settings (capture -> sae -> features -> analysis with its heat-map replay ->
+interventions); token shards keep activations beyond float16's 65504 (bfloat16 shards) or clamp and count them
+(float16 shards); the features pass encodes in bounded row chunks."""
 
 import json
 
@@ -150,3 +152,34 @@ def test_capture_of_activations_beyond_65504(tmp_path, loud_prompts, dtype, one_
     else:
         assert meta["dtype"] == "bfloat16" and "clamped" not in meta and not clamp_warnings
         assert np.abs(tokens).max() > 65504
+
+
+# ------------------------------------------------------------------------------------------------ GPU memory
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_the_features_pass_encodes_in_row_chunks_with_identical_results(tmp_path, architecture, monkeypatch):
+    """feature_stats never builds the dense [B*T, n_latents] pre-activation of a whole batch (SDXL: GBs): it
+    encodes row chunks of at most FEATURE_CHUNK_BYTES, with the same sparse activity as one whole encode (the same
+    active (generation, feature) pairs; values to float32 rounding)."""
+    import torch
+
+    from backend.stages import capture
+    from sae.io import save_sae
+    from sae.model import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=16, n_latents=96, k=4, architecture=architecture))
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    save_sae(sae, tmp_path / "sae")
+    encoder = capture.SAEEncoder(tmp_path / "sae")
+    assert encoder.n_latents == 96
+    tokens = torch.randn(5, 37, 16, generator=torch.Generator().manual_seed(1))  # 5 generations x 37 positions
+    whole = capture.feature_stats(encoder, tokens, max_bytes=1 << 40)
+    shapes = []
+    real = encoder.sae.pre_acts
+    monkeypatch.setattr(encoder.sae, "pre_acts", lambda x: shapes.append(tuple(x.shape)) or real(x))
+    budget = 10 * 96 * 4  # 10 rows of dense pre-activations
+    chunked = capture.feature_stats(encoder, tokens, max_bytes=budget)
+    assert max(r for r, _ in shapes) * 96 * 4 <= budget and sum(r for r, _ in shapes) == 5 * 37
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])  # the same active pairs
+    for a, b in zip(whole[2:], chunked[2:], strict=True):  # means and maxes: float32 matmuls of other row counts
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=0)
+    assert capture.FEATURE_CHUNK_BYTES == 64 << 20
