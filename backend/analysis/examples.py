@@ -144,6 +144,8 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
     if replay_by_capture_batches(cfg, run_dtype, device):
         capture_batch_size = int((identity.get("capture") or {}).get("batch_size") or ctx.config.capture.batch_size)
     batches = replay_batches(inputs.gens, requests["gen_id"].unique(), cfg, capture_batch_size)
+    plan = f"capture-{capture_batch_size}" if capture_batch_size else f"requested-{cfg.replay_batch_size}"
+    restart_other_plan(store, plan)
     todo = [b for b in batches if not store.batch_done(REPLAY_STAGE, shard_name(int(b["gen_id"][0])))]
     if not todo:
         return 0
@@ -166,9 +168,25 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
             table = _maps_table(mine, keeper, saes, cfg, tolerance)
             name = shard_name(int(batch["gen_id"][0]))
             store.write_parquet(heatmap_dir(store) / f"{name}.parquet", table)
-            store.mark_batch_done(REPLAY_STAGE, name, n=len(batch))
+            store.mark_batch_done(REPLAY_STAGE, name, n=len(batch), plan=plan)
             bar.update(len(batch))
     return len(todo)
+
+
+def restart_other_plan(store: RunStore, plan: str) -> bool:
+    """Delete the replay's markers and work shards when any marker was written under another batch plan (its
+    `plan`: "capture-<capture batch size>" or "requested-<replay_batch_size>"; both settings, and the device "auto"
+    looks at, are outside the analysis stage key). A marker is named by its batch's first generation, and another
+    plan's batch of that name covers other generations: resuming over it would skip some. True when it did."""
+    import json
+    import shutil
+
+    markers = sorted((store.root / "_done" / REPLAY_STAGE).glob("*.json"))
+    if all(json.loads(m.read_text()).get("plan") == plan for m in markers):
+        return False
+    store.clear_stage_markers(REPLAY_STAGE)
+    shutil.rmtree(heatmap_dir(store), ignore_errors=True)
+    return True
 
 
 def _load_saes(ctx, requests: pl.DataFrame) -> dict:

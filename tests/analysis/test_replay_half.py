@@ -30,9 +30,8 @@ def batch_dependent(predict):
     return predict_noise
 
 
-@pytest.fixture(scope="module")
-def bf16_run(tmp_path_factory, one_thread):
-    """A demo run captured in bfloat16 in batches of 4 generations (8 with CFG), on the batch-dependent model."""
+def capture_bf16(tmp_path_factory, batch_dependent_kernels: bool):
+    """A demo run captured in bfloat16 in batches of 4 generations (8 with CFG)."""
     from backend.stages.capture import capture
 
     prompts = tmp_path_factory.mktemp("prompts") / "p.jsonl"
@@ -41,9 +40,16 @@ def bf16_run(tmp_path_factory, one_thread):
                    layers=["mid_block.attentions.0"])
     cfg.dtype = "bfloat16"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DiffusionModel, "predict_noise", batch_dependent(DiffusionModel.predict_noise))
+        if batch_dependent_kernels:
+            mp.setattr(DiffusionModel, "predict_noise", batch_dependent(DiffusionModel.predict_noise))
         capture(cfg, progress=False)
     return cfg.out_dir
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory, one_thread):
+    """Captured on the batch-dependent model."""
+    return capture_bf16(tmp_path_factory, batch_dependent_kernels=True)
 
 
 @pytest.fixture
@@ -121,3 +127,33 @@ def test_deterministic_kernels_on_cuda_only_and_restored():
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
             torch.backends.cudnn.benchmark) == before
+
+
+def test_an_interrupted_replay_resumed_with_other_batches_starts_the_replay_again(tmp_path_factory, monkeypatch,
+                                                                                  one_thread):
+    """Replay markers are named by their batch's first generation, and batches of another plan (another
+    replay_batch_size, or the capture's batches instead of the requested ones: "auto" on another device) cover other
+    generations; those settings are outside the analysis stage key, so a resume under another plan must replay from
+    scratch rather than skip generations a marker of the old plan seems to cover."""
+    from backend.stages.analysis import analyze
+
+    run = capture_bf16(tmp_path_factory, batch_dependent_kernels=False)
+    real, calls = examples._maps_table, []
+
+    def fail_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(examples, "_maps_table", fail_second)
+    first = dict(SMALL, replay_batches="requested", replay_batch_size=3)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(run, AnalysisConfig(**first), progress=False)
+    monkeypatch.setattr(examples, "_maps_table", real)
+    summary = analyze(run, AnalysisConfig(**{**first, "replay_batch_size": 5}), progress=False)
+    import polars as pl
+
+    ex = pl.read_parquet(f"{run}/tables/examples/**/*.parquet", hive_partitioning=True)
+    assert ex.height > 0 and ex["heatmap"].null_count() == 0
+    assert summary["examples"]["batches"] == -(-summary["examples"]["generations_replayed"] // 5)  # every batch
