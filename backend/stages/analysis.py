@@ -35,7 +35,7 @@ __all__ = ["AnalysisConfig", "analyze"]
 STAGE = "analysis"
 
 
-RESOURCE_KEYS = ("device", "duckdb_memory_limit", "duckdb_threads", "replay_batch_size")
+RESOURCE_KEYS = ("device", "duckdb_memory_limit", "duckdb_threads", "replay_batch_size", "replay_batches")
 """Analysis settings that change where and how fast it runs, not its results: outside the stage key."""
 
 
