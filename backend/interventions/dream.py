@@ -190,6 +190,9 @@ PIXEL_SCALE = LatentScale(mean=0.0, std=0.25, limit=1.0)
 FALLBACK_SCALE = LatentScale(mean=0.0, std=1.0, limit=4.0)
 """Latent-space models whose samples give no usable fit: the unit variance VAE scaling factors aim at."""
 FIT_SEEDS = (0, 1)
+FIT_STEPS = 10
+"""Denoising steps of the fit's generations at most: the scale of a clean latent is settled well before a full
+schedule, and a 50-step fit of SD 1.5 at 512 px on a CPU would take minutes."""
 """Samples a latent-space model generates (empty prompt, default steps and resolution, no guidance) for its fit."""
 FIT_QUANTILE = 0.999
 """range_limit is this quantile of |x| over the fit's samples."""
@@ -204,8 +207,9 @@ def pixel_space(model: DiffusionModel) -> bool:
 
 def latent_scale(model: DiffusionModel) -> LatentScale:
     """The scale of the model's clean latents: PIXEL_SCALE for a pixel-space model; for a latent-space model,
-    fitted once (cached on the model) to the final latents of FIT_SEEDS generations of the empty prompt without
-    guidance: mean and std of each latent (averaged over seeds) and the FIT_QUANTILE of |x| as the limit."""
+    fitted once (cached on the model) to the final latents of FIT_SEEDS generations (FIT_STEPS steps at most) of
+    the empty prompt without guidance: mean and std of each latent (averaged over seeds) and the FIT_QUANTILE of
+    |x| as the limit."""
     if pixel_space(model):
         return PIXEL_SCALE
     cached = getattr(model, _SCALE_CACHE, None)
@@ -220,7 +224,8 @@ def _fit_scale(model: DiffusionModel) -> LatentScale:
     saved = model.scheduler, model.step_index, model.cfg_active
     model.scheduler = copy.deepcopy(saved[0])  # generate sets the scheduler up; the model's is left as it was
     try:
-        final = model.generate([""] * len(FIT_SEEDS), list(FIT_SEEDS), guidance=1.0, output="latent")
+        final = model.generate([""] * len(FIT_SEEDS), list(FIT_SEEDS), min(model.default_steps, FIT_STEPS),
+                               guidance=1.0, output="latent")
     finally:
         model.scheduler, model.step_index, model.cfg_active = saved
     x = final.float().flatten(1).cpu()
