@@ -153,7 +153,7 @@ def bench(family: str, model_dir: Path, work: Path, threads: int) -> dict:
     cfg = RunConfig(name=family, runs_dir=str(work / "runs"), model=str(model_dir), prompts=str(prompts))
     c = cfg.capture
     c.layers, c.images_per_prompt, c.steps, c.batch_size, c.tokens_per_step = [LAYER[family]], 1, 2, 2, 64
-    cfg.sae.expansion, cfg.sae.k, cfg.sae.total_tokens, cfg.sae.batch_size = 8, 32, 8192, 1024
+    cfg.sae.expansion, cfg.sae.k, cfg.sae.total_tokens, cfg.sae.batch_size = 8, 32, 4096, 256  # 384 tokens captured
     cfg.sae.splice_samples, cfg.sae.record_features = 0, False
     cfg.analysis.examples_top_n, cfg.analysis.plot_top_units = 1, 1
     results: dict = {}
