@@ -32,7 +32,7 @@ import torch
 
 from backend.errors import DifflensError
 from backend.interventions.effects import Effect, effects, is_demo
-from backend.interventions.media import digest, rows_frame, safe_name, to_json, write_grid
+from backend.interventions.media import digest, safe_name, to_json, write_grid
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import main_input, main_output, module, replace_main_output
 from backend.models.layers import check_layers, probe
@@ -206,7 +206,7 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
                          "image": image, "baseline_image": base[i], "effect": fx.effect,
                          "attributes": to_json(fx.attributes), "baseline_attributes": to_json(fx.baseline_attributes),
                          "changed_attributes": to_json(fx.changed), "spec": key})
-        table = rows_frame(rows, "ablations")
+        table = ctx.store.table_from_rows("ablations", rows)
         ctx.store.write_table_shard("ablations", f"{mode}-{key}", table, layer=block)
     images, labels = result.grid_images()
     grid = write_grid(ctx.store, f"{folder}/{mode}-grid-{digest(blocks)}.png", images, labels, cols=len(s_seeds))

@@ -26,7 +26,7 @@ import polars as pl
 from backend.errors import DifflensError
 from backend.interventions.directions import Kind
 from backend.interventions.effects import has_concept, is_demo
-from backend.interventions.media import digest, rows_frame, with_partition
+from backend.interventions.media import digest, with_partition
 from backend.interventions.steer import SteerSpec, steer
 from backend.interventions.windows import Steps, parse_steps
 from backend.models.base import DiffusionModel
@@ -118,7 +118,7 @@ def concept_steering_report(run_dir: str | Path, layer: str | None = None, kind:
     for (lyr,), rows in best.group_by(["layer"], maintain_order=True):
         out = [_concept_row(ctx, lyr, kind, r, scale, steps, mask, seeds, n_steps, guidance)
                for r in rows.iter_rows(named=True)]
-        table = rows_frame(out, "steering_success")
+        table = ctx.store.table_from_rows("steering_success", out)
         name = f"part-{digest([scale, steps, mask, seeds, list(attributes), n_steps, guidance])}"
         ctx.store.write_table_shard("steering_success", name, table, layer=lyr, kind=kind)
         frames.append(with_partition(table, lyr, kind))

@@ -33,7 +33,6 @@ from backend.interventions.generate import DEFAULT_SEEDS, Edit, edited_generate,
 from backend.interventions.media import (
     InterventionResult,
     digest,
-    rows_frame,
     safe_name,
     to_json,
     with_partition,
@@ -139,7 +138,7 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
                  zip(s_prompts, s_seeds, rels, base_rel, fx, strict=True)]
         grid_images.append(images)
         labels += [f"{edit.name} d={f.effect:.2f}" for f in fx]
-    table = rows_frame(rows, "interventions")
+    table = ctx.store.table_from_rows("interventions", rows)
     grid = write_grid(ctx.store, f"{folder}/grid.png", np.concatenate(grid_images), labels, cols=len(samples))
     shard = ctx.store.write_table_shard("interventions", f"edit-{key}", table, layer=layer, kind="feature")
     return InterventionResult(with_partition(table, layer, "feature"), grid, shard, {"edits": edits})

@@ -4,8 +4,7 @@ This module owns
   - `digest`: a short hash of an intervention's settings; it names the intervention's table shard and media folder,
     so a repeat with the same settings replaces its files rather than adding new ones;
   - `safe_name` (a layer or preset name as a path component), `write_grid` (a captioned grid PNG of a run's images);
-  - `rows_frame` (row dicts as a table of the run format's catalogue schema, backend/run/schema.py TABLES),
-    `to_json` (the JSON columns: attributes, changes), `with_partition` (a written shard as a frame with its
+  - `to_json` (the JSON columns: attributes, changes), `with_partition` (a written shard as a frame with its
     layer / kind partition columns, as read_table returns it);
   - `InterventionResult`, what a run-level steering or edit returns.
 
@@ -23,7 +22,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from backend.run.schema import TABLES
 from backend.run.store import RunStore
 
 
@@ -50,12 +48,6 @@ def write_grid(store: RunStore, rel: str, images_NHW3: np.ndarray, labels: list[
 
     store.write_png(rel, labelled_grid(np.asarray(images_NHW3), labels, cols=max(1, cols)))
     return store.root / rel
-
-
-def rows_frame(rows: list[dict], table: str) -> pa.Table:
-    """Rows as a pyarrow table of `table`'s catalogue schema (a column a row lacks is null, extra keys dropped)."""
-    schema = TABLES[table].schema
-    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
 
 
 def to_json(obj) -> str | None:

@@ -41,7 +41,6 @@ from backend.interventions.masks import check_mask_nonempty, load_mask, mask_nam
 from backend.interventions.media import (
     InterventionResult,
     digest,
-    rows_frame,
     safe_name,
     to_json,
     with_partition,
@@ -208,8 +207,8 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
               "guidance": guidance, "concept": concept, "spec": key}
     folder = f"media/steer/{safe_name(spec.layer)}/{spec.kind}-{spec.unit:05d}/{key}"
     base_folder = f"media/steer/baseline/{digest([prompts, seeds, n_steps, guidance])}"
-    table = rows_frame(_steer_rows(ctx.store, common, prompts, seeds, baseline, steered, fx, folder, base_folder),
-                       "interventions")
+    table = ctx.store.table_from_rows(
+        "interventions", _steer_rows(ctx.store, common, prompts, seeds, baseline, steered, fx, folder, base_folder))
     labels = [f"seed {s}" for s in seeds] + [f"{spec.kind} {spec.unit} x{strength:.3g} d={f.effect:.2f}" for f in fx]
     grid = write_grid(ctx.store, f"{folder}/grid.png", np.concatenate([baseline, steered]), labels, cols=len(seeds))
     shard = ctx.store.write_table_shard("interventions", f"steer-{spec.kind}-{spec.unit:05d}-{key}", table,

@@ -277,7 +277,7 @@ def field_docs(cls) -> dict[str, str]:
 
 def _check_keys(obj: dict, cls, where: str) -> None:
     allowed = {f.name for f in dataclasses.fields(cls)} - (set(SECTIONS) if cls is RunConfig else set())
-    unknown = set(obj) - allowed - (set(SECTIONS) if cls is RunConfig else set())
+    unknown = set(obj) - allowed
     if unknown:
         names, allowed_names = ", ".join(sorted(unknown)), ", ".join(sorted(allowed))
         raise DifflensError(f"{where}: unknown key(s) {names}; valid keys: {allowed_names}")
@@ -378,7 +378,7 @@ RENAMED = {("interventions", "dream_steps"): "dream_iterations"}
 
 def upgrade_saved(saved: dict) -> dict:
     """A saved run config with keys of older difflens versions renamed (format-1 runs are read as they are)."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (saved or {}).items()}
+    out = merge({}, saved or {})  # fresh section dicts
     for (section, old), new in RENAMED.items():
         if old in out.get(section, {}):
             out[section].setdefault(new, out[section].pop(old))
@@ -393,20 +393,12 @@ def resolve(saved: dict | None = None, file: str | Path | None = None, overrides
     if saved:
         data = merge(data, upgrade_saved(saved))
     if file is not None:
-        from_dict(read_toml(file), str(file))  # its own errors name the file
-        data = merge(data, read_toml(file))
+        toml = read_toml(file)
+        from_dict(toml, str(file))  # its own errors name the file
+        data = merge(data, toml)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     data = merge(data, nest(given))
     return from_dict(data, where if given else (str(file) if file else "config"))
-
-
-def override(cfg: RunConfig, **options) -> RunConfig:
-    """Apply options that were given (None means not given) to a config; `capture_<field>` targets [capture]."""
-    dotted = {}
-    for key, value in options.items():
-        section = next((s for s in SECTIONS if key.startswith(s + "_")), "")
-        dotted[f"{section}.{key[len(section) + 1:]}" if section else key] = value
-    return resolve(cfg.to_dict(), overrides=dotted)
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.errors import DifflensError
-from backend.run.config import RunConfig, from_dict, upgrade_saved
+from backend.run.config import RunConfig, from_dict, resolve, upgrade_saved
 from backend.run.manifest import captured_guidance, captured_steps, is_run, not_a_run, stage
 from backend.run.store import RunStore
 
@@ -75,8 +75,6 @@ class RunContext:
 
     def resolve(self, file=None, overrides: dict | None = None) -> RunConfig:
         """This run's config under the one config rule: defaults < saved config < --config FILE < overrides."""
-        from backend.run.config import resolve
-
         return resolve(saved=self.manifest.get("config") or {}, file=file, overrides=overrides)
 
     def record_config(self, section: str, values: dict) -> None:
@@ -86,10 +84,6 @@ class RunContext:
         self.store.write_manifest(manifest)
         self.manifest = manifest
         self.config = from_dict(upgrade_saved(manifest["config"]), f"{self.root}/manifest.json")
-
-    def reload(self) -> RunContext:
-        self.manifest = self.store.read_manifest() or self.manifest
-        return self
 
     # ------------------------------------------------------------------ generation settings
     @property
@@ -130,10 +124,6 @@ class RunContext:
 
             self._model = load_model(self.config.model, device=self.device, dtype=parse_dtype(self.dtype))
         return self._model
-
-    @property
-    def model_loaded(self) -> bool:
-        return self._model is not None
 
     def sae_layers(self) -> list[str]:
         """Layers with a trained (or imported) SAE in sae/<layer>/."""

@@ -32,10 +32,8 @@ import pyarrow.parquet as pq
 
 from backend.fileio import atomic_path, atomic_write_json, atomic_write_with
 from backend.run import schema
+from backend.run.manifest import MANIFEST
 from sae.data import bfloat16_bits, shard_dtype_name
-
-MANIFEST = "manifest.json"
-
 
 ROW_GROUP_ROWS = 8192
 """Parquet row-group size: tables are sorted by unit, so a reader asking for one unit decodes only the row groups
@@ -78,16 +76,21 @@ def stage_key(inputs) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def table_spec(table: str) -> schema.TableSpec:
+    """The catalogue entry of a table; a name not in the catalogue is a ValueError (a bug in the writer)."""
+    spec = schema.TABLES.get(table)
+    if spec is None:
+        raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+    return spec
+
+
 def conform(table: str, data: pa.Table) -> pa.Table:
     """data cast to the catalogue schema of `table` (columns reordered to the schema's order).
 
     A table not in the catalogue, or data whose column names differ from the schema's, is a ValueError (a bug in
     the writer); so is a value the cast would change (a fraction into an integer, an integer out of range).
     """
-    spec = schema.TABLES.get(table)
-    if spec is None:
-        raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
-    want = spec.schema
+    want = table_spec(table).schema
     missing = [n for n in want.names if n not in data.column_names]
     extra = [n for n in data.column_names if n not in want.names]
     if missing or extra or len(set(data.column_names)) != data.num_columns:
@@ -222,9 +225,7 @@ class RunStore:
         """One file of a sharded or partitioned table: tables/<table>[/layer=<layer>[/kind=<kind>]]/<name>.parquet.
 
         layer and kind must be given exactly when the table's layout has them (schema.LAYOUTS)."""
-        spec = schema.TABLES.get(table)
-        if spec is None:
-            raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+        spec = table_spec(table)
         given = tuple(c for c, v in (("layer", layer), ("kind", kind)) if v is not None)
         if spec.layout == "file":
             raise ValueError(f"table {table!r} is one file, tables/{table}.parquet; use write_table")
@@ -235,22 +236,18 @@ class RunStore:
         for col, value in (("layer", layer), ("kind", kind)):
             if value is not None:
                 base = base / f"{col}={value}"
-        return self.write_parquet(base / f"{name}.parquet", conform(table, data))
+        return self.write_parquet(base / f"{name}.parquet", data)
 
     def write_table(self, table: str, data: pa.Table) -> Path:
         """A small table in one file, tables/<table>.parquet."""
-        spec = schema.TABLES.get(table)
-        if spec is None:
-            raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+        spec = table_spec(table)
         if spec.layout != "file":
             raise ValueError(f"table {table!r} is laid out as {spec.layout!r}, not one file; use write_table_shard")
-        return self.write_parquet(self.root / "tables" / f"{table}.parquet", conform(table, data))
+        return self.write_parquet(self.root / "tables" / f"{table}.parquet", data)
 
     def table_from_rows(self, table: str, rows: list[dict]) -> pa.Table:
         """Rows (dicts) as a table of the catalogue schema; a column absent from every row is null."""
-        spec = schema.TABLES.get(table)
-        if spec is None:
-            raise ValueError(f"{table!r} is not a table of the run format (backend/run/schema.py TABLES)")
+        spec = table_spec(table)
         unknown = sorted({k for r in rows for k in r} - set(spec.schema.names))
         if unknown:
             raise ValueError(f"table {table!r}: columns differ from its schema (unexpected {unknown})")

@@ -141,7 +141,6 @@ def _comparisons_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: boo
 
 
 def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
-    import pyarrow as pa
 
     from backend.analysis.concepts import (
         best_auroc,
@@ -183,10 +182,7 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
                 row["best_localisation"] = float(full["share"][0])
                 row["best_localising_unit"] = int(full["unit"][0])
         rows.append(row)
-    inputs.store.write_table("concept_summary", pa.Table.from_pylist(rows, schema=pa.schema([
-        ("layer", pa.string()), ("kind", pa.string()), ("concepts", pa.int32()), ("mean_best_auroc", pa.float64()),
-        ("localisation", pa.float64()), ("localised_examples", pa.int32()), ("best_localisation", pa.float64()),
-        ("best_localising_unit", pa.int32())])))
+    inputs.store.write_table("concept_summary", inputs.store.table_from_rows("concept_summary", rows))
     return {"summary": rows}
 
 

@@ -29,7 +29,8 @@ from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import HookEvent, read_activations
 from backend.run import distributed
 from backend.run.config import RunConfig, file_digest, validate
-from backend.run.context import is_run
+from backend.run.manifest import is_run
+from backend.run.manifest import stage as stage_record
 from backend.run.prompts import PromptRecord, load_prompts
 from backend.run.store import FLOAT16_MAX, RunStore, shard_name, stage_key, token_dtype
 
@@ -118,7 +119,7 @@ def check_feature_replacement(cfg: RunConfig, encoders: dict, overwrite: bool) -
     if not encoders or overwrite or not is_run(store.root):
         return
     manifest = store.read_manifest() or {}
-    done = manifest.get("stages", {}).get(FEATURES_STAGE, {})
+    done = stage_record(manifest, FEATURES_STAGE)
     if manifest.get("identity") != run_identity(cfg) or done.get("status") != "done":
         return
     old = done.get("sae_ids") or {}
@@ -232,11 +233,7 @@ class _Recorder:
             self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=buffer, device=tok.device)
             self.clamped[ev.layer] = torch.zeros((), dtype=torch.long, device=tok.device)
             self.features[ev.layer] = []
-            self.spatial[ev.layer] = ev.spatial
-            width = getattr(self.encoders.get(ev.layer), "d_in", c)
-            if width != c:
-                raise DifflensError(f"the SAE given for {ev.layer} takes width {width}, but the layer has {c} "
-                                    "channels; pass an SAE trained on this layer")
+            self.spatial[ev.layer] = ev.spatial  # (SAE widths were checked against the layer by `plan`)
         tokf = tok.float()
         self.mean[ev.layer][:, ev.step] = tokf.mean(1)
         self.max[ev.layer][:, ev.step] = tokf.amax(1)
@@ -454,7 +451,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         store = RunStore(cfg.out_dir)
         manifest = store.read_manifest() or {}
         capture_key = stage_key(run_identity(cfg))
-        captured = manifest.get("stages", {}).get(STAGE, {}).get("status") == "done"
+        captured = stage_record(manifest, STAGE).get("status") == "done"
         stage = FEATURES_STAGE if encoders and captured else STAGE
         sae_ids = {layer: getattr(e, "identity", "") for layer, e in encoders.items()}
         hooked = [layer for layer in c.layers if layer in encoders] if stage == FEATURES_STAGE else c.layers

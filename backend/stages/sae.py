@@ -16,7 +16,6 @@ from backend.fileio import atomic_write_json
 from backend.run import distributed
 from backend.run.config import SAEStageConfig
 from backend.run.context import as_context, open_run
-from backend.run.schema import TABLES
 from backend.run.store import RunStore, stage_key
 from sae.data import SAEDataError, ShardReader
 from sae.io import load_sae, save_sae
@@ -67,13 +66,13 @@ def train_saes(run, cfg: SAEStageConfig, overwrite: bool = False, progress: bool
             if dist.is_main:
                 if cfg.splice_samples and "frac_loss_recovered" not in metrics:
                     metrics |= _splice(ctx, layer, cfg.splice_samples)
-                    save_sae(load_sae(store.sae_dir(layer)), store.sae_dir(layer),
+                    save_sae(ctx.sae(layer), store.sae_dir(layer),
                              extra={"train": asdict(train_cfg), "metrics": metrics, "key": key})
                 store.update_stage("sae", status="running", key=key, **{layer: metrics})
             results[layer] = metrics
         if dist.is_main:
             rows = [{"layer": k} | v for k, v in results.items()]  # splice columns are null when the test was skipped
-            store.write_table("sae_metrics", pa.Table.from_pylist(rows, schema=TABLES["sae_metrics"].schema))
+            store.write_table("sae_metrics", store.table_from_rows("sae_metrics", rows))
             store.update_stage("sae", status="done", finished=time.time())
         dist.barrier()
     return results
@@ -135,7 +134,7 @@ def _train_layer(store: RunStore, layer: str, cfg: SAETrainConfig, progress: boo
         atomic_write_json(stamp, {"key": key})
     try:
         reader = ShardReader.from_dir(store.activations_dir(layer), cfg.batch_size, seed=cfg.seed)
-        result = train(reader, cfg, checkpoint_dir=work_dir(store, layer) / "checkpoint", layer=layer,
+        result = train(reader, cfg, checkpoint_dir=work / "checkpoint", layer=layer,
                        device=device, progress=progress)
         final = reconstruction_stats(result.sae.cpu(), ShardReader.from_dir(store.activations_dir(layer),
                                                                             cfg.batch_size, seed=cfg.seed + 99))
@@ -146,7 +145,7 @@ def _train_layer(store: RunStore, layer: str, cfg: SAETrainConfig, progress: boo
                "dense_frac": last["dense_frac"], "tokens": last["tokens"], "seconds": round(time.time() - t0, 2)}
     if not write:
         return metrics
-    save_sae(result.sae, work_dir(store, layer), extra={"train": asdict(cfg), "metrics": metrics, "key": key})
+    save_sae(result.sae, work, extra={"train": asdict(cfg), "metrics": metrics, "key": key})
     swap_in(store, layer)
     log = result.log
     store.write_table_shard("sae_training", "part-0000000", pa.table({
@@ -186,8 +185,9 @@ def _splice(ctx, layer: str, n_samples: int) -> dict:
     from backend.models.splice import splice_test
 
     gens = ctx.generations().head(n_samples)
-    sae = load_sae(ctx.store.sae_dir(layer), device=ctx.model.device)
-    result = splice_test(ctx.model, layer, lambda x: sae(x.to(sae.W_dec.dtype)).to(x.dtype), gens["prompt"].to_list(),
+    model = ctx.model  # first: the SAE then loads on the model's device
+    sae = ctx.sae(layer)
+    result = splice_test(model, layer, lambda x: sae(x.to(sae.W_dec.dtype)).to(x.dtype), gens["prompt"].to_list(),
                          gens["seed"].to_list(), int(gens["n_steps"][0]), float(gens["guidance"][0]))
     return result.to_dict()
 
@@ -197,12 +197,12 @@ EXPORT_FORMATS = ("saelens",)
 
 def export_saes(run_dir: str | Path, layers: list[str] | None, fmt: str, out_dir: str | Path | None = None) -> dict:
     """Export the run's SAEs (default: every layer with one) to out_dir/<layer>/ (default: sae/<layer>/<fmt>/)."""
-    from sae.io import SAELoadError, export_saelens, load_sae
+    from sae.io import SAELoadError, export_saelens
 
     if fmt not in EXPORT_FORMATS:
         raise DifflensError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    store = open_run(run_dir).store
-    trained = sorted(p.parent.name for p in (store.root / "sae").glob("*/cfg.json"))
+    ctx = open_run(run_dir)
+    store, trained = ctx.store, ctx.sae_layers()
     if not trained:
         raise DifflensError(f"{run_dir} has no trained SAEs; run `python cli.py train-sae --run {run_dir}` first")
     layers = layers or trained

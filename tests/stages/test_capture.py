@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from backend.errors import DifflensError, PromptFileError, UnknownLayerError
 from backend.models import load_model
 from backend.models.hooks import read_activations
-from backend.run.config import RunConfig, load_config, override
+from backend.run.config import RunConfig, load_config, resolve
 from backend.run.prompts import DEMO_PROMPTS, load_prompts
 from backend.stages.capture import capture, plan_generations
 
@@ -234,7 +234,7 @@ def test_cli_errors_exit_non_zero(untrained_demo_dir, prompt_file, tmp_path):
 def test_config_file_and_overrides(tmp_path, untrained_demo_dir, prompt_file):
     toml = tmp_path / "run.toml"
     toml.write_text(f'name = "x"\nmodel = "{untrained_demo_dir}"\n[capture]\nsteps = 7\nlayers = ["mid_block"]\n')
-    cfg = override(load_config(toml), name="y", capture_steps=None, capture_batch_size=4)
+    cfg = resolve(file=toml, overrides={"name": "y", "capture.steps": None, "capture.batch_size": 4})
     assert (cfg.name, cfg.capture.steps, cfg.capture.batch_size, cfg.capture.layers) == ("y", 7, 4, ["mid_block"])
     toml.write_text("[capture]\nstepz = 3\n")
     with pytest.raises(DifflensError, match="unknown key.*stepz"):
