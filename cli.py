@@ -105,8 +105,12 @@ def _new_run_config(config: Path | None, overrides: dict, sets: list[str] | None
     already exists its saved config joins the rule (defaults < saved < --config < options), so a resumed run keeps
     its device, dtype and settings unless told otherwise."""
     from backend.run.config import resolve
+    from backend.run.context import open_run
+    from backend.run.manifest import is_run
 
-    return _existing_run_config(resolve(file=config, overrides=_overrides(overrides, sets)), config, overrides, sets)
+    given = _overrides(overrides, sets)
+    cfg = resolve(file=config, overrides=given)
+    return open_run(cfg.out_dir).resolve(config, given) if is_run(cfg.out_dir) else cfg
 
 
 def _run_context(run: Path, config: Path | None = None, overrides: dict | None = None, sets=None, **open_kw):
@@ -126,16 +130,6 @@ def _model_run_context(run: Path, device: str | None, dtype: str | None, config:
     if loads or device or dtype:
         _check_device(ctx.device, ctx.dtype, "" if device else "the run's device")
     return ctx, cfg
-
-
-def _existing_run_config(cfg, config: Path | None, overrides: dict, sets: list[str] | None):
-    """cfg for a run that exists already: resolved again with the run's saved config as the base."""
-    from backend.run.context import open_run
-    from backend.run.manifest import is_run
-
-    if not is_run(cfg.out_dir):
-        return cfg
-    return open_run(cfg.out_dir).resolve(config, _overrides(overrides, sets))
 
 
 def _print_capture(summary) -> None:
