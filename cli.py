@@ -251,9 +251,6 @@ def export_sae(
         typer.echo(f"{name}: {path}")
 
 
-AnalysedRunOpt = Annotated[Path, typer.Option(help="Run directory (analysed with `analyze`).")]
-
-
 def _print_analysis(summary: dict) -> None:
     for name, p in (summary.get("profiles") or {}).items():
         typer.echo(f"  {name}: {p['units']} units ({p['dead']} dead, {p['dense']} dense), {p['peaks']} peaks")
@@ -404,8 +401,7 @@ def _doc(section: str, name: str) -> str:
     from backend.run.config import field_docs, section_class
 
     default = getattr(section_class(section)(), name)
-    return (f"{field_docs(section_class(section)).get(name, '')} [default: the run's {section}.{name}, "
-                  f"else {default}]")
+    return f"{field_docs(section_class(section)).get(name, '')} [default: the run's {section}.{name}, else {default}]"
 
 
 @app.command()
