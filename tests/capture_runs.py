@@ -17,3 +17,20 @@ def make_cfg(model_dir, prompt_file, runs_dir, name="r", **capture):
     return cfg
 
 
+
+
+def interrupt_replay_at_second_batch(monkeypatch):
+    """Make the heat-map replay stop (KeyboardInterrupt) when it writes its second batch; returns a function that
+    undoes it, for the resume."""
+    from backend.analysis import examples
+
+    real, calls = examples._maps_table, []
+
+    def fail_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(examples, "_maps_table", fail_second)
+    return lambda: monkeypatch.setattr(examples, "_maps_table", real)

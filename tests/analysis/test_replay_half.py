@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from capture_runs import make_cfg
+from capture_runs import interrupt_replay_at_second_batch, make_cfg
 
 from backend.analysis import examples
 from backend.errors import DifflensError
@@ -138,19 +138,11 @@ def test_an_interrupted_replay_resumed_with_other_batches_starts_the_replay_agai
     from backend.stages.analysis import analyze
 
     run = capture_bf16(tmp_path_factory, batch_dependent_kernels=False)
-    real, calls = examples._maps_table, []
-
-    def fail_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(examples, "_maps_table", fail_second)
+    undo = interrupt_replay_at_second_batch(monkeypatch)
     first = dict(SMALL, replay_batches="requested", replay_batch_size=3)
     with pytest.raises(KeyboardInterrupt):
         analyze(run, AnalysisConfig(**first), progress=False)
-    monkeypatch.setattr(examples, "_maps_table", real)
+    undo()
     summary = analyze(run, AnalysisConfig(**{**first, "replay_batch_size": 5}), progress=False)
     import polars as pl
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
-from capture_runs import make_cfg
+from capture_runs import interrupt_replay_at_second_batch, make_cfg
 from typer.testing import CliRunner
 
 from backend.errors import DifflensError
@@ -109,23 +109,13 @@ def test_rerun_is_a_no_op(run_dir):
 
 @pytest.mark.slow
 def test_changed_setting_recomputes_and_an_interrupted_replay_resumes(run_dir, tmp_path, monkeypatch):
-    from backend.analysis import examples
-
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    real, calls = examples._maps_table, []
-
-    def fail_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(examples, "_maps_table", fail_second)
+    undo = interrupt_replay_at_second_batch(monkeypatch)
     cfg = AnalysisConfig(examples_top_n=2, replay_batch_size=8)
     with pytest.raises(KeyboardInterrupt):
         analyze(copy, cfg, progress=False)
-    monkeypatch.setattr(examples, "_maps_table", real)
+    undo()
     summary = analyze(copy, cfg, progress=False)
     n_gens = summary["examples"]["generations_replayed"]
     assert summary["examples"]["batches"] == -(-n_gens // 8) - 1  # the first batch was not replayed again
