@@ -23,6 +23,7 @@ class RunAllSummary:
 def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunAllSummary:
     """Run every stage into cfg.out_dir; a finished stage is skipped, an interrupted one resumes."""
     from backend.models.layers import layer_channels
+    from backend.run.context import open_run
     from backend.run.store import RunStore
     from backend.stages.capture import SAEEncoder, capture, plan
     from backend.stages.sae import check_train_config, train_saes
@@ -33,7 +34,11 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
         for layer in cfg.sae.layers or checked.cfg.capture.layers:
             check_train_config(cfg.sae.train_config(), layer_channels(checked.model, layer), layer)
         summary.stages["capture"] = capture(checked.cfg, overwrite=overwrite, model=checked.model, progress=progress)
-        summary.stages["sae"] = train_saes(cfg.out_dir, cfg.sae, overwrite=overwrite, progress=progress)
+
+        def run_now():  # the run as the last stage left it, with the model loaded once for every stage
+            return open_run(cfg.out_dir, model=checked.model)
+
+        summary.stages["sae"] = train_saes(run_now(), cfg.sae, overwrite=overwrite, progress=progress)
         if cfg.sae.record_features:
             store = RunStore(cfg.out_dir)
             encoders = {layer: SAEEncoder(store.sae_dir(layer), device=distributed.local_device(cfg.device))
@@ -44,7 +49,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
             from backend.stages.analysis import analyze
             from backend.stages.interventions import run_interventions
 
-            summary.stages["analysis"] = analyze(cfg.out_dir, cfg.analysis, progress=progress)
+            summary.stages["analysis"] = analyze(run_now(), cfg.analysis, progress=progress)
             if cfg.interventions.enabled:
-                summary.stages["interventions"] = run_interventions(cfg.out_dir, cfg.interventions, progress=progress)
+                summary.stages["interventions"] = run_interventions(run_now(), cfg.interventions, progress=progress)
     return summary
