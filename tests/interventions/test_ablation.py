@@ -17,11 +17,6 @@ from backend.models.base import to_uint8
 BLOCK = "mid_block.attentions.0"  # Transformer2DModel, (64, 4, 4) -> (64, 4, 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
 def test_skip_equals_replacing_the_block_by_the_identity(model, monkeypatch):
     result = ablation.ablate_blocks(model, [BLOCK], [PROMPT, PROMPT], [0, 1], "skip", STEPS, GUIDANCE)
     assert result.calls[BLOCK] == STEPS  # once per denoiser call (the CFG batch is one call)

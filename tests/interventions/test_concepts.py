@@ -7,20 +7,10 @@ import json
 
 import polars as pl
 import pytest
-from intervention_runs import LAYER, make_intervention_run, not_a_run, one_line, random_sae
+from intervention_runs import LAYER, make_intervention_run, not_a_run, one_line
 
 from backend.errors import DifflensError
 from backend.interventions.concepts import clean_hit, concept_prompts, concept_steering_report
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
-@pytest.fixture(scope="module")
-def sae():
-    return random_sae()
 
 
 @pytest.fixture

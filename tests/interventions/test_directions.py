@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from intervention_runs import N_LATENTS, one_line, random_sae
+from intervention_runs import N_LATENTS, one_line
 
 from backend.errors import DifflensError
 from backend.interventions.directions import unit_direction
-
-
-@pytest.fixture(scope="module")
-def sae():
-    return random_sae()
 
 
 def test_unit_direction_channel_and_feature(sae):

@@ -23,11 +23,6 @@ EARLY = "mid_block.attentions.0"  # 4x4 tokens, 64 channels: the forward stops h
 LATE = "up_blocks.1.attentions.1"  # 8x8 tokens, 64 channels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
 def quick(kind: str, **overrides) -> DreamConfig:
     cfg = default_config(kind)
     cfg.opt_steps, cfg.snapshot_every, cfg.seeds = 12, 4, [0, 1]

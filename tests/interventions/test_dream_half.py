@@ -15,11 +15,6 @@ EARLY = "mid_block.attentions.0"
 UNIT = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
 @pytest.fixture(scope="module")
 def models():
     return {dtype: load_model("demo", dtype=dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}

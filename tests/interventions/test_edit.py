@@ -18,23 +18,12 @@ from intervention_runs import (
     no_hooks_left,
     not_a_run,
     one_line,
-    random_sae,
 )
 
 from backend.errors import DifflensError
 from backend.interventions.edit import edit_run, feature_edit
 from backend.interventions.generate import edited_generate
 from backend.models.hooks import to_tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
-@pytest.fixture(scope="module")
-def sae():
-    return random_sae()
 
 
 def test_zeroing_nothing_reproduces_the_baseline_exactly(model, sae):

@@ -15,11 +15,6 @@ from backend.interventions.steer import steering_edit
 from backend.models.hooks import edit_activations, from_tokens, to_tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
 def test_mask_limits_the_edit_to_masked_tokens():
     mask_HW = region_mask("left", 16)
     mask_T = mask_tokens(mask_HW, 64)  # the 8x8 grid of LAYER

@@ -21,7 +21,6 @@ from intervention_runs import (
     no_hooks_left,
     not_a_run,
     one_line,
-    random_sae,
 )
 
 from backend.errors import DifflensError
@@ -32,16 +31,6 @@ from backend.interventions.steer import steer_run, steered_generate, steering_ed
 from backend.interventions.windows import step_window, strength_schedule
 from backend.models.base import to_uint8
 from backend.models.hooks import edit_activations, to_tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    """The demo model's batches are tiny: one thread is as fast, and spares cores other jobs share."""
-
-
-@pytest.fixture(scope="module")
-def sae():
-    return random_sae()
 
 
 def test_strength_zero_reproduces_the_baseline_exactly(model):
