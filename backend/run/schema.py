@@ -18,6 +18,28 @@ Any other version is refused with a one-line error (check_format_version)."""
 READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
+# ------------------------------------------------------------------------------------------------ unit kinds
+DEFAULT_SAE = "default"
+"""The id of a layer's first SAE (the one `train-sae` / run-all trains unless told otherwise)."""
+
+
+def feature_kind(sae_id: str = DEFAULT_SAE) -> str:
+    """The `kind` value of one SAE's latents: `feature` for the default SAE, `feature.<sae_id>` for another."""
+    return "feature" if sae_id == DEFAULT_SAE else f"feature.{sae_id}"
+
+
+def is_feature(kind: str) -> bool:
+    """True for SAE latents of any SAE (`feature`, `feature.<sae_id>`), False for `channel`."""
+    return kind == "feature" or kind.startswith("feature.")
+
+
+def sae_id_of(kind: str) -> str | None:
+    """The SAE id a kind names (None for `channel`)."""
+    if kind == "feature":
+        return DEFAULT_SAE
+    return kind.split(".", 1)[1] if kind.startswith("feature.") else None
+
+
 # ------------------------------------------------------------------------------------------------ schemas
 # Columns stored in the files, in file order. Partition columns (layer, kind) live in the directory names only.
 
