@@ -48,7 +48,7 @@ def detect_format(path: str | Path) -> str:
         raise SAELoadError(f"{directory} mixes SAE checkpoint formats ({'; '.join(needs(n) for n in found)}); keep "
                            "one checkpoint per folder")
     if not found:
-        raise SAELoadError(f"{directory} matches no SAE checkpoint format; recognised: "
+        raise SAELoadError(f"{directory} is not an SAE directory: it matches no checkpoint format; recognised: "
                            f"{'; '.join(needs(n) for n in FORMATS)}")
     return found[0]
 

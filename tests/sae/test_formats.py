@@ -38,7 +38,7 @@ def test_unknown_mixed_and_missing_folders_are_one_line_errors(tmp_path):
     with pytest.raises(SAELoadError) as err:
         read_sae(tmp_path)
     message = str(err.value)
-    assert "matches no SAE checkpoint format" in message and "\n" not in message
+    assert "is not an SAE directory: it matches no checkpoint format" in message and "\n" not in message
     for name, fmt in FORMATS.items():
         assert f"{name}: {' + '.join(fmt.FILES)}" in message
     our_sae(tmp_path)
