@@ -24,13 +24,11 @@ from sae.formats.common import (
     safetensors_keys,
     tensor,
 )
+from sae.formats.difflens import CFG_FILE, FILES, SPARSIFY_KEY, WEIGHTS_FILE
 from sae.model import SAE, SAEConfig
 
 NAME = "sparsify"
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae.safetensors"
-FILES = (CFG_FILE, WEIGHTS_FILE)
-SIGNATURE = "encoder.weight"
+SIGNATURE = SPARSIFY_KEY
 
 
 def claims(directory: Path) -> bool:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from sae_checkpoints import assert_codes_and_reconstructions
 
 from sae.formats import SAELoadError, read_sae
 
@@ -88,10 +89,7 @@ def test_dictionaries_match_their_encode_and_decode(tmp_path, dict_class):
     x = inputs()
     f, recon = reference(dict_class, sd, x)
     assert (f > 0).any() and (f == 0).any()
-    with torch.no_grad():
-        codes = imported.sae.encode(x)
-        torch.testing.assert_close(codes.dense(N), f, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(imported.sae.decode(codes), recon, rtol=1e-5, atol=1e-5)
+    assert_codes_and_reconstructions(imported.sae, x, f, recon)
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

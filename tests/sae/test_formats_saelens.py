@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from sae_checkpoints import assert_codes_and_reconstructions
 from sae_lens import SAE as SAELensSAE
 from sae_lens import (
     BatchTopKTrainingSAE,
@@ -53,9 +54,7 @@ def assert_same(ours, theirs, x):
     with torch.no_grad():
         acts = theirs.encode(x)
         recon = theirs.decode(acts)
-        codes = ours.encode(x)
-        torch.testing.assert_close(ours.encode(x, dense=True), acts, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.decode(codes), recon, rtol=1e-5, atol=1e-5)
+    assert_codes_and_reconstructions(ours, x, acts, recon)
 
 
 @pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from sae_checkpoints import assert_codes_and_reconstructions
 
 from sae.formats import SAELoadError, read_sae
 
@@ -66,13 +67,6 @@ def openai_forward(sd, x, k=None):
     return latents, (out * std + mu if k is not None else out)
 
 
-def assert_matches(imported, latents, recon, x):
-    with torch.no_grad():
-        codes = imported.sae.encode(x)
-        torch.testing.assert_close(codes.dense(N), latents, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(imported.sae.decode(codes), recon, rtol=1e-5, atol=1e-5)
-
-
 def test_unbox_checkpoint_matches_its_forward(tmp_path):
     sd = unbox_state()
     write_unbox(tmp_path, sd)
@@ -82,7 +76,7 @@ def test_unbox_checkpoint_matches_its_forward(tmp_path):
     assert imported.original_config["k"] == K
     assert imported.original_config["latent_stats"]["mean.pt"] == {"shape": [N], "applied_to_inputs": False}
     x = inputs()
-    assert_matches(imported, *unbox_forward(sd, x), x)
+    assert_codes_and_reconstructions(imported.sae, x, *unbox_forward(sd, x))
 
 
 @pytest.mark.parametrize("activation", ["TopK", "ReLU"])
@@ -98,7 +92,7 @@ def test_openai_state_dict_matches_its_forward(tmp_path, activation):
     assert imported.sae.cfg.normalize == ("layernorm" if activation == "TopK" else "none")
     assert imported.original_config["state_dict.pth"]["activation"] == activation
     x = inputs()
-    assert_matches(imported, *openai_forward(sd, x, K if activation == "TopK" else None), x)
+    assert_codes_and_reconstructions(imported.sae, x, *openai_forward(sd, x, K if activation == "TopK" else None))
 
 
 class NotAWeight:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from sae_checkpoints import assert_codes_and_reconstructions
 from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
 
@@ -40,11 +41,9 @@ def test_sparsify_matches_its_encode_and_decode(tmp_path):
     x = inputs()
     with torch.no_grad():
         top_acts, top_indices, _ = theirs.encode(x)
-        dense = torch.zeros(len(x), N).scatter_(-1, top_indices, top_acts)
         recon = theirs.decode(top_acts, top_indices)
-        codes = imported.sae.encode(x)
-        torch.testing.assert_close(codes.dense(N), dense, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(imported.sae.decode(codes), recon, rtol=1e-5, atol=1e-5)
+    dense = torch.zeros(len(x), N).scatter_(-1, top_indices, top_acts)
+    assert_codes_and_reconstructions(imported.sae, x, dense, recon)
 
 
 def test_expansion_factor_sets_the_width(tmp_path):
@@ -100,11 +99,7 @@ def test_saeuron_checkpoint_with_its_input_unit_norm(tmp_path, input_unit_norm):
     assert imported.source_format == "sparsify"
     assert imported.sae.cfg.normalize == ("layernorm" if input_unit_norm else "none")
     x = inputs() * 3 + 1
-    latents, recon = saeuron_forward(w, x, input_unit_norm)
-    with torch.no_grad():
-        codes = imported.sae.encode(x)
-        torch.testing.assert_close(codes.dense(N), latents, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(imported.sae.decode(codes), recon, rtol=1e-5, atol=1e-5)
+    assert_codes_and_reconstructions(imported.sae, x, *saeuron_forward(w, x, input_unit_norm))
 
 
 def test_nan_weights_and_missing_decoder_are_refused(tmp_path):
