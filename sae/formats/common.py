@@ -70,6 +70,18 @@ def read_pickle_weights_only(path: Path):
         raise SAELoadError(f"{path} is not a readable torch file ({one_line(exc)})") from exc
 
 
+def jsonable(value):
+    """value with tensors as numbers / lists and anything else JSON cannot hold as its repr (for provenance read
+    out of pickles)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value if value is None or isinstance(value, str | int | float | bool) else repr(value)
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (library errors can run to pages)."""
     text = str(exc).strip().splitlines()

@@ -25,6 +25,7 @@ from sae.formats.common import (
     SAELoadError,
     build_sae,
     finite,
+    jsonable,
     positive_int,
     read_json,
     read_pickle_weights_only,
@@ -50,8 +51,9 @@ def read(directory: Path) -> tuple[SAE, dict]:
     if not isinstance(state, dict):
         raise SAELoadError(f"{w_path} holds a {type(state).__name__}, not a state dict")
     sd = state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
-    if "encoder.weight" not in sd:
-        raise SAELoadError(f"{w_path} has no encoder.weight: not an sdxl-unbox / openai sparse_autoencoder state dict")
+    if not isinstance(sd.get("encoder.weight"), torch.Tensor) or sd["encoder.weight"].dim() != 2:
+        raise SAELoadError(f"{w_path} has no 2-d encoder.weight: not an sdxl-unbox / openai sparse_autoencoder state "
+                           "dict")
     n, d = tuple(sd["encoder.weight"].shape)
     for key, value in (("n_dirs_local", n), ("d_model", d)):
         if key in raw and raw[key] != value:
@@ -74,7 +76,7 @@ def activation_of(sd: dict, raw: dict, directory: Path) -> tuple[str, int, str, 
             raise SAELoadError(f"{directory / CFG_FILE}: k = {k} exceeds the {sd['encoder.weight'].shape[0]} latents")
         return "topk", k, "none", {}
     name, extra = sd["activation"], sd.get("activation_state_dict") or {}
-    entries = {"activation": name, "activation_state_dict": extra}
+    entries = jsonable({"activation": name, "activation_state_dict": extra})
     if name == "ReLU":
         return "relu", 1, "none", entries
     if name == "TopK" and extra.get("postact_fn", "ReLU") == "ReLU":
