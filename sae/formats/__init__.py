@@ -19,7 +19,7 @@ from sae.model import SAE
 
 FORMATS = {m.NAME: m for m in (difflens, saelens, sparsify, sdxl_unbox, dictionary_learning)}
 """name -> reader module (NAME, FILES, claims(directory), read(directory) -> (SAE, original config))."""
-SIGNATURES = {"difflens": "W_enc_T ...", "sparsify": "encoder.weight ..."}
+SIGNATURES = {"difflens": "tensor W_enc_T", "sparsify": "tensor encoder.weight"}
 """How the two formats that share cfg.json + sae.safetensors tell apart (by tensor names)."""
 
 __all__ = ["FORMATS", "ImportedSAE", "SAELoadError", "detect_format", "read_sae", "weights_file"]
