@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from backend.errors import DifflensError
 from backend.interventions.effects import Effect, effects, is_demo
@@ -57,7 +56,8 @@ class FeatureEdit:
 
 def feature_edit(sae, zero: Sequence[int] = (), scale: Sequence[int] = (), factor: float = 1.0) -> Edit:
     """An edit splicing decode(edited codes) + (x - decode(codes)) into the layer: zero the features in `zero`,
-    multiply those in `scale` by factor (negative allowed). Computed as x + sum_k (edited_k - codes_k) W_dec[k]."""
+    multiply those in `scale` by factor (negative allowed). Computed as x + sae.decode_change(codes, edited):
+    sum_k (edited_k - codes_k) W_dec[k], times the token's scale for per-token normalised SAEs."""
     n = sae.cfg.n_latents
     factor = check_finite("factor", factor)
     zero = sorted({check_unit("feature", u, n) for u in zero})
@@ -74,7 +74,7 @@ def feature_edit(sae, zero: Sequence[int] = (), scale: Sequence[int] = (), facto
         vals, idx = codes.values, codes.indices
         new = torch.where(torch.isin(idx, zero_t), torch.zeros_like(vals), vals)
         new = torch.where(torch.isin(idx, scale_t), new * factor, new)
-        delta_NC = F.embedding_bag(idx, sae.W_dec, per_sample_weights=(new - vals).to(sae.W_dec.dtype), mode="sum")
+        delta_NC = sae.decode_change(codes, new)
         return tokens_BTC + delta_NC.to(tokens_BTC.device, tokens_BTC.dtype).reshape(b, t, c)
 
     return edit

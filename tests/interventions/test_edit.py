@@ -61,6 +61,24 @@ def test_feature_zero_and_scale_match_the_dense_splice(sae):
     torch.testing.assert_close(everything, (x_NC - recon + sae.b_dec).detach(), atol=1e-4, rtol=1e-4)
 
 
+def test_edits_of_a_layernorm_sae_match_its_own_decode():
+    """Per-token normalised SAEs (openai TopK, SAeUron) map decoder output back by each token's scale, so an edit
+    must too: x + decode(edited codes) - decode(codes), with decode the SAE's own."""
+    from sae.model import SAE, SAEConfig, SparseCodes
+
+    torch.manual_seed(1)
+    ln = SAE(SAEConfig(d_in=64, n_latents=N_LATENTS, k=8, normalize="layernorm")).eval()
+    x_NC = torch.randn(50, 64) * 3 + 1
+    with torch.no_grad():
+        codes = ln.encode(x_NC)
+        zero = codes.indices[:, 0].unique()[:4].tolist()
+        edited_vals = torch.where(torch.isin(codes.indices, torch.tensor(zero)), 0.0, codes.values)
+        expected = x_NC + ln.decode(SparseCodes(edited_vals, *codes[1:])) - ln.decode(codes)
+    got = feature_edit(ln, zero=zero)(x_NC[None], 0)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, x_NC, atol=1e-3)
+
+
 def test_zeroing_features_changes_the_image(model, sae):
     tokens = []
     mod = model.denoiser.get_submodule(LAYER)
