@@ -5,6 +5,7 @@ anything is written."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -177,3 +178,40 @@ def test_the_cli_takes_controlnet_options_and_refuses_a_non_sd_base(sdxl_dir, co
         f"error: --controlnet needs a Stable Diffusion 1.x / 2.x model; {sdxl_dir} is a sdxl model "
         "(StableDiffusionXLPipeline): drop --controlnet or use an SD 1.x / 2.x model"]
     assert not (tmp_path / "x").exists()
+
+
+def readme_controlnet_example() -> tuple[list[str], str]:
+    """The README's ControlNet command line (args after `python cli.py`) and its example prompt file (jsonl block)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [ln.strip() for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+               for ln in block.splitlines() if ln.strip().startswith("python cli.py") and "--controlnet" in ln]
+    (jsonl,) = re.findall(r"```jsonl\n(.*?)```", readme, flags=re.S)
+    return shlex.split(line)[2:], jsonl
+
+
+def test_the_readme_controlnet_example_runs(sd_dir, controlnet_dir, tmp_path):
+    """The README's command, in a scratch directory holding a tiny SD pipeline and ControlNet at the paths it names
+    and its prompt file with control images; on the CPU, with fewer steps."""
+    import shutil
+
+    args, jsonl = readme_controlnet_example()
+    option = lambda name: args[args.index(name) + 1]  # noqa: E731
+    shutil.copytree(sd_dir, tmp_path / option("--model"))
+    shutil.copytree(controlnet_dir, tmp_path / option("--controlnet"))
+    prompts = tmp_path / option("--prompts")
+    prompts.parent.mkdir(parents=True)
+    prompts.write_text(jsonl)
+    for i, row in enumerate(json.loads(line) for line in jsonl.splitlines()):
+        control_image(prompts.parent / row["control_image"], (32, 32), seed=i)
+    quick = ["--device", "cpu", "--dtype", "float32", "--steps", "2", "--images-per-prompt", "1",
+             "--tokens-per-step", "4"]
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, *quick], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gens = pl.read_parquet(tmp_path / "runs" / option("--name") / "tables" / "generations" / "*.parquet")
+    relative = Path(option("--prompts")).parent  # recorded as resolved: relative to the cwd, like --prompts
+    assert sorted(gens["control_image"].to_list()) == sorted(
+        str(relative / json.loads(line)["control_image"]) for line in jsonl.splitlines())
