@@ -12,6 +12,7 @@ capture resumes at the first incomplete batch and ends with the same files as an
 
 from __future__ import annotations
 
+import inspect
 import platform
 import time
 from collections.abc import Callable
@@ -107,6 +108,9 @@ def check_conditions(prompts: list[PromptRecord], c: CaptureConfig, guidance: fl
     if negatives and guidance <= 1:
         raise DifflensError(f"a negative prompt is given ({negatives[0]!r}) but guidance is {guidance:g}, so CFG is "
                             "off and it would be ignored: raise --guidance above 1 or drop the negative prompt")
+    if negatives and "negative" not in inspect.signature(model.encode_prompts).parameters:
+        raise DifflensError(f"{model.family} models take no negative prompt here; drop --negative-prompt and the "
+                            "prompts' negative fields")
     if negatives:
         model.check_prompts(sorted(set(negatives)))
     controls = [p.control_image for p in prompts]
