@@ -192,6 +192,7 @@ def readme_controlnet_example() -> tuple[list[str], str]:
     return shlex.split(line)[2:], jsonl
 
 
+@pytest.mark.slow
 def test_the_readme_controlnet_example_runs(sd_dir, controlnet_dir, tmp_path):
     """The README's command, in a scratch directory holding a tiny SD pipeline and ControlNet at the paths it names
     and its prompt file with control images; on the CPU, with fewer steps."""
