@@ -129,6 +129,37 @@ def build_pixart(root: Path) -> Path:
     return out
 
 
+def build_controlnet(sd_dir: Path, out: Path) -> Path:
+    """A tiny ControlNetModel made from the tiny SD pipeline's UNet (ControlNetModel.from_unet) and saved to out.
+
+    Its conditioning embedding downsamples by the VAE's factor (2 here, 8 in real SD), so a control image at the
+    generation size meets the latents; its zero-initialised output convolutions get random weights, so it changes
+    the image (a fresh ControlNet adds nothing)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0, 0.3)
+            conv.bias.normal_(0, 0.1)
+    net.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def control_image(path: Path, size: tuple[int, int] = (16, 16), seed: int = 0) -> Path:
+    """A random RGB PNG control image (width, height) written to path."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 # The schedulers the real checkpoints ship (their scheduler/scheduler_config.json, keys that matter), so the
 # equivalence tests run our loop with each family's real default and not only the one a tiny pipeline was built
 # with. SD 1.5 ships PNDM (PLMS, skip_prk_steps: n + 1 denoiser calls), SD 2.1 DDIM with v-prediction, SDXL-base

@@ -132,6 +132,16 @@ def replay_batches(gens: pl.DataFrame, requested: pl.Series, cfg: AnalysisConfig
     return batches
 
 
+def generation_conditions(rows: pl.DataFrame) -> dict:
+    """generate() keyword arguments that reproduce these generations rows' negative prompts and control images
+    (columns a run captured before they existed lacks: none)."""
+    out = {}
+    for column, argument in (("negative_prompt", "negative_prompts"), ("control_image", "control_images")):
+        if column in rows.columns and rows[column].null_count() < len(rows):
+            out[argument] = rows[column].to_list()
+    return out
+
+
 def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConfig, progress: bool = True) -> int:
     """Replay the generations of requests (layer, kind, unit, gen_id, heatmap_step, activation) and write their
     heat-maps as work shards; returns the number of batches replayed (0 when all were done)."""
@@ -164,7 +174,7 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
             keeper = _Keeper(wanted)
             with read_activations(model, layers, keeper, read=ctx.read, half=ctx.half):
                 model.generate(batch["prompt"].to_list(), batch["seed"].to_list(), int(batch["n_steps"][0]),
-                               float(batch["guidance"][0]))
+                               float(batch["guidance"][0]), **generation_conditions(batch))
             table = _maps_table(mine, keeper, saes, cfg, tolerance)
             name = shard_name(int(batch["gen_id"][0]))
             store.write_parquet(heatmap_dir(store) / f"{name}.parquet", table)

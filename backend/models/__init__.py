@@ -66,9 +66,9 @@ def load_model(spec: str = "demo", device: str | torch.device = "cpu", dtype: to
     path = resolve_spec(spec)
     name = pipeline_class_name(path)
     module_name, pipe_cls_name, adapter_name = PIPELINE_ADAPTERS[name]
+    quiet_hf_logging()  # before the pipeline class is imported: importing some warns (transformers' image processors)
     pipe_cls = getattr(importlib.import_module(module_name), pipe_cls_name)
     extra = {"safety_checker": None, "requires_safety_checker": False} if name == "StableDiffusionPipeline" else {}
-    quiet_hf_logging()
     try:
         pipe = pipe_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype,
                                         use_safetensors=True, **extra)

@@ -2,7 +2,9 @@
 
 An adapter wraps a loaded diffusers pipeline and exposes: the denoiser module (hook points are its submodule
 paths), `encode_prompts`, `timesteps(n_steps)`, one denoising `step`, and `decode`. With classifier-free
-guidance the denoiser's batch is `[uncond; cond]` (the order diffusers pipelines use).
+guidance the denoiser's batch is `[uncond; cond]` (the order diffusers pipelines use); the unconditional half is
+the empty prompt, or a generation's negative prompt. Extra conditioning (a ControlNet's control images) enters
+through `add_control` as more denoiser kwargs, CFG-doubled with the rest.
 """
 
 from __future__ import annotations
@@ -68,6 +70,21 @@ def deterministic_kernels(device: torch.device | str) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
+def given_negatives(negative_prompts: list[str | None] | None, n: int, cfg: bool) -> list[str | None] | None:
+    """The negative prompts of a batch of n, "" read as None; None when there is none (the default unconditional
+    prompt). A negative prompt without CFG would be ignored: a ValueError."""
+    if negative_prompts is None:
+        return None
+    if len(negative_prompts) != n:
+        raise ValueError(f"got {len(negative_prompts)} negative prompts for {n} prompts; give one per prompt")
+    negatives = [neg or None for neg in negative_prompts]
+    if all(neg is None for neg in negatives):
+        return None
+    if not cfg:
+        raise ValueError("a negative prompt needs classifier-free guidance (guidance > 1); without it it is ignored")
+    return negatives
+
+
 class DiffusionModel:
     """Base adapter. Subclasses set `family` and implement encode_prompts, initial_latents and decode."""
 
@@ -102,9 +119,18 @@ class DiffusionModel:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ interface
-    def encode_prompts(self, prompts: list[str], cfg: bool) -> tuple[Cond, Cond | None]:
-        """Denoiser kwargs for the prompts and, with CFG, for the unconditional (negative) prompt."""
+    def encode_prompts(self, prompts: list[str], cfg: bool,
+                       negative: list[str | None] | None = None) -> tuple[Cond, Cond | None]:
+        """Denoiser kwargs for the prompts and, with CFG, for the unconditional prompts: each prompt's negative
+        prompt (negative[i]; None: the pipeline's own default, as its __call__ without negative_prompt)."""
         raise NotImplementedError
+
+    def add_control(self, cond: Cond, uncond: Cond | None, control_images: list | None, height: int | None,
+                    width: int | None) -> tuple[Cond, Cond | None]:
+        """cond and uncond with the control images' conditioning added (a ControlNet adapter's); here: none."""
+        if control_images is not None:
+            raise ValueError(f"{self.family} model {self.spec} has no ControlNet; load it with controlnet=DIR")
+        return cond, uncond
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise a one-line DifflensError for a prompt this model cannot encode (default: any text is fine)."""
@@ -160,10 +186,14 @@ class DiffusionModel:
     def generate(self, prompts: list[str], seeds: list[int], n_steps: int | None = None,
                  guidance: float | None = None, height: int | None = None, width: int | None = None,
                  on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                 output: str = "image") -> torch.Tensor:
+                 output: str = "image", negative_prompts: list[str | None] | None = None,
+                 control_images: list | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1], or with output="latent" the final latents undecoded (no VAE pass: for
         callers that want latents only). CFG is on when guidance > 1 (as in diffusers pipelines). On a GPU the
-        kernels are deterministic (deterministic_kernels), so the same batch gives the same values again."""
+        kernels are deterministic (deterministic_kernels), so the same batch gives the same values again.
+
+        negative_prompts: one per prompt (None or "": no negative prompt), the unconditional half of CFG;
+        control_images: one per prompt (a path or PIL image) for a ControlNet adapter."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if output not in ("image", "latent"):
@@ -171,8 +201,11 @@ class DiffusionModel:
         n_steps = n_steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         cfg = guidance > 1.0
+        negatives = given_negatives(negative_prompts, len(prompts), cfg)
         with deterministic_kernels(self.device):
-            cond, uncond = self.encode_prompts(list(prompts), cfg)
+            cond, uncond = (self.encode_prompts(list(prompts), cfg, negatives) if negatives is not None
+                            else self.encode_prompts(list(prompts), cfg))
+            cond, uncond = self.add_control(cond, uncond, control_images, height, width)
             generators = seed_generators(seeds)
             # the schedule first: the initial noise scale (init_noise_sigma) can depend on it (Euler, "leading")
             timesteps = self.timesteps(n_steps)

@@ -118,14 +118,16 @@ class DemoShapesPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
-    def encode_prompt(self, prompts: list[str], do_classifier_free_guidance: bool):
-        """(cond, uncond) text states [B, T, D]; uncond is the empty prompt, or None without CFG."""
+    def encode_prompt(self, prompts: list[str], do_classifier_free_guidance: bool,
+                      negative_prompts: list[str] | None = None):
+        """(cond, uncond) text states [B, T, D]; uncond is the negative prompts (default: the empty prompt), or None
+        without CFG."""
         device = self.text_encoder.device
         ids = tokenize(self.tokenizer, prompts).to(device)
         cond = self.text_encoder(ids).last_hidden_state
         if not do_classifier_free_guidance:
             return cond, None
-        empty = tokenize(self.tokenizer, [""] * len(prompts)).to(device)
+        empty = tokenize(self.tokenizer, negative_prompts or [""] * len(prompts)).to(device)
         return cond, self.text_encoder(empty).last_hidden_state
 
     @torch.no_grad()
@@ -174,8 +176,9 @@ class DemoModel(DiffusionModel):
     def check_prompts(self, prompts: list[str]) -> None:
         tokenize(self.pipe.tokenizer, list(prompts))  # unknown words and over-long prompts are one-line errors
 
-    def encode_prompts(self, prompts: list[str], cfg: bool):
-        cond, uncond = self.pipe.encode_prompt(list(prompts), cfg)
+    def encode_prompts(self, prompts: list[str], cfg: bool, negative: list[str | None] | None = None):
+        negatives = None if negative is None else [neg or "" for neg in negative]
+        cond, uncond = self.pipe.encode_prompt(list(prompts), cfg, negatives)
         return {"encoder_hidden_states": cond}, ({"encoder_hidden_states": uncond} if cfg else None)
 
     def initial_latents(self, generators: list[torch.Generator], height: int | None = None,

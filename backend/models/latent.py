@@ -11,6 +11,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from backend.models.base import Cond, DiffusionModel
 
 
+def filled(negative: list[str | None] | None) -> list[str] | None:
+    """Negative prompts for a pipeline's encode_prompt: None rows as "" (what SD and PixArt encode by default)."""
+    return None if negative is None else [neg or "" for neg in negative]
+
+
 class _VaeDecodeMixin:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], float32 [B, 3, H, W], decoded decode_batch latents at a time (the VAE's activations at
@@ -64,8 +69,8 @@ class StableDiffusionModel(_VaeDecodeMixin, DiffusionModel):
     def __init__(self, pipe, spec: str):
         super().__init__(pipe, denoiser=pipe.unet, spec=spec)
 
-    def encode_prompts(self, prompts, cfg):
-        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg)
+    def encode_prompts(self, prompts, cfg, negative=None):
+        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg, negative_prompt=filled(negative))
         return {"encoder_hidden_states": cond}, ({"encoder_hidden_states": uncond} if cfg else None)
 
 
@@ -91,10 +96,17 @@ class StableDiffusionXLModel(_VaeDecodeMixin, DiffusionModel):
         ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=proj_dim)
         return ids.to(self.device).repeat(n, 1)
 
-    def encode_prompts(self, prompts, cfg):
+    def encode_prompts(self, prompts, cfg, negative=None):
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg
+            list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=filled(negative),
         )
+        if cfg and negative is not None and self.pipe.config.force_zeros_for_empty_prompt:
+            # the pipeline zeroes the unconditional embeddings of a call without negative_prompt: so do we for the
+            # prompts without one in a batch where others have one
+            none = torch.tensor([neg is None for neg in negative], device=uncond.device)
+            uncond = uncond.masked_fill(none[:, None, None], 0)
+            uncond_pooled = uncond_pooled.masked_fill(none[:, None], 0)
         n = len(prompts)
         make = lambda h, p: {  # noqa: E731
             "encoder_hidden_states": h,
@@ -103,10 +115,10 @@ class StableDiffusionXLModel(_VaeDecodeMixin, DiffusionModel):
         return make(cond, pooled), (make(uncond, uncond_pooled) if cfg else None)
 
     def generate(self, prompts, seeds, n_steps=None, guidance=None, height=None, width=None, on_step=None,
-                 output="image"):
+                 output="image", **kwargs):
         # size conditioning must be known before the prompts are encoded
         self._size = (height or self.default_resolution[0], width or self.default_resolution[1])
-        return super().generate(prompts, seeds, n_steps, guidance, height, width, on_step, output)
+        return super().generate(prompts, seeds, n_steps, guidance, height, width, on_step, output, **kwargs)
 
 
 class PixArtAlphaModel(_VaeDecodeMixin, DiffusionModel):
@@ -120,9 +132,9 @@ class PixArtAlphaModel(_VaeDecodeMixin, DiffusionModel):
         super().__init__(pipe, denoiser=pipe.transformer, spec=spec)
         self.max_sequence_length = max_sequence_length
 
-    def encode_prompts(self, prompts, cfg):
+    def encode_prompts(self, prompts, cfg, negative=None):
         cond, mask, uncond, uncond_mask = self.pipe.encode_prompt(
-            list(prompts), cfg, device=self.device, clean_caption=False,
+            list(prompts), cfg, negative_prompt=filled(negative) or "", device=self.device, clean_caption=False,
             max_sequence_length=self.max_sequence_length,
         )
         n = len(prompts)

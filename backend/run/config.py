@@ -19,6 +19,8 @@ A run.toml looks like this (every key optional; these are the defaults for the d
     tokens_per_step = 64                # token vectors sampled per (generation, step) for SAE training
     read = "output"                     # or "delta" (output - input: the block's residual update)
     half = "cond"                       # CFG half to record: cond, uncond or both
+    negative_prompt = ""                # replaces CFG's empty unconditional prompt (JSONL `negative` per prompt)
+    controlnet = ""                     # a ControlNetModel directory (SD 1.x/2.x), with control_image(s)
 
     [sae]                               # every field of SAEStageConfig (sae/train.py SAETrainConfig + below)
     architecture = "topk"
@@ -76,6 +78,15 @@ class CaptureConfig:
     """"output" of each block, or "delta" (output minus input)."""
     half: str = "cond"
     """CFG half recorded: "cond", "uncond" or "both"."""
+    negative_prompt: str = ""
+    """Negative prompt of every generation, in place of CFG's empty unconditional prompt (a JSONL prompt's
+    `negative` field replaces it for that prompt); needs CFG (guidance > 1)."""
+    controlnet: str = ""
+    """A local ControlNetModel directory (SD 1.x / 2.x models): generate through it, one control image per prompt."""
+    control_image: str = ""
+    """Control image of every prompt (a JSONL prompt's `control_image` field replaces it for that prompt)."""
+    controlnet_scale: float = 1.0
+    """ControlNet conditioning scale (the pipeline's controlnet_conditioning_scale)."""
 
 
 @dataclass

@@ -123,6 +123,11 @@ class RunContext:
             from backend.models import load_model, parse_dtype
 
             self._model = load_model(self.config.model, device=self.device, dtype=parse_dtype(self.dtype))
+            c = self.config.capture
+            if c.controlnet:  # the run generated through a ControlNet: so do its replays
+                from backend.models.controlnet import with_controlnet
+
+                self._model = with_controlnet(self._model, c.controlnet, c.controlnet_scale)
         return self._model
 
     def sae_layers(self) -> list[str]:

@@ -1,7 +1,10 @@
 """Prompt files: TXT (one prompt per line) or JSONL (`{"prompt": ..., "group": ..., "attributes": {...}}`).
 
 Blank lines and lines starting with `#` are skipped in both formats. `group` defaults to "all" and
-`attributes` to `{}`. Any malformed line is an error that names the file and line.
+`attributes` to `{}`. A JSONL line may also give `negative` (the prompt's negative prompt: it replaces the empty
+unconditional prompt of classifier-free guidance; "" means none) and `control_image` (a ControlNet control image,
+a path relative to the prompt file; stored resolved against the file's directory). Any malformed line is an error
+that names the file and line.
 """
 
 from __future__ import annotations
@@ -20,18 +23,33 @@ class PromptRecord:
     prompt: str
     group: str = "all"
     attributes: dict = field(default_factory=dict)
+    negative: str | None = None
+    """The prompt's own negative prompt (None: the run's, else none)."""
+    control_image: str | None = None
+    """The prompt's ControlNet control image: a path resolved against the prompt file's directory (None: the run's)."""
 
 
-def _record_from_json(obj, where: str) -> PromptRecord:
+JSONL_KEYS = ("prompt", "group", "attributes", "negative", "control_image")
+
+
+def _optional_text(obj: dict, key: str, where: str) -> str | None:
+    """obj[key] as a string (None when absent; "" kept), or a one-line error for another type."""
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise PromptFileError(f"{where}: '{key}' must be a string (got {type(value).__name__} {value!r})")
+    return value
+
+
+def _record_from_json(obj, where: str, base_dir: Path | None = None) -> PromptRecord:
     if not isinstance(obj, dict):
         raise PromptFileError(f"{where}: expected a JSON object with a 'prompt' key, got {type(obj).__name__}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptFileError(f"{where}: 'prompt' must be a non-empty string")
-    unknown = set(obj) - {"prompt", "group", "attributes"}
+    unknown = set(obj) - set(JSONL_KEYS)
     if unknown:
         keys = ", ".join(sorted(unknown))
-        raise PromptFileError(f"{where}: unknown key(s) {keys}; allowed: prompt, group, attributes")
+        raise PromptFileError(f"{where}: unknown key(s) {keys}; allowed: {', '.join(JSONL_KEYS)}")
     group = obj.get("group", "all")
     attributes = obj.get("attributes", {})
     if not isinstance(group, str) or not group:
@@ -39,7 +57,13 @@ def _record_from_json(obj, where: str) -> PromptRecord:
     plain = isinstance(attributes, dict) and all(isinstance(v, str | int | float | bool) for v in attributes.values())
     if not plain:
         raise PromptFileError(f"{where}: 'attributes' must be an object of plain values")
-    return PromptRecord(prompt.strip(), group, dict(attributes))
+    negative = _optional_text(obj, "negative", where)
+    control = _optional_text(obj, "control_image", where)
+    if control is not None and not control.strip():
+        raise PromptFileError(f"{where}: 'control_image' is empty; give an image path relative to the prompt file")
+    if control is not None and base_dir is not None:
+        control = str(base_dir / control.strip())
+    return PromptRecord(prompt.strip(), group, dict(attributes), negative, control)
 
 
 def load_prompts(path: str | Path) -> list[PromptRecord]:
@@ -64,7 +88,7 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
             except json.JSONDecodeError as exc:
                 msg = f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object"
                 raise PromptFileError(msg) from exc
-            records.append(_record_from_json(obj, where))
+            records.append(_record_from_json(obj, where, path.parent))
         else:
             records.append(PromptRecord(text))
     if not records:

@@ -52,6 +52,8 @@ GENERATIONS = pa.schema([
     ("image", pa.string()),           # run-relative path of the final image, images/<gen_id:06d>.png
     ("n_steps", pa.int16()),
     ("guidance", pa.float32()),
+    ("negative_prompt", pa.string()),  # the negative prompt CFG used in place of the empty prompt (null: none)
+    ("control_image", pa.string()),   # the ControlNet control image's path (null: no ControlNet)
 ])
 
 STEPS = pa.schema([

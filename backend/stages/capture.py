@@ -12,6 +12,7 @@ capture resumes at the first incomplete batch and ends with the same files as an
 
 from __future__ import annotations
 
+import inspect
 import platform
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import HookEvent, read_activations
 from backend.run import distributed
-from backend.run.config import RunConfig, file_digest, validate
+from backend.run.config import CaptureConfig, RunConfig, file_digest, validate
 from backend.run.manifest import is_run
 from backend.run.manifest import stage as stage_record
 from backend.run.prompts import PromptRecord, load_prompts
@@ -64,12 +65,71 @@ def plan_batches(gens: list[Generation], batch_size: int, rank: int = 0, world: 
     return batches[rank::world]
 
 
+CONDITIONING_FIELDS = ("negative_prompt", "controlnet", "control_image", "controlnet_scale")
+"""Capture settings added after run format 2 first shipped: in the run identity only when set, so the identity of a
+run made without them (and so its resuming) is unchanged."""
+
+
 def run_identity(cfg: RunConfig) -> dict:
-    """What must match for a run directory to be resumed rather than refused."""
+    """What must match for a run directory to be resumed rather than refused (with a ControlNet, the control
+    images' contents too)."""
     import dataclasses
 
-    return {"model": cfg.model, "prompts_digest": file_digest(cfg.prompts), "dtype": cfg.dtype,
-            "capture": dataclasses.asdict(cfg.capture)}
+    defaults = CaptureConfig()
+    capture = {k: v for k, v in dataclasses.asdict(cfg.capture).items()
+               if k not in CONDITIONING_FIELDS or v != getattr(defaults, k)}
+    identity = {"model": cfg.model, "prompts_digest": file_digest(cfg.prompts), "dtype": cfg.dtype,
+                "capture": capture}
+    if cfg.capture.controlnet:
+        images = sorted({g.control_image for g in with_run_conditions(load_prompts(cfg.prompts), cfg.capture)
+                         if g.control_image})
+        identity["control_images_digest"] = {path: file_digest(path) for path in images}
+    return identity
+
+
+def with_run_conditions(prompts: list[PromptRecord], c: CaptureConfig) -> list[PromptRecord]:
+    """The prompts with the run's negative prompt and control image filled in where a prompt gives none of its own;
+    an empty negative prompt reads as none."""
+    import dataclasses
+
+    out = []
+    for rec in prompts:
+        negative = rec.negative if rec.negative is not None else c.negative_prompt
+        control = rec.control_image if rec.control_image is not None else (c.control_image or None)
+        out.append(dataclasses.replace(rec, negative=negative or None, control_image=control))
+    return out
+
+
+def check_conditions(prompts: list[PromptRecord], c: CaptureConfig, guidance: float,
+                     model: DiffusionModel) -> DiffusionModel:
+    """One-line errors for negative prompts without CFG, control images without a ControlNet (or the reverse) and
+    bad control images; returns the model, wrapped with the ControlNet when one is given."""
+    negatives = [p.negative for p in prompts if p.negative]
+    if negatives and guidance <= 1:
+        raise DifflensError(f"a negative prompt is given ({negatives[0]!r}) but guidance is {guidance:g}, so CFG is "
+                            "off and it would be ignored: raise --guidance above 1 or drop the negative prompt")
+    if negatives and "negative" not in inspect.signature(model.encode_prompts).parameters:
+        raise DifflensError(f"{model.family} models take no negative prompt here; drop --negative-prompt and the "
+                            "prompts' negative fields")
+    if negatives:
+        model.check_prompts(sorted(set(negatives)))
+    controls = [p.control_image for p in prompts]
+    if not c.controlnet:
+        given = next((p for p in prompts if p.control_image), None)
+        if given is not None:
+            raise DifflensError(f"a control image is given ({given.control_image}) but no ControlNet: pass "
+                                "--controlnet DIR, or drop --control-image and the prompts' control_image fields")
+        return model
+    from backend.models.controlnet import check_control_image, check_family, with_controlnet
+
+    check_family(model)
+    missing = next((p for p in prompts if not p.control_image), None)
+    if missing is not None:
+        raise DifflensError(f"prompt {missing.prompt!r} has no control image: give it a control_image field in the "
+                            "JSONL prompt file, or pass --control-image FILE for every prompt")
+    for path in sorted(set(controls)):
+        check_control_image(path, model.default_resolution)
+    return with_controlnet(model, c.controlnet, c.controlnet_scale)
 
 
 def versions() -> dict:
@@ -172,6 +232,8 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     guidance = model.default_guidance if c.guidance < 0 else c.guidance
     if c.half == "both" and guidance > 1:
         raise DifflensError("capture.half='both' with CFG records two rows per generation; use cond or uncond")
+    prompts = with_run_conditions(prompts, c)
+    model = check_conditions(prompts, c, guidance, model)
     return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance, len(model.timesteps(n_steps)))
 
 
@@ -404,9 +466,21 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
         "image": image_paths,
         "n_steps": np.full(len(gens), n_steps, dtype=np.int16),
         "guidance": np.full(len(gens), guidance, dtype=np.float32),
+        "negative_prompt": pa.array([g.prompt.negative for g in gens], pa.string()),
+        "control_image": pa.array([g.prompt.control_image for g in gens], pa.string()),
     }))
     store.mark_batch_done(STAGE, name, n=len(gens))
     stats.seconds += time.perf_counter() - t0
+
+
+def conditions_of(batch: list[Generation]) -> dict:
+    """generate() keyword arguments for the batch's negative prompts and control images (none when it has none)."""
+    out = {}
+    if any(g.prompt.negative for g in batch):
+        out["negative_prompts"] = [g.prompt.negative for g in batch]
+    if any(g.prompt.control_image for g in batch):
+        out["control_images"] = [g.prompt.control_image for g in batch]
+    return out
 
 
 def _steps_table(model: DiffusionModel, n_steps: int) -> pa.Table:
@@ -487,7 +561,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                 rec = _Recorder(batch, p.denoiser_steps, c.tokens_per_step, encoders or {})
                 with read_activations(model, hooked, rec, read=c.read, half=c.half):
                     images = to_uint8(model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch],
-                                                     n_steps, guidance))
+                                                     n_steps, guidance, **conditions_of(batch)))
                 # writes overlap the next batch's generation; at most one batch waits
                 for f in pending:
                     _result_or_user_error(f, store)

@@ -33,6 +33,11 @@ def test_jsonl_file(tmp_path):
         ('{"prompt": "x", "colour": "red"}', "unknown key"),
         ('["x"]', "expected a JSON object"),
         ('{"prompt": "x", "attributes": [1]}', "'attributes' must be an object"),
+        ('{"prompt": "x", "negative": 3}', "'negative' must be a string (got int 3)"),
+        ('{"prompt": "x", "negative": ["a"]}', "'negative' must be a string"),
+        ('{"prompt": "x", "control_image": true}', "'control_image' must be a string"),
+        ('{"prompt": "x", "control_image": " "}', "'control_image' is empty"),
+        ('{"prompt": "x", "negativ": "a"}', "allowed: prompt, group, attributes, negative, control_image"),
     ],
 )
 def test_malformed_jsonl_names_the_line(tmp_path, line, message):
@@ -70,3 +75,28 @@ def test_shipped_demo_prompt_set_is_balanced():
     for attr in ("colour", "shape", "size", "position", "background"):
         counts = Counter(r.attributes[attr] for r in recs)
         assert len(set(counts.values())) == 1, attr
+
+
+def test_jsonl_negative_and_control_image(tmp_path):
+    """`negative` is kept as given ("" too: no negative for that prompt); `control_image` is resolved against the
+    prompt file's directory."""
+    d = tmp_path / "set"
+    d.mkdir()
+    f = d / "p.jsonl"
+    f.write_text("\n".join(json.dumps(o) for o in [
+        {"prompt": "a", "negative": "blurry", "control_image": "edges/a.png"},
+        {"prompt": "b", "negative": ""},
+        {"prompt": "c", "control_image": str(tmp_path / "abs.png")},
+    ]) + "\n")
+    a, b, c = load_prompts(f)
+    assert (a.negative, a.control_image) == ("blurry", str(d / "edges" / "a.png"))
+    assert (b.negative, b.control_image) == ("", None)
+    assert (c.negative, c.control_image) == (None, str(tmp_path / "abs.png"))
+    (t,) = load_prompts(_txt(tmp_path, "x\n"))
+    assert (t.negative, t.control_image) == (None, None)
+
+
+def _txt(tmp_path, text):
+    f = tmp_path / "p.txt"
+    f.write_text(text)
+    return f
