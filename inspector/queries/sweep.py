@@ -84,6 +84,11 @@ def _optional(fn, run) -> pl.DataFrame | None:
         return None
 
 
+def _features(frame: pl.DataFrame) -> pl.Expr:
+    """Rows of SAE feature kinds (any SAE of the layer)."""
+    return pl.col("kind").is_in([k for k in frame["kind"].unique().to_list() if is_feature(k)])
+
+
 def _run_rows(root, record: dict) -> list[dict]:
     """One row per layer of a run: its SAE metrics, concept recovery of its features, steering success, stage
     times (one row with only the status when the run has no results yet)."""
@@ -105,10 +110,10 @@ def _run_rows(root, record: dict) -> list[dict]:
             m = metrics.filter(pl.col("layer") == layer).row(0, named=True)
             row |= {k: m.get(k) for k in ("fvu", "l0", "dead_frac", "frac_loss_recovered")}
         if concepts is not None and layer is not None:
-            mine = concepts.filter((pl.col("layer") == layer) & pl.col("kind").map_elements(is_feature, pl.Boolean))
+            mine = concepts.filter((pl.col("layer") == layer) & _features(concepts))
             row["mean_best_auroc"] = mine["mean_best_auroc"].max() if mine.height else None
         if steering is not None and layer is not None:
-            mine = steering.filter((pl.col("layer") == layer) & pl.col("kind").map_elements(is_feature, pl.Boolean))
+            mine = steering.filter((pl.col("layer") == layer) & _features(steering))
             row["steering_success"] = mine["rate"].mean() if mine.height else None
         rows.append(row)
     return rows
