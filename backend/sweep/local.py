@@ -19,6 +19,9 @@ from backend.sweep.grid import SweepPlan
 from backend.sweep.manifest import run_record, set_status
 from backend.sweep.task import error_line, run_finished, run_one
 
+FIGURE = "metrics.png"
+"""sweeps/<name>/metrics.png: FVU and concept recovery against the first numeric swept key (figure.py)."""
+
 
 def _eta(durations: list[float], remaining: int) -> str:
     if not durations:
@@ -66,4 +69,10 @@ def run_local(plan: SweepPlan, path: Path, data: dict, threads: int = 0, progres
         durations.append(seconds)
         set_status(path, data, run.name, "done", error="", seconds=round(seconds, 3), finished=time.time())
         echo(f"{label}: done in {seconds:.1f} s -> {cfg.out_dir}")
+    if not failed:
+        from backend.sweep.figure import write_sweep_figure
+
+        figure = write_sweep_figure(plan, path.parent / FIGURE)
+        if figure is not None:
+            echo(f"figure: {figure}")
     return failed
