@@ -111,7 +111,7 @@ def refresh(data: dict, directory: Path | None = None, cluster_default: str = "s
     cluster = data.get("cluster") or cluster_default
     for record in data["runs"]:
         if record.get("job_id") and data.get("submitit_folder"):
-            record["job_state"] = job_state(data["submitit_folder"], record["job_id"], cluster).split()[0].upper()
+            record["job_state"] = job_state(data["submitit_folder"], record["job_id"], cluster)
         report = task_status_path(directory, record["name"])
         if run_finished(plan.config(plan.run(record["name"]))):
             record.update(status="done", error="")

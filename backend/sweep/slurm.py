@@ -10,6 +10,7 @@ the tests run this path without a cluster).
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -96,7 +97,9 @@ def job_state(folder: str, job_id: str, cluster: str) -> str:
     """A submitted task's state as submitit reports it (sacct on SLURM; UNKNOWN when it cannot tell)."""
     submitit = import_submitit()
     if cluster == "slurm":
-        return str(submitit.SlurmJob(folder=folder, job_id=job_id).state)
-    from submitit.local.local import LocalJob
+        state = str(submitit.SlurmJob(folder=folder, job_id=job_id).state)
+    else:
+        from submitit.local.local import LocalJob
 
-    return str(LocalJob(folder=folder, job_id=job_id).state)
+        state = str(LocalJob(folder=folder, job_id=job_id).state)
+    return re.sub(r" by \d+$", "", state.strip()).upper()  # sacct says "CANCELLED by <uid>"

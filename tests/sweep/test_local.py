@@ -52,6 +52,7 @@ def test_two_point_sweep_runs_resumes_and_shares_the_capture(tiny_config, monkey
     first, second = (runs / n / "images" / "000000.png" for n in ("t-k4", "t-k8"))
     assert first.stat().st_ino == second.stat().st_ino  # hard links, not copies
     assert (runs / "t-k8" / "tables" / "concept_summary.parquet").is_file()
+    assert lines[-1] == f"figure: {runs / 'sweeps' / 't' / 'metrics.png'}"  # drawn once every run is done
 
     calls.clear()
     again = run_sweep(["sae.k=4,8"], tiny_config, progress=False, echo=lines.append)
