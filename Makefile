@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -e ".[dev,compat]"
+	$(PY) -m pip install -e ".[dev,compat,cluster]"
 	touch $@
 
 setup: $(VENV)/.installed

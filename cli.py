@@ -629,6 +629,53 @@ def prompts(file: Annotated[Path, typer.Argument(help="A .txt or .jsonl prompt f
         typer.echo(f"  {g}: {c}")
 
 
+GridArg = Annotated[list[str] | None, typer.Argument(
+    help="KEY=V1,V2,... for each swept config key, e.g. sae.k=8,16,32 sae.expansion=4,8 (values are read as TOML).",
+    show_default=False)]
+
+
+@app.command()
+@user_errors
+def sweep(
+    grid: GridArg = None, config: ConfigOpt = None, set_: SetOpt = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name: sweeps/<name>/sweep.json and runs "
+                                                  "<name>-<key><value>-... [default: the config's name]")] = None,
+    executor: Annotated[str, typer.Option(help="local (the runs one after another, here) or slurm (a submitit job "
+                                               "array).")] = "local",
+    profile: Annotated[str | None, typer.Option(help="Infrastructure profile: a name in configs/infra/ or a .toml "
+                                                     "path. [default: local; slurm needs one]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print what would run or be submitted "
+                                                            "(slurm: the sbatch script); write nothing.")] = False,
+    status: Annotated[str | None, typer.Option("--status", help="Print this sweep's runs and job states (and "
+                                                                "refresh sweep.json) instead of running.")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Runs directory holding sweeps/ (for --status). [default: the "
+                                                       "config's runs_dir]")] = None,
+) -> None:
+    """Run-all over a grid of config values: one run per combination, run here one after another (resumable) or
+    submitted to SLURM as a job array."""
+    from backend.run.config import parse_set, resolve
+    from backend.sweep.command import run_sweep, sweep_status
+
+    sets = parse_set(set_)
+    if status:
+        result = sweep_status(runs_dir or resolve(file=config, overrides=sets).runs_dir, status)
+    else:
+        result = run_sweep(grid or [], config, sets, name, executor=executor, profile=profile, dry_run=dry_run,
+                           echo=typer.echo)
+    if result.script:
+        typer.echo(result.script)
+    verb = "would run" if result.dry_run else "runs of"
+    typer.echo(f"{verb} sweep {result.path.parent.name} ({result.path}):")
+    for r in result.runs:
+        settings = " ".join(f"{k}={v}" for k, v in r["overrides"].items())
+        job = f" job {r['job_id']} {r.get('job_state') or ''}".rstrip() if r.get("job_id") else ""
+        took = f" {r['seconds']:.1f} s" if r.get("seconds") else ""
+        error = f": {r['error']}" if r.get("error") else ""
+        typer.echo(f"  {r['name']:<40} {settings:<30} {r['status']}{took}{job}{error}")
+    if result.failed:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     app()

@@ -43,6 +43,7 @@ def main() -> None:
         st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("views/ablation.py", title="Ablation", icon=":material/grid_view:"),
         st.Page("views/lab.py", title="Lab", icon=":material/science:"),
+        st.Page("views/sweep.py", title="Sweep", icon=":material/tune:"),
     ]
     st.navigation(pages).run()
 

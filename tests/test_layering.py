@@ -21,6 +21,7 @@ FORBIDDEN = {
     "backend.analysis": ("backend.stages", "backend.interventions", "inspector"),
     "backend.interventions": ("backend.stages", "inspector"),
     "backend.stages": ("inspector",),
+    "backend.sweep": ("inspector",),
     "backend.demo": ("backend.run", "backend.stages", "backend.analysis", "backend.interventions", "inspector"),
 }
 TORCH_FREE = ("backend.run.schema", "backend.run.manifest")

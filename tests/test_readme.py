@@ -21,6 +21,8 @@ SHORTER = {
     ("dream",): ["--iterations", "10", "--seeds", "2"],
     ("steer-report",): ["--seeds", "0-1"],
     ("train-sae",): ["--total-tokens", "200000"],
+    ("sweep",): ["--set", "capture.steps=3", "--set", "sae.total_tokens=20000", "--set", "sae.splice_samples=2",
+                 "--set", "analysis.examples_top_n=1"],
 }
 PROMPT_SUBSAMPLE = 6  # the scratch copy of data/prompts/demo.jsonl keeps every 6th prompt (60 of 360)
 
