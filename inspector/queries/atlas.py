@@ -59,23 +59,29 @@ def concept_names(db: Database, layer: str, kind: str) -> list[str]:
                   [layer, kind], tables=("concepts",))["concept"].to_list()
 
 
-def _picture(what: str, alias: str) -> str:
-    """One row per unit of one (what, variant, seed): its image (the first target steps' when a dream has one row
-    per target step), animation and objective."""
-    return (f"{alias} AS (SELECT unit, arg_min(image, target_steps) AS image, arg_min(animation, target_steps) AS "
-            f"animation, max(objective) AS objective FROM atlas WHERE layer = ? AND kind = ? AND what = '{what}' AND "
-            "variant = ? AND seed = ? GROUP BY unit)")
+def _chosen(prior: tuple[str, int] | None, dream: tuple[str, int] | None, alias: str = "") -> tuple[str, list]:
+    """SQL condition (and its parameters) for the atlas rows of the shown prior (variant, seed) and dream."""
+    a = f"{alias}." if alias else ""
+    parts, params = [], []
+    for what, choice in (("prior", prior), ("dream", dream)):
+        if choice is not None:
+            parts.append(f"({a}what = '{what}' AND {a}variant = ? AND {a}seed = ?)")
+            params += [str(choice[0]), int(choice[1])]
+    return "(" + " OR ".join(parts) + ")", params
 
 
 @query
 def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | None, dream: tuple[str, int] | None,
                sort: str = "unit", descending: bool = False, flag: str = "all", concept: str | None = None,
                page: int = 1, page_size: int = PAGE_SIZE) -> dict:
-    """One page of the atlas grid of a partition: the units with a prior (variant, seed) or a dream (variant,
+    """One page of the atlas grid of a partition: the units with the shown prior (variant, seed) or dream (variant,
     seed) (None: not shown), filtered by flag and by concept (units among that concept's best), sorted by a key of
-    SORTS. Returns {"rows": DataFrame(unit, density, max, peak_step, dead, dense, concept, auroc, prior_image,
-    dream_image, dream_animation, objective), "total": units matching, "page": the page shown (clamped),
-    "pages": how many}."""
+    SORTS. Returns {"rows": DataFrame(unit, density, max, peak_step, dead, dense, concept, auroc, objective,
+    prior_image, dream_image, dream_animation), "total": units matching, "page": the page shown (clamped), "pages":
+    how many}.
+
+    Two queries: the page's units (filter, sort, count and LIMIT / OFFSET over `units`, with a semi-join on the atlas
+    and numbers only), then the pictures of those units alone (the atlas is sorted by unit: a few row groups)."""
     if sort not in SORTS:
         raise InspectorError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
     if flag not in FLAGS:
@@ -84,43 +90,60 @@ def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | Non
         raise InspectorError("show priors, dreams or both")
     db.require("units", "atlas")
     with_concepts = db.has("concepts")
-    ctes, params, joins, shown = [], [], [], []
+    if concept and not with_concepts:
+        raise InspectorError("this run has no concepts table to filter by")
+    chosen, chosen_params = _chosen(prior, dream)
+    ctes, params, joins = [], [], []
     if with_concepts:
         ctes.append("best AS (SELECT unit, arg_max(concept, auroc) AS concept, max(auroc) AS auroc FROM concepts "
                     "WHERE layer = ? AND kind = ? GROUP BY unit)")
         params += [layer, kind]
         joins.append("LEFT JOIN best b USING (unit)")
-    for what, alias, choice in (("prior", "p", prior), ("dream", "d", dream)):
-        if choice is None:
-            continue
-        ctes.append(_picture(what, alias))
-        params += [layer, kind, str(choice[0]), int(choice[1])]
-        joins.append(f"LEFT JOIN {alias} USING (unit)")
-        shown.append(f"{alias}.image IS NOT NULL")
+    if dream is not None:
+        ctes.append("obj AS (SELECT unit, max(objective) AS objective FROM atlas WHERE layer = ? AND kind = ? AND "
+                    "what = 'dream' AND variant = ? AND seed = ? GROUP BY unit)")
+        params += [layer, kind, str(dream[0]), int(dream[1])]
+        joins.append("LEFT JOIN obj d USING (unit)")
+    where = [f"u.layer = ? AND u.kind = ? AND u.unit IN (SELECT unit FROM atlas WHERE layer = ? AND kind = ? AND "
+             f"{chosen})", FLAGS[flag]]
+    params += [layer, kind, layer, kind, *chosen_params]
+    if concept:
+        where.append("u.unit IN (SELECT unit FROM concepts WHERE layer = ? AND kind = ? AND concept = ?)")
+        params += [layer, kind, concept]
     concept_sql = ("b.concept, b.auroc" if with_concepts else
                    "CAST(NULL AS VARCHAR) AS concept, CAST(NULL AS FLOAT) AS auroc")
-    prior_sql = "p.image AS prior_image" if prior is not None else "CAST(NULL AS VARCHAR) AS prior_image"
-    dream_sql = ("d.image AS dream_image, d.animation AS dream_animation, d.objective" if dream is not None else
-                 "CAST(NULL AS VARCHAR) AS dream_image, CAST(NULL AS VARCHAR) AS dream_animation, "
-                 "CAST(NULL AS FLOAT) AS objective")
-    where = [f"u.layer = ? AND u.kind = ? AND ({' OR '.join(shown)})", FLAGS[flag]]
-    where_params = [layer, kind]
-    if concept:
-        if not with_concepts:
-            raise InspectorError("this run has no concepts table to filter by")
-        where.append("u.unit IN (SELECT unit FROM concepts WHERE layer = ? AND kind = ? AND concept = ?)")
-        where_params += [layer, kind, concept]
+    objective_sql = "d.objective" if dream is not None else "CAST(NULL AS FLOAT) AS objective"
     order = "u.unit" if sort == "dream objective" and dream is None else SORTS[sort]
-    body = (f"WITH {', '.join(ctes)} SELECT u.unit, u.density, u.max, u.peak_steps[1] AS peak_step, u.dead, u.dense, "
-            f"{concept_sql}, {prior_sql}, {dream_sql} FROM units u {' '.join(joins)} WHERE {' AND '.join(where)}")
+    sql = (f"{'WITH ' + ', '.join(ctes) if ctes else ''} SELECT u.unit, u.density, u.max, u.peak_steps[1] AS "
+           f"peak_step, u.dead, u.dense, {concept_sql}, {objective_sql}, count(*) OVER () AS total FROM units u "
+           f"{' '.join(joins)} WHERE {' AND '.join(where)} ORDER BY {order} {'DESC' if descending else 'ASC'} "
+           "NULLS LAST, u.unit LIMIT ? OFFSET ?")
     tables = ("units", "atlas", "concepts") if with_concepts else ("units", "atlas")
-    total = int(db.sql(f"SELECT count(*) FROM ({body})", params + where_params, tables=tables).item())
-    pages = max(1, -(-total // page_size))
-    page = min(max(1, int(page)), pages)
-    direction = "DESC" if descending else "ASC"
-    rows = db.sql(f"{body} ORDER BY {order} {direction} NULLS LAST, u.unit LIMIT ? OFFSET ?",
-                  params + where_params + [int(page_size), (page - 1) * int(page_size)], tables=tables)
-    return {"rows": rows, "total": total, "page": page, "pages": pages}
+    page = max(1, int(page))
+    rows = db.sql(sql, [*params, int(page_size), (page - 1) * int(page_size)], tables=tables)
+    if rows.is_empty() and page > 1:  # past the end (the filters changed): the last page
+        total = int(db.sql(f"SELECT count(*) FROM ({sql.rsplit(' ORDER BY ', 1)[0]})", params, tables=tables).item())
+        page = max(1, -(-total // page_size))
+        rows = db.sql(sql, [*params, int(page_size), (page - 1) * int(page_size)], tables=tables)
+    total = int(rows["total"][0]) if rows.height else 0
+    pictures = _page_pictures(db, layer, kind, rows["unit"].to_list(), prior, dream)
+    rows = rows.drop("total").join(pictures, on="unit", how="left", maintain_order="left")
+    return {"rows": rows, "total": total, "page": page, "pages": max(1, -(-total // page_size))}
+
+
+def _page_pictures(db: Database, layer: str, kind: str, units: list[int], prior: tuple[str, int] | None,
+                   dream: tuple[str, int] | None) -> pl.DataFrame:
+    """unit, prior_image, dream_image, dream_animation of the given units (the first target steps' pictures when a
+    dream has one row per target step)."""
+    chosen, chosen_params = _chosen(prior, dream)
+    return db.sql(f"""SELECT CAST(unit AS INTEGER) AS unit,
+                             arg_min(image, target_steps) FILTER (WHERE what = 'prior') AS prior_image,
+                             arg_min(image, target_steps) FILTER (WHERE what = 'dream') AS dream_image,
+                             arg_min(animation, target_steps) FILTER (WHERE what = 'dream') AS dream_animation
+                      FROM atlas WHERE layer = ? AND kind = ? AND unit BETWEEN ? AND ? AND list_contains(?, unit)
+                      AND {chosen} GROUP BY unit""",
+                  [layer, kind, min(units, default=0), max(units, default=-1), units, *chosen_params],
+                  tables=("atlas",)).with_columns(pl.col("unit").cast(pl.Int32))
 
 
 @query

@@ -2,7 +2,7 @@
 density, peak step, best concept, max activation or dream objective, filtered by flag (live, dead, dense) and by
 concept, a page of 48 units at a time (filtered, sorted and paged in DuckDB: inspector/queries/atlas.py; only the
 visible page's thumbnails are read). Each tile links to its unit page. Deep-linkable:
-`atlas?run=RUN&layer=LAYER&kind=KIND`."""
+`atlas?run=RUN&layer=LAYER&kind=KIND&sort=SORT`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import streamlit as st
 
 from inspector import atlas_tiles, queries, ui
 
-LAYER, KIND = "atlas.layer", "atlas.kind"
+LAYER, KIND, SORT = "atlas.layer", "atlas.kind", "atlas.sort"
 SHOW = {"prior": ("prior",), "dream": ("dream",), "prior + dream": ("prior", "dream")}
 
 st.title("Atlas")
@@ -23,7 +23,7 @@ with ui.guard():
 if parts.is_empty():
     st.stop()
 
-ui.seed_from_url({"layer": (LAYER, str), "kind": (KIND, str)})
+ui.seed_from_url({"layer": (LAYER, str), "kind": (KIND, str), "sort": (SORT, str)})
 layers = parts["layer"].unique(maintain_order=True).to_list()
 ui.clamp_state(LAYER, layers)
 layer_now = st.session_state.get(LAYER, layers[0])
@@ -33,7 +33,6 @@ ui.clamp_state(KIND, kinds)
 c1, c2, c3 = st.columns([4, 2, 3])
 layer = c1.selectbox("Layer", layers, key=LAYER)
 kind = c2.selectbox("Kind", kinds, key=KIND)
-ui.write_url({"layer": layer, "kind": kind})
 
 options = queries.atlas_options(run, layer, kind)
 whats = [w for w in ("prior", "dream") if w in options["what"].to_list()]
@@ -60,7 +59,9 @@ dream = _variant("dream", v2)
 
 f1, f2, f3, f4 = st.columns([3, 1, 2, 3])
 sorts = [s for s in queries.ATLAS_SORTS if s != "dream objective" or dream is not None]
-sort = f1.selectbox("Sort by", sorts, key="atlas.sort")
+ui.clamp_state(SORT, sorts)
+sort = f1.selectbox("Sort by", sorts, key=SORT)
+ui.write_url({"layer": layer, "kind": kind, "sort": sort})
 descending = f2.toggle("descending", value=sort != "unit", key=f"atlas.desc-{sort}")
 flag = f3.selectbox("Units", list(queries.ATLAS_FLAGS), key="atlas.flag",
                     help="dead: never active; dense: active almost everywhere (analysis flags)")
