@@ -26,7 +26,7 @@ Measured:
   - with --browser N: N clicks on Next in Debian's chromium (playwright) against a served app, until the new unit
     and its example images are shown;
   - the Atlas page: its grid query (uncached) and full script runs (AppTest), and with --browser its first grid in
-    chromium (from navigation until the page's 48 thumbnails are shown), on a fresh server (cold: the run not open
+    chromium (from navigation until the page's 48 tiles' 96 thumbnails are shown), on a fresh server (cold: the run not open
     yet) and on one that has the run open (another session opened it), pages never shown before each time.
 The activation histogram is read from the `histograms` table; its scan of the activity (what a run without that table
 costs, on request) is reported apart.
@@ -465,32 +465,15 @@ def atlas_page_runs(root: Path, name: str, n_runs: int) -> dict:
 
 def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> dict:
     """Serve the app on 127.0.0.1 and time Next in Debian's chromium (playwright): from the click until the new
-    unit's heading and its example images are shown. The first units warm the server up (its heat-map cache loads
-    in the background) for warmup_s seconds; they are not counted."""
-    import shutil
-    import socket
-    import subprocess
-    import urllib.request
-
+    unit's heading and its example images are shown. The first units warm the server up (its tables load, the
+    first pages run) for warmup_s seconds; they are not counted."""
     from playwright.sync_api import expect, sync_playwright
 
     chromium = shutil.which("chromium")
     if chromium is None:
         raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "inspector/app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--", "--runs", str(root)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _serve(root)
     try:
-        for _ in range(200):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.3)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=[
                 "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -505,10 +488,7 @@ def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> 
                 t = time.perf_counter()
                 page.get_by_role("button", name="Next ▶").click()
                 expect(page.get_by_role("heading", level=1).first).not_to_have_text(current, timeout=60_000)
-                page.wait_for_function(
-                    "() => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
-                    "[data-testid=\"stImageContainer\"] img')]; return imgs.length > 0 && "
-                    "imgs.every(i => i.complete && i.naturalWidth > 0); }", timeout=60_000)
+                page.wait_for_function(ALL_IMAGES_SHOWN, arg=1, timeout=60_000)
                 (warm if time.time() - started < warmup_s else times).append(time.perf_counter() - t)
             browser.close()
     finally:
@@ -542,13 +522,16 @@ def _serve(root: Path):
 
 ATLAS_SORTS_SHOWN = ("density", "peak step", "best concept (AUROC)", "max activation", "dream objective")
 """Sorts whose first pages the `open` browser timings show, one each (none shown before: new thumbnails)."""
+GRID_IMAGES = 96
+"""Images of the Atlas page's first grid on this run: 48 tiles, each a prior and a dream (every unit has both)."""
 ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
                     "[data-testid=\"stImageContainer\"] img')]; return imgs.length >= n && "
                     "imgs.every(i => i.complete && i.naturalWidth > 0); }")
 
 
 def browser_atlas(root: Path, name: str, repeats: int) -> dict:
-    """The Atlas page's first grid in chromium: from page.goto(atlas URL) until its tiles' thumbnails are all shown.
+    """The Atlas page's first grid in chromium: from page.goto(atlas URL) until its tiles' thumbnails (GRID_IMAGES)
+    are all shown.
     `cold`: a fresh server per try (the run not open; its tables load on this first page); `open`: a server that
     already has the run open (an earlier session opened it), each try a new browser page on a sort whose first page
     was never shown (thumbnails decoded for the first time)."""
@@ -563,34 +546,31 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
     args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage"]
     out: dict[str, list[float]] = {"cold": [], "open": []}
+
+    def first_grid(url: str, params: str) -> float:
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        t = time.perf_counter()
+        page.goto(f"{url}/atlas?{params}")
+        page.wait_for_function(ALL_IMAGES_SHOWN, arg=GRID_IMAGES, timeout=120_000)
+        seconds = time.perf_counter() - t
+        page.close()
+        return seconds
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=args)
         try:
             for _ in range(repeats):  # cold: a new server each time
                 proc, url = _serve(root)
                 try:
-                    page = browser.new_page(viewport={"width": 1600, "height": 1200})
-                    t = time.perf_counter()
-                    page.goto(f"{url}/atlas?{query}")
-                    page.wait_for_function(ALL_IMAGES_SHOWN, arg=48, timeout=120_000)
-                    out["cold"].append(time.perf_counter() - t)
-                    page.close()
+                    out["cold"].append(first_grid(url, query))
                 finally:
                     proc.terminate()
                     proc.wait(timeout=20)
             proc, url = _serve(root)
             try:
-                page = browser.new_page(viewport={"width": 1600, "height": 1200})
-                page.goto(f"{url}/atlas?{query}")  # opens the run (not timed)
-                page.wait_for_function(ALL_IMAGES_SHOWN, arg=48, timeout=120_000)
-                page.close()
+                first_grid(url, query)  # opens the run (not counted)
                 for sort in list(ATLAS_SORTS_SHOWN)[:repeats]:
-                    page = browser.new_page(viewport={"width": 1600, "height": 1200})
-                    t = time.perf_counter()
-                    page.goto(f"{url}/atlas?{query}&{urlencode({'sort': sort})}")
-                    page.wait_for_function(ALL_IMAGES_SHOWN, arg=48, timeout=120_000)
-                    out["open"].append(time.perf_counter() - t)
-                    page.close()
+                    out["open"].append(first_grid(url, f"{query}&{urlencode({'sort': sort})}"))
             finally:
                 proc.terminate()
                 proc.wait(timeout=20)
