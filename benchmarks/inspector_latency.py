@@ -26,8 +26,8 @@ Measured:
   - with --browser N: N clicks on Next in Debian's chromium (playwright) against a served app, until the new unit
     and its example images are shown;
   - the Atlas page: its grid query (uncached) and full script runs (AppTest), and with --browser its first grid in
-    chromium (from navigation until the page's 48 tiles' 96 thumbnails are shown), on a fresh server (cold: the run not open
-    yet) and on one that has the run open (another session opened it), pages never shown before each time.
+    chromium (from navigation until the page's 48 tiles' 96 thumbnails are shown), on a fresh server (cold: the run
+    not open yet) and on one that has the run open (another session opened it), pages never shown before each time.
 The activation histogram is read from the `histograms` table; its scan of the activity (what a run without that table
 costs, on request) is reported apart.
 """
