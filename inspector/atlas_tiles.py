@@ -51,8 +51,8 @@ def grid(run: Run, layer: str, kind: str, rows: pl.DataFrame) -> None:
             else:
                 st.caption("(no image)")
             st.caption(tile_caption(r, kind))
-            st.page_link(ui.UNIT_PAGE, label=f"open {kind} {r['unit']}", icon=":material/open_in_new:",
-                         query_params=ui.unit_params(run, layer, kind, r["unit"]))
+            st.page_link(ui.UNIT_PAGE, label=f"unit {r['unit']}", icon=":material/open_in_new:",
+                         help=f"open {kind} {r['unit']}", query_params=ui.unit_params(run, layer, kind, r["unit"]))
 
 
 def gif_bytes(run: Run, relative: str | None) -> bytes | None:

@@ -57,7 +57,7 @@ v1, v2 = st.columns(2)
 prior = _variant("prior", v1)
 dream = _variant("dream", v2)
 
-f1, f2, f3, f4 = st.columns([3, 1, 2, 3])
+f1, f2, f3, f4 = st.columns([3, 2, 2, 3])
 sorts = [s for s in queries.ATLAS_SORTS if s != "dream objective" or dream is not None]
 ui.clamp_state(SORT, sorts)
 sort = f1.selectbox("Sort by", sorts, key=SORT)

@@ -11,6 +11,7 @@ installed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -171,10 +172,10 @@ def test_atlas_first_grid_in_chromium(server, tmp_path):
         page.goto(f"{server}/atlas?{query}", wait_until="domcontentloaded")
         expect(page.get_by_role("heading", name="Atlas")).to_be_visible(timeout=60_000)
         page.wait_for_function(IMAGES_SHOWN, arg=N_FEATURES + 6, timeout=30_000)  # priors + dreams of features 0-5
-        links = page.get_by_role("link", name="open feature")
+        links = page.get_by_role("link", name=re.compile(r"^unit \d+$"))
         expect(links).to_have_count(N_FEATURES, timeout=10_000)
         page.screenshot(path=str(_artefacts(tmp_path) / "inspector-atlas.png"), full_page=True)
-        page.get_by_role("link", name="open feature 2", exact=True).click()
+        page.get_by_role("link", name="unit 2", exact=True).click()
         expect(page.get_by_role("heading", name="feature 2")).to_be_visible(timeout=30_000)
         page.wait_for_function("() => window.location.pathname.endsWith('/unit') && "
                                "window.location.search.includes('unit=2')", timeout=10_000)
