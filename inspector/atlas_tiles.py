@@ -81,12 +81,14 @@ def unit_section(run: Run, layer: str, kind: str, unit: int) -> None:
         st.caption(f"**{what}** · {variant} · target steps {group['target_steps'][0]}")
         group = group.head(COLUMNS)
         cols = st.columns(COLUMNS)
-        stills = _jpegs(run, group["image"].to_list(), TILE_PX)
+        gifs = [gif_bytes(run, a) for a in group["animation"].to_list()]
+        stills = _jpegs(run, [None if g is not None else im for g, im in zip(gifs, group["image"], strict=True)],
+                        TILE_PX)  # a still only where there is no animation
         for i, r in enumerate(group.iter_rows(named=True)):
             with cols[i]:
                 label = f"seed {r['seed']}" + (f" · objective {ui.format_float(r['objective'])}"
                                                if r["objective"] is not None else "")
-                gif = gif_bytes(run, r["animation"])
+                gif = gifs[i]
                 if gif is not None:
                     st.image(gif, caption=f"{label} · animation")
                 elif stills[i] is not None:
