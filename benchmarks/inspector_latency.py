@@ -26,8 +26,8 @@ Measured:
   - with --browser N: N clicks on Next in Debian's chromium (playwright) against a served app, until the new unit
     and its example images are shown;
   - the Atlas page: its grid query (uncached) and full script runs (AppTest), and with --browser its first grid in
-    chromium (from navigation until the page's 48 tiles' 96 thumbnails are shown), on a fresh server (cold: the run
-    not open yet) and on one that has the run open (another session opened it), pages never shown before each time.
+    chromium (until the page's 48 tiles, prior and dream each, are shown): loaded by URL on a fresh server (cold),
+    opened from the sidebar on a fresh server, and loaded by URL on a server that has the run open (browser_atlas).
 The activation histogram is read from the `histograms` table; its scan of the activity (what a run without that table
 costs, on request) is reported apart.
 """
@@ -522,8 +522,8 @@ def _serve(root: Path):
 
 ATLAS_SORTS_SHOWN = ("density", "peak step", "best concept (AUROC)", "max activation", "dream objective")
 """Sorts whose first pages the `open` browser timings show, one each (none shown before: new thumbnails)."""
-GRID_IMAGES = 96
-"""Images of the Atlas page's first grid on this run: 48 tiles, each a prior and a dream (every unit has both)."""
+GRID_IMAGES = 48
+"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side)."""
 ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
                     "[data-testid=\"stImageContainer\"] img')]; return imgs.length >= n && "
                     "imgs.every(i => i.complete && i.naturalWidth > 0); }")
@@ -532,9 +532,11 @@ ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-te
 def browser_atlas(root: Path, name: str, repeats: int) -> dict:
     """The Atlas page's first grid in chromium: from page.goto(atlas URL) until its tiles' thumbnails (GRID_IMAGES)
     are all shown.
-    `cold`: a fresh server per try (the run not open; its tables load on this first page); `open`: a server that
-    already has the run open (an earlier session opened it), each try a new browser page on a sort whose first page
-    was never shown (thumbnails decoded for the first time)."""
+    `cold`: a fresh server per try (the run not open; its tables load on this first page), the app loaded by this
+    URL; `navigate`: a fresh server per try, the app open on Overview, timed from the click on Atlas in the sidebar
+    (the atlas tables and thumbnails are read then); `open`: a server that already has the run open (an earlier
+    session opened it), each try a new browser page on a sort whose first page was never shown (thumbnails decoded
+    for the first time)."""
     from urllib.parse import urlencode
 
     from playwright.sync_api import sync_playwright
@@ -545,7 +547,7 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
     query = urlencode({"run": name, "layer": LAYER, "kind": KIND})
     args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage"]
-    out: dict[str, list[float]] = {"cold": [], "open": []}
+    out: dict[str, list[float]] = {"cold": [], "open": [], "navigate": []}
 
     def first_grid(url: str, params: str) -> float:
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
@@ -563,6 +565,21 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
                 proc, url = _serve(root)
                 try:
                     out["cold"].append(first_grid(url, query))
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=20)
+            for _ in range(repeats):  # navigate: a new server, the app open on Overview, then a click on Atlas
+                proc, url = _serve(root)
+                try:
+                    page = browser.new_page(viewport={"width": 1600, "height": 1200})
+                    page.goto(f"{url}/?{urlencode({'run': name})}")
+                    page.get_by_role("heading", name="Overview").wait_for(timeout=120_000)
+                    page.wait_for_timeout(1000)
+                    t = time.perf_counter()
+                    page.get_by_role("link", name="Atlas").click()
+                    page.wait_for_function(ALL_IMAGES_SHOWN, arg=GRID_IMAGES, timeout=120_000)
+                    out["navigate"].append(time.perf_counter() - t)
+                    page.close()
                 finally:
                     proc.terminate()
                     proc.wait(timeout=20)

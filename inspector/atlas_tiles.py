@@ -1,6 +1,6 @@
-"""The atlas's pictures as the pages show them: the Atlas page's grid tiles (a unit's prior and / or dream, its
-numbers and a link to its page) and the unit page's atlas section (every prior and dream of the unit, with the
-dreams' animations and the heat-map-over-steps animation as GIFs).
+"""The atlas's pictures as the pages show them: the Atlas page's grid tiles (a unit's prior and / or dream side by
+side in one image, its numbers and a link to its page) and the unit page's atlas section (every prior and dream of
+the unit, with the dreams' animations and the heat-map-over-steps animation as GIFs).
 
 Thumbnails are decoded for the visible tiles only (ui.thumbs, in parallel, cached by file and size); GIFs are sent
 as they are (Streamlit keeps a GIF's bytes, so it plays in the browser).
@@ -8,6 +8,7 @@ as they are (Streamlit keeps a GIF's bytes, so it plays in the browser).
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import streamlit as st
 
@@ -15,6 +16,7 @@ from inspector import overlay, queries, ui
 from inspector.queries import Run
 
 TILE_PX = 160
+TILE_GAP_PX = 6
 COLUMNS = 6
 
 
@@ -35,19 +37,38 @@ def tile_caption(r: dict, kind: str) -> str:
     return " · ".join(bits + flags)
 
 
+def tile_image(pictures: list[np.ndarray | None]) -> np.ndarray | None:
+    """The pictures of one tile side by side (prior left, dream right) as one image, a gap between them and a grey
+    square for a missing one; None when all are missing. One image a tile: half the browser's requests and
+    elements of two."""
+    if all(p is None for p in pictures):
+        return None
+    height = max(p.shape[0] for p in pictures if p is not None)
+    parts = []
+    for p in pictures:
+        if p is None:
+            p = np.full((height, height, 3), 200, np.uint8)
+        elif p.shape[0] != height:
+            p = overlay.thumbnail(p, height)
+        if parts:
+            parts.append(np.full((height, TILE_GAP_PX, 3), 255, np.uint8))
+        parts.append(p)
+    return np.concatenate(parts, axis=1)
+
+
 def grid(run: Run, layer: str, kind: str, rows: pl.DataFrame) -> None:
-    """One page of the atlas grid: per unit its prior and / or dream, a caption and a link to its unit page."""
-    records = rows.to_dicts()
+    """One page of the atlas grid: per unit its prior and / or dream (side by side in one image), a caption and a
+    link to its unit page."""
     columns = [c for c in ("prior_image", "dream_image") if rows[c].null_count() < rows.height]
-    pictures = {c: _jpegs(run, rows[c].to_list(), TILE_PX) for c in columns}
-    for i, r in enumerate(records):
+    decoded = {c: ui.thumbs(run, rows[c].to_list(), TILE_PX) for c in columns}
+    label = " | ".join(c.split("_")[0] for c in columns)
+    for i, r in enumerate(rows.iter_rows(named=True)):
         if i % COLUMNS == 0:
             cols = st.columns(COLUMNS)  # a row of tiles at a time: the page reads (and the DOM runs) row by row
         with cols[i % COLUMNS], st.container(border=True):
-            shown = [(c.split("_")[0], pictures[c][i]) for c in columns]
-            images = [img for _, img in shown if img is not None]
-            if images:
-                st.image(images, caption=[what for what, img in shown if img is not None])
+            image = tile_image([decoded[c][i] for c in columns])
+            if image is not None:
+                st.image(overlay.to_jpeg(image), caption=label)
             else:
                 st.caption("(no image)")
             st.caption(tile_caption(r, kind))

@@ -112,8 +112,8 @@ def test_atlas_page_shows_a_grid_that_links_to_unit_pages(runs_dir, monkeypatch)
     at = _atlas_app(runs_dir, monkeypatch, layer=L_MID, kind="feature")
     assert at.title[0].value == "Atlas"
     assert _tile_units(at) == list(range(N_FEATURES))
-    assert len(at.image) == N_FEATURES  # one image element a tile (prior and dream side by side)
-    assert sum(len(img.proto.imgs) for img in at.image) == N_FEATURES + 6
+    assert len(at.image) == N_FEATURES  # one image a tile: prior and dream side by side
+    assert all(img.captions == ["prior | dream"] for img in at.image)
     assert f"{N_FEATURES} features of `{L_MID}`" in at.caption[0].value
     link = at.get("page_link")[2]
     assert link.proto.query_string == f"run=tiny&layer={L_MID}&kind=feature&unit=2"
@@ -190,3 +190,16 @@ def test_atlas_page_without_an_atlas(tmp_path, runs_dir, monkeypatch):
     at = _atlas_app(root, monkeypatch)
     assert "python cli.py atlas --run" in "\n".join(i.value for i in at.info)
     assert not at.get("page_link")
+
+
+def test_a_tiles_pictures_side_by_side():
+    import numpy as np
+
+    from inspector.atlas_tiles import TILE_GAP_PX, tile_image
+
+    prior, dream = np.zeros((16, 16, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    both = tile_image([prior, dream])
+    assert both.shape == (16, 32 + TILE_GAP_PX, 3) and (both[:, :16] == 0).all() and (both[:, -16:] == 255).all()
+    alone = tile_image([prior, None])  # a unit without a dream: a grey square in its place
+    assert alone.shape == both.shape and (alone[:, -16:] == 200).all()
+    assert tile_image([None, None]) is None
