@@ -60,13 +60,13 @@ def grid(run: Run, layer: str, kind: str, rows: pl.DataFrame) -> None:
     """One page of the atlas grid: per unit its prior and / or dream (side by side in one image), a caption and a
     link to its unit page."""
     columns = [c for c in ("prior_image", "dream_image") if rows[c].null_count() < rows.height]
-    decoded = {c: ui.thumbs(run, rows[c].to_list(), TILE_PX) for c in columns}
     label = " | ".join(c.split("_")[0] for c in columns)
     for i, r in enumerate(rows.iter_rows(named=True)):
-        if i % COLUMNS == 0:
-            cols = st.columns(COLUMNS)  # a row of tiles at a time: the page reads (and the DOM runs) row by row
+        if i % COLUMNS == 0:  # a row of tiles at a time (the DOM runs row by row), decoded just before it is sent:
+            cols = st.columns(COLUMNS)  # the first row shows while the next ones decode
+            decoded = {c: ui.thumbs(run, rows[c][i:i + COLUMNS].to_list(), TILE_PX) for c in columns}
         with cols[i % COLUMNS], st.container(border=True):
-            image = tile_image([decoded[c][i] for c in columns])
+            image = tile_image([decoded[c][i % COLUMNS] for c in columns])
             if image is not None:
                 st.image(overlay.to_jpeg(image), caption=label)
             else:
