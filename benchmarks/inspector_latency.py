@@ -403,19 +403,25 @@ def query_latency(root: Path, name: str, n_units: int, seed: int = 1) -> dict:
             "activity_mb": round(q.activity_bytes.uncached(run, LAYER, KIND) / 1e6, 1)}
 
 
-def page_runs(root: Path, name: str, n_runs: int) -> dict:
+def open_page(root: Path, page: str, params: dict) -> tuple[object, float]:
+    """(AppTest of the inspector on `page` with URL params, seconds its first run took)."""
     from streamlit.testing.v1 import AppTest
 
     os.environ["DIFFLENS_RUNS"] = str(root)
     at = AppTest.from_file(str(ROOT / "inspector" / "app.py"), default_timeout=120)
-    at.query_params.update({"run": name, "layer": LAYER, "kind": KIND, "unit": "100"})
+    at.query_params.update(params)
     at.run()
-    at.switch_page("views/unit.py")
+    at.switch_page(f"views/{page}.py")
     t = time.perf_counter()
     at.run()
     first = time.perf_counter() - t
     if at.exception:
-        raise RuntimeError(f"the unit page failed: {at.exception[0].value}")
+        raise RuntimeError(f"the {page} page failed: {at.exception[0].value}")
+    return at, first
+
+
+def page_runs(root: Path, name: str, n_runs: int) -> dict:
+    at, first = open_page(root, "unit", {"run": name, "layer": LAYER, "kind": KIND, "unit": "100"})
     nexts, reruns = [], []
     for _ in range(n_runs):
         button = next(b for b in at.button if b.label == "Next ▶")
@@ -435,18 +441,7 @@ def page_runs(root: Path, name: str, n_runs: int) -> dict:
 def atlas_page_runs(root: Path, name: str, n_runs: int) -> dict:
     """The Atlas page under AppTest: its first run, then n_runs moves to another page of the grid (new units, new
     thumbnails each time) and changes of the sort."""
-    from streamlit.testing.v1 import AppTest
-
-    os.environ["DIFFLENS_RUNS"] = str(root)
-    at = AppTest.from_file(str(ROOT / "inspector" / "app.py"), default_timeout=120)
-    at.query_params.update({"run": name, "layer": LAYER, "kind": KIND})
-    at.run()
-    at.switch_page("views/atlas.py")
-    t = time.perf_counter()
-    at.run()
-    first = time.perf_counter() - t
-    if at.exception:
-        raise RuntimeError(f"the atlas page failed: {at.exception[0].value}")
+    at, first = open_page(root, "atlas", {"run": name, "layer": LAYER, "kind": KIND})
     tiles = len(at.get("page_link"))
     pages, sorts = [], []
     for i in range(n_runs):
