@@ -3,8 +3,9 @@
 Each run's connection is sandboxed to that run's directory (`allowed_directories`, external access off,
 configuration locked) and uses 2 threads. Tables (found by inspector/tables.py from the run format's catalogue) are
 loaded on first use into in-memory tables sorted by SORT_KEYS, so a one-unit lookup prunes by zone maps; heavy
-columns are left out (examples' heat-maps: `Database.heatmaps`, inspector/heatmaps.py) and lazy tables are never
-loaded (`partition_files` + `read_files` read one partition's files). Values always travel as `?` parameters; table
+columns are left out (examples' heat-maps: `Database.heatmaps` reads the rows a page shows, inspector/heatmaps.py) and
+lazy tables are never loaded (`partition_files` + `read_files` read one partition's files). Opening a run reads no
+heat-map; `heatmap_rows_read` counts the heat-map rows read since. Values always travel as `?` parameters; table
 and column names come from the catalogue and fixed lists, and hive partitions named in a URL are checked against the
 partitions that exist before they become paths.
 
@@ -21,12 +22,12 @@ import weakref
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
-import pyarrow as pa
 import streamlit as st
 
 from backend.run.schema import TABLES
-from inspector.heatmaps import HeatCache, HeatMaps
+from inspector.heatmaps import maps_by_rank
 from inspector.runs import InspectorError, Run, RunError, display_path, first_line, safe_path
 from inspector.tables import HEAVY_COLUMNS, LAZY_TABLES, PARTITION_KEYS, SORT_KEYS, Source, TableMissing, discover
 
@@ -47,7 +48,8 @@ class Database:
         self.con.execute("SET lock_configuration = true")
         self.loaded: set[str] = set()
         self.columns: dict[str, list[str]] = {}
-        self.heat = HeatMaps(self._read_heat)
+        self.heatmap_rows_read = 0
+        """Heat-map rows read from the examples' files so far (none at open: they are read per unit page)."""
         self.lock = threading.Lock()
         _OPEN.add(self)
 
@@ -105,27 +107,24 @@ class Database:
         finally:
             cur.close()
 
-    def heatmaps(self, layer: str, kind: str, wait: bool = True) -> HeatCache | None:
-        """The heat-maps of one examples partition, loaded into memory on first use (inspector/heatmaps.py). None
-        when they would take more than HEATMAP_CACHE_MB, or (wait=False) while a big partition is still loading in
-        the background; the caller then reads the rows it needs from the file."""
-        key = (layer, kind)
-        if key in self.heat:
-            return self.heat[key]
+    def heatmaps(self, layer: str, kind: str, unit: int, step: int, first_rank: int,
+                 last_rank: int) -> dict[int, np.ndarray | None]:
+        """{rank: display map} of one unit's examples at a step with ranks in [first_rank, last_rank], read from the
+        partition's files (only those rows: a parameterised query; inspector/heatmaps.py)."""
         files = self.partition_files("examples", layer, kind)
-        n, cells = self.sql("SELECT count(*) AS n, coalesce(max(CAST(height AS BIGINT) * width), 0) AS cells "
-                            "FROM examples WHERE layer = ? AND kind = ?", [layer, kind], tables=("examples",)).row(0)
-        return self.heat.get(key, files, int(n) * int(cells), wait)
-
-    def _read_heat(self, key: tuple[str, str], files: list[str]) -> pa.Table:
         cur = self.con.cursor()
         try:
-            return cur.sql("SELECT unit, step, rank, heatmap FROM read_parquet(?)", params=[files]).to_arrow_table()
+            rows = cur.sql("SELECT CAST(rank AS INTEGER) AS rank, heatmap FROM read_parquet(?) WHERE unit = ? AND "
+                           "step = ? AND rank BETWEEN ? AND ?",
+                           params=[files, unit, step, first_rank, last_rank]).to_arrow_table()
         except duckdb.Error as exc:
-            raise RunError(f"the examples of {key[0]}/{key[1]} in run {self.label} cannot be read (a corrupt "
-                           f"or partially written file?): {first_line(exc)}") from exc
+            raise RunError(f"the examples of {layer}/{kind} in run {self.label} cannot be read (a corrupt or "
+                           f"partially written file?): {first_line(exc)}") from exc
         finally:
             cur.close()
+        with self.lock:
+            self.heatmap_rows_read += rows.num_rows
+        return maps_by_rank(rows)
 
     def partition_files(self, table: str, layer: str, kind: str | None = None) -> list[str]:
         """The Parquet files of one (layer, kind) partition of a partitioned table (of one layer, kind None); layer

@@ -288,12 +288,27 @@ def top_units(cap: Capture, step: int, k: int = 8) -> list[dict]:
 
 
 def rect_mask(res: tuple[int, int], x: tuple[float, float], y: tuple[float, float]) -> np.ndarray:
-    """A [H, W] 0/1 mask of the rectangle x0..x1, y0..y1 (fractions of the width and height)."""
+    """A [H, W] 0/1 mask of the rectangle x0..x1, y0..y1 (fractions of the width and height); the Lab's other mask
+    is painted (`painted_mask`)."""
     h, w = res
     cx = (np.arange(w) + 0.5) / w
     cy = (np.arange(h) + 0.5) / h
     inside = ((cy >= y[0]) & (cy <= y[1]))[:, None] & ((cx >= x[0]) & (cx <= x[1]))[None, :]
     return inside.astype(np.float32)
+
+
+def painted_mask(alpha_HW: np.ndarray, grid: tuple[int, int]) -> np.ndarray | None:
+    """Painted strokes (a canvas' alpha channel at any size, nonzero = painted) as a [h, w] mask over the layer's
+    token grid: each cell the share of its area painted, in [0, 1] (area-averaged, like a rectangle's mask is laid
+    over the tokens); None when nothing is painted."""
+    from PIL import Image
+
+    painted = (np.asarray(alpha_HW) > 0).astype(np.float32)
+    if not painted.any():
+        return None
+    h, w = grid
+    cells = Image.fromarray(painted).resize((int(w), int(h)), Image.Resampling.BOX)
+    return np.clip(np.asarray(cells, np.float32), 0.0, 1.0)
 
 
 def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,

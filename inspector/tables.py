@@ -7,7 +7,8 @@ command that computes each table come from the run format's catalogue, backend/r
 particular to the inspector is here:
   - LAZY_TABLES are never loaded into memory: a query reads one partition's files (activity: a row per unit,
     generation and step, far too big to hold);
-  - HEAVY_COLUMNS are left out when a table is loaded (examples' heat-maps: inspector/heatmaps.py serves them);
+  - HEAVY_COLUMNS are left out when a table is loaded (examples' heat-maps: read per unit page for the rows it
+    shows, inspector/heatmaps.py; opening a run reads none);
   - SORT_KEYS order the loaded tables, so that a one-unit lookup prunes by DuckDB's zone maps.
 """
 

@@ -110,6 +110,8 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
         "splice_samples": 8}]))
     if optional:
         _write_optional(store, rng)
+        write_atlas(store, L_MID, "feature", range(N_FEATURES), dreams=range(6))
+        write_atlas(store, L_MID, "channel", range(N_CHANNELS), dreams=())
     store.update_stage("capture", layers=[L_MID, L_UP], n_steps=N_STEPS, guidance=1.0, generations=N_GENS,
                        seconds=1.5)
     store.update_stage("sae", status="done", seconds=3.5)
@@ -165,3 +167,42 @@ def _write_optional(store, rng) -> None:
                             pa.Table.from_pylist(arows, _schema("ablations")))
 
 
+
+
+ATLAS_SEEDS = (0, 1)
+ATLAS_DREAM_VARIANTS = ("default", "no-noise")
+
+
+def _gif(store, rel: str, colours: list[tuple[int, int, int]]) -> str:
+    from PIL import Image
+
+    path = store.root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [Image.fromarray(np.full((16, 16, 3), c, np.uint8)) for c in colours]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return rel
+
+
+def write_atlas(store, layer: str, kind: str, units, dreams=(), heatmap_units=(2,)) -> None:
+    """`atlas` rows as the atlas stage writes them (docs/run-format.md): a default prior per unit and seed
+    (ATLAS_SEEDS), for the units in `dreams` a dream per variant (ATLAS_DREAM_VARIANTS) and seed with its GIF and
+    objective (unit / 10, so sorting by objective is sorting by unit), and heat-map-over-steps GIFs for
+    heatmap_units. Each unit's pictures have their own colour (red = unit x 20, green = seed x 100)."""
+    base = f"media/atlas/{layer}/{kind}"
+    rows = []
+    for unit in units:
+        for seed in ATLAS_SEEDS:
+            colour = (unit * 20 % 256, seed * 100, 60)
+            rows.append({"unit": unit, "what": "prior", "variant": "default", "seed": seed, "animation": None,
+                         "image": _png(store, f"{base}/prior-default/unit-{unit:05d}-seed{seed}.png", colour),
+                         "objective": None, "target_steps": "1,2,3"})
+            for variant in ATLAS_DREAM_VARIANTS if unit in dreams else ():
+                stem = f"{base}/dream-{variant}/unit-{unit:05d}-seed{seed}"
+                rows.append({"unit": unit, "what": "dream", "variant": variant, "seed": seed,
+                             "image": _png(store, f"{stem}.png", colour[::-1]),
+                             "animation": _gif(store, f"{stem}.gif", [(0, 0, 0), colour[::-1]]),
+                             "objective": unit / 10, "target_steps": "0,2"})
+    for unit in heatmap_units:
+        _gif(store, f"{base}/heatmaps/unit-{unit:05d}.gif", [(0, 0, 0), (255, 255, 0), (255, 0, 0)])
+    table = pa.Table.from_pylist(rows, _schema("atlas")).sort_by([("unit", "ascending"), ("seed", "ascending")])
+    store.write_table_shard("atlas", f"batch-{min(units, default=0):06d}", table, layer=layer, kind=kind)

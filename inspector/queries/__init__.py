@@ -10,11 +10,16 @@ every time (benchmarks). They are grouped by what they read:
   - unit_examples.py  one unit's top examples with their heat-maps
   - interventions.py  steering, edits, dreams and block ablation
   - compare.py        two prompt groups
+  - atlas.py          the unit atlas: every unit's prior and dreams, a grid page at a time
 Underneath: inspector/runs.py (runs, paths, errors), inspector/tables.py (the run format's catalogue as the inspector
-reads it), inspector/db.py (the DuckDB sandbox and its cache), inspector/heatmaps.py (the heat-map cache). This
+reads it), inspector/db.py (the DuckDB sandbox and its cache), inspector/heatmaps.py (heat-maps in display form). This
 package re-exports what pages need of them: Run, the errors, the runs directory and run discovery, run files.
 """
 
+from inspector.queries.atlas import FLAGS as ATLAS_FLAGS
+from inspector.queries.atlas import PAGE_SIZE as ATLAS_PAGE_SIZE
+from inspector.queries.atlas import SORTS as ATLAS_SORTS
+from inspector.queries.atlas import atlas_grid, atlas_options, atlas_partitions, concept_names, unit_atlas
 from inspector.queries.compare import comparison, comparison_pairs, group_frequencies
 from inspector.queries.interventions import (
     ablations,
@@ -83,4 +88,8 @@ __all__ = [
     "stage_table", "steering_success", "steps", "tables", "unit_concepts", "unit_dreams", "unit_frequencies",
     "unit_interventions", "unit_localisation", "unit_page", "unit_range", "unit_row", "unit_steering_success",
     "units",
+]
+__all__ += [
+    "ATLAS_FLAGS", "ATLAS_PAGE_SIZE", "ATLAS_SORTS", "atlas_grid", "atlas_options", "atlas_partitions", "concept_names",
+    "unit_atlas",
 ]

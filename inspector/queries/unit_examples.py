@@ -1,12 +1,11 @@
-"""A unit's top examples (the unit page's grid): rows of `examples` joined to their generations, with heat-maps from
-the in-memory heat-map cache (inspector/heatmaps.py) or, while it is unavailable, from the partition's file."""
+"""A unit's top examples (the unit page's grid): rows of `examples` joined to their generations, with the heat-maps
+of just those rows read from the partition's files (`Database.heatmaps`, inspector/heatmaps.py)."""
 
 from __future__ import annotations
 
 import polars as pl
 
 from inspector.db import Database
-from inspector.heatmaps import display_map
 from inspector.queries.registry import query
 
 
@@ -55,14 +54,7 @@ def examples(db: Database, layer: str, kind: str, unit: int, step: int, first_ra
                                  group=pl.lit(None, pl.String), image=pl.lit(None, pl.String))
     if rows.is_empty():
         return rows.with_columns(heatmap=pl.lit(None, pl.List(pl.Float32)))
-    cache = db.heatmaps(layer, kind, wait=False)
-    if cache is not None:
-        maps = [cache.get(unit, step, r) for r in rows["rank"].to_list()]
-    else:
-        files = db.partition_files("examples", layer, kind)
-        found = db.read_files("SELECT CAST(rank AS INTEGER) AS rank, heatmap FROM {src} WHERE unit = ? AND step = ? "
-                              "AND rank BETWEEN ? AND ?", files, [unit, step, first_rank, last_rank])
-        by_rank = dict(zip(found["rank"].to_list(), found["heatmap"].to_list(), strict=True)) if found.height else {}
-        maps = [None if by_rank.get(r) is None else display_map(by_rank[r]) for r in rows["rank"].to_list()]
+    by_rank = db.heatmaps(layer, kind, unit, step, first_rank, last_rank)
+    maps = [by_rank.get(r) for r in rows["rank"].to_list()]
     return rows.with_columns(heatmap=pl.Series("heatmap", [None if m is None else m.tolist() for m in maps],
                                                dtype=pl.List(pl.Float32)))

@@ -1,5 +1,5 @@
 """Lab (live): generate with the run's model, see the top units of that image at a step with heat-maps, and steer
-units (strength, step window, rectangular mask), original and steered side by side.
+units (strength, step window, a rectangular or a painted mask), original and steered side by side.
 
 Only this page loads a model, and only when asked (the "Load model" button); the model stays loaded for every
 session (`st.cache_resource`, one generation at a time: inspector/live.py model_lock), and generations (what the page
@@ -134,7 +134,43 @@ with right:
 
 # ------------------------------------------------------------------------------------------------ steer
 
+CANVAS_PX = 320
+
+
+def _painted_mask(cap: live.Capture) -> np.ndarray | None:
+    """A canvas over the generated image to paint on (streamlit-drawable-canvas); the strokes as a mask over the
+    layer's grid (live.painted_mask), None until something is painted."""
+    from PIL import Image
+    from streamlit_drawable_canvas import st_canvas
+
+    p1, p2 = st.columns([3, 2])
+    with p2:
+        brush = st.slider("Brush", 4, 96, 32, 4, key="lab.brush")
+        st.caption(f"paint with the mouse where steering should act; the layer's grid is {cap.grid[0]}x{cap.grid[1]} "
+                   "cells, each weighted by the share of it painted")
+    with p1:
+        drawn = st_canvas(stroke_width=brush, stroke_color="rgba(255, 40, 40, 0.6)", drawing_mode="freedraw",
+                          background_image=Image.fromarray(overlay.thumbnail(cap.image, CANVAS_PX)),
+                          height=CANVAS_PX, width=CANVAS_PX, return_image_data=True, key="lab.canvas")
+    alpha = drawn.image_data[..., 3] if drawn is not None and drawn.image_data is not None else None
+    return None if alpha is None else live.painted_mask(alpha, cap.grid)
+
+
+def _describe(mask: np.ndarray) -> str:
+    """Where a mask acts: its size, how many cells it covers and their rows and columns."""
+    rows, cols = np.nonzero(mask)
+    size = f"{mask.shape[0]}x{mask.shape[1]}"
+    if not len(rows):
+        return f"{size}, empty"
+    return (f"{size}, {len(rows)} of {mask.size} cells inside (rows {rows.min()}-{rows.max()}, columns "
+            f"{cols.min()}-{cols.max()})")
+
+
 st.subheader("Steer")
+painted = None
+if st.toggle("Paint the mask", key="lab.paint", help="paint where steering acts, over the image; the strokes become "
+             "a mask over the layer's grid (each cell: the share of it painted) and replace the rectangle"):
+    painted = _painted_mask(cap)
 default_units = ", ".join(str(t["unit"]) for t in tops[:1])
 with st.form("steer"):
     c1, c2 = st.columns([2, 2])
@@ -162,6 +198,12 @@ with ui.guard("strength"):
         items.append((kind, u, float(strength) * live.strength_unit(kind, u, row["max"] if row else None, sae)))
 res = model.default_resolution
 mask = live.rect_mask(res, mx, my) if use_mask else None
+mask_source = "rectangle"
+if st.session_state.get("lab.paint"):
+    if painted is None:
+        st.error("the painted mask is empty: paint over the image, or turn off \"Paint the mask\"")
+        st.stop()
+    mask, mask_source = painted, "painted"
 if mask is not None and mask.sum() == 0:
     st.error("the mask rectangle covers no pixel; widen it")
     st.stop()
@@ -184,5 +226,5 @@ with b:
 with c:
     if mask is not None:
         st.image(overlay.overlay_jpeg(overlay.thumbnail(cap.image, 256), mask.tobytes(), *mask.shape, 256, 0.5),
-                 caption="mask")
+                 caption=f"mask ({mask_source}): {_describe(mask)}")
 st.metric("effect (mean |Δ pixel|)", f"{effect:.4f}")

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from inspector import charts, overlay, queries, ui
+from inspector import atlas_tiles, charts, overlay, queries, ui
 
 PAGE_SIZE = 8
 GRID_COLUMNS = 4
@@ -326,3 +326,8 @@ with ui.guard("dreams"):
         trace = pl.DataFrame(terms).group_by(["opt_step", "term"]).agg(pl.col("value").mean()).sort("opt_step")
         charts.show(charts.dream_loss_chart(trace, opt))
         st.caption("activation and penalty terms (mean over seeds) along the optimisation")
+
+# ------------------------------------------------------------------------------------------------ atlas
+
+with ui.guard("atlas"):
+    atlas_tiles.unit_section(run, layer, kind, unit)

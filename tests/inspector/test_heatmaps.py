@@ -1,10 +1,11 @@
-"""inspector/heatmaps.py: heat-maps in display form, the in-memory cache of a partition, and the fallback that reads
-a partition too big for it from its file."""
+"""inspector/heatmaps.py and `Database.heatmaps`: heat-maps in display form, read lazily (only the rows a page shows;
+opening a run reads none)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from inspector_runs import L_MID
 
 
@@ -22,35 +23,31 @@ def test_display_maps_scale_each_map_by_its_own_maximum():
     assert np.allclose(display_map([0.0, 2.0]), [0.0, 1.0])
 
 
-def test_heat_cache_finds_maps_by_unit_step_and_rank():
-    from inspector.heatmaps import HeatCache, HeatMaps
+def test_maps_by_rank_in_display_form():
+    from inspector.heatmaps import maps_by_rank
 
-    table = pa.table({"unit": [3, 1, 1], "step": [-1, 2, -1], "rank": [1, 1, 2],
-                      "heatmap": pa.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], pa.list_(pa.float32()))})
-    cache = HeatCache.from_table(table)
-    assert np.allclose(cache.get(1, 2, 1), [0.0, 1.0])
-    assert np.allclose(cache.get(3, -1, 1), [1.0, 0.0])
-    assert cache.get(1, -1, 1) is None and cache.get(2, -1, 1) is None
-    reads = []
-    store = HeatMaps(lambda key, files: reads.append(key) or table)
-    assert store.get(("l", "k"), ["f"], cells=6) is not None
-    assert store.get(("l", "k"), ["f"], cells=6) is store[("l", "k")] and reads == [("l", "k")]  # read once
-    assert store.get(("l", "big"), ["f"], cells=1 << 40) is None and ("l", "big") in store  # never cached
+    table = pa.table({"rank": pa.array([2, 1, 3], pa.int32()),
+                      "heatmap": pa.array([[1.0, 0.0], [0.0, 2.0], None], pa.list_(pa.float32()))})
+    maps = maps_by_rank(table)
+    assert sorted(maps) == [1, 2, 3]
+    assert np.allclose(maps[1], [0.0, 1.0]) and np.allclose(maps[2], [1.0, 0.0]) and maps[3] is None
 
 
-def test_examples_without_the_heatmap_cache(runs_dir, monkeypatch):
-    """Partitions too big for the in-memory heat-map cache are read from their file per request, same result."""
-    from inspector import heatmaps
+def test_a_units_heatmaps_are_read_for_its_rows_only(runs_dir):
+    """The maps of one unit's examples, the same as the stored ones in display form, and nothing else is read."""
     from inspector import queries as q
     from inspector.db import Database
+    from inspector.heatmaps import display_map
 
     db = Database(runs_dir / "tiny")
-    cached = q.examples.on(db, L_MID, "feature", 2, -1)
-    assert db.heatmaps(L_MID, "feature") is not None
-    monkeypatch.setattr(heatmaps, "HEATMAP_CACHE_MB", 0)
-    other = Database(runs_dir / "tiny")
-    direct = q.examples.on(other, L_MID, "feature", 2, -1)
-    assert other.heatmaps(L_MID, "feature") is None
-    assert direct["rank"].to_list() == cached["rank"].to_list()
-    for a, b in zip(direct["heatmap"].to_list(), cached["heatmap"].to_list(), strict=True):
-        assert np.allclose(a, b)
+    for table in ("units", "examples", "generations", "profiles", "peaks"):
+        db.load(table)
+    assert db.heatmap_rows_read == 0  # loading the tables reads no heat-map
+    shown = q.examples.on(db, L_MID, "feature", 2, -1, 1, 3)
+    assert db.heatmap_rows_read == shown.height == 3
+    files = db.partition_files("examples", L_MID, "feature")
+    stored = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+    raw = {r["rank"]: r["heatmap"] for r in stored if r["unit"] == 2 and r["step"] == -1}
+    for rank, heat in zip(shown["rank"].to_list(), shown["heatmap"].to_list(), strict=True):
+        assert np.allclose(heat, display_map(raw[rank]))
+    assert q.examples.on(db, L_MID, "feature", 2, -1, 90, 99).is_empty() and db.heatmap_rows_read == 3

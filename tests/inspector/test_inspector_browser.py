@@ -11,12 +11,14 @@ installed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -134,3 +136,78 @@ def test_unit_page_in_chromium(server, tmp_path):
             assert switch_s < NEXT_BUDGET_S, f"switching units took {switch_s:.2f} s"
         finally:
             browser.close()
+
+
+@contextmanager
+def _page(viewport_height: int = 1800):
+    """A chromium page (Debian's chromium through playwright) that records the page's script errors in .errors."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": viewport_height})
+            page.errors = []
+            page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+            yield page
+        finally:
+            browser.close()
+
+
+IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
+                "[data-testid=\"stImageContainer\"] img')]; return imgs.length >= n && "
+                "imgs.every(i => i.complete && i.naturalWidth > 0); }")
+
+
+def test_atlas_first_grid_in_chromium(server, tmp_path):
+    """The Atlas page by URL: every tile's prior and dream are shown (decoded by the browser), and a tile's link
+    opens that unit's page. (How fast is benchmarks/inspector_latency.py's business.)"""
+    from inspector_runs import N_FEATURES
+    from playwright.sync_api import expect
+
+    query = urlencode({"run": "tiny", "layer": "mid_block.attentions.0", "kind": "feature"})
+    with _page() as page:
+        page.goto(f"{server}/atlas?{query}", wait_until="domcontentloaded")
+        expect(page.get_by_role("heading", name="Atlas")).to_be_visible(timeout=60_000)
+        page.wait_for_function(IMAGES_SHOWN, arg=N_FEATURES, timeout=30_000)  # a tile's prior and dream in one image
+        links = page.get_by_role("link", name=re.compile(r"^unit \d+$"))
+        expect(links).to_have_count(N_FEATURES, timeout=10_000)
+        page.screenshot(path=str(_artefacts(tmp_path) / "inspector-atlas.png"), full_page=True)
+        page.get_by_role("link", name="unit 2", exact=True).click()
+        expect(page.get_by_role("heading", name="feature 2")).to_be_visible(timeout=30_000)
+        page.wait_for_function("() => window.location.pathname.endsWith('/unit') && "
+                               "window.location.search.includes('unit=2')", timeout=10_000)
+        expect(page.get_by_role("heading", name="Atlas: prior and dreams")).to_be_visible(timeout=30_000)
+        assert not page.errors, page.errors
+
+
+def test_painted_mask_reaches_the_steering_in_chromium(server, tmp_path):
+    """The Lab with the demo model: paint a stroke over the top-left of the image, steer; the mask given to the
+    steering is the painted one, over the layer's 4x4 grid, inside the painted cells only."""
+    from playwright.sync_api import expect
+
+    with _page(2600) as page:
+        page.goto(f"{server}/lab?run=tiny", wait_until="domcontentloaded")
+        page.get_by_role("button", name="Load model").click(timeout=60_000)
+        page.get_by_label("Prompt").fill("a large red circle on the left, gray background", timeout=120_000)
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_text("Top units of this image")).to_be_visible(timeout=120_000)
+        page.get_by_text("Paint the mask").click()
+        canvas = page.locator("canvas.upper-canvas")
+        expect(canvas).to_be_visible(timeout=60_000)
+        box = canvas.bounding_box()  # 320 x 320 px: a cell of the 4x4 grid is 80 px
+        page.mouse.move(box["x"] + 20, box["y"] + 20)
+        page.mouse.down()
+        for i in range(1, 11):  # a stroke from (20, 20) to (80, 40): cells of row 0, columns 0 and 1
+            page.mouse.move(box["x"] + 20 + 6 * i, box["y"] + 20 + 2 * i, steps=2)
+        page.mouse.up()
+        page.wait_for_timeout(1500)  # the canvas sends its strokes on mouse up; the script reruns
+        page.get_by_role("button", name="Steer").click()
+        shown = page.get_by_text("mask (painted):")
+        expect(shown).to_be_visible(timeout=120_000)
+        assert shown.inner_text() == "mask (painted): 4x4, 2 of 16 cells inside (rows 0-0, columns 0-1)"
+        expect(page.get_by_text("steered:", exact=False).first).to_be_visible()
+        page.screenshot(path=str(_artefacts(tmp_path) / "inspector-lab-painted-mask.png"), full_page=True)
+        assert not page.errors, page.errors
