@@ -137,7 +137,8 @@ def test_tables_are_cast_to_their_schema(store):
     data = pa.table({"timestep": pa.array([1.0], pa.float64()), "step": pa.array([0], pa.int64())})  # reordered
     assert conform("steps", data).schema.equals(schema.STEPS)
     gens = pa.table({"gen_id": [0], "prompt": pa.array(["a"], pa.large_string()), "seed": [1], "group": ["g"],
-                     "attributes": ["{}"], "image": ["images/000000.png"], "n_steps": [3], "guidance": [1.0]})
+                     "attributes": ["{}"], "image": ["images/000000.png"], "n_steps": [3], "guidance": [1.0],
+                     "negative_prompt": pa.nulls(1, pa.string()), "control_image": ["c.png"]})
     path = store.write_table_shard("generations", "part-0000000", gens)
     assert pq.read_schema(path).equals(schema.GENERATIONS)
     empty = pa.table({k: np.array([], np.float32) for k in schema.ACTIVITY.names})  # an empty feature shard
