@@ -225,6 +225,24 @@ DREAMS = pa.schema([
     ("activation", pa.float32()), ("penalties", pa.string()), ("image", pa.string()),
 ])
 
+ATLAS = pa.schema([
+    ("unit", pa.int32()),
+    ("what", pa.string()),            # prior | dream
+    ("variant", pa.string()),         # default | no-noise | from-prior | from-prior-no-noise (ATLAS_VARIANTS)
+    ("seed", pa.int32()),
+    ("image", pa.string()),           # media/atlas/<layer>/<kind>/<what>-<variant>/unit-<unit:05d>-...png
+    ("animation", pa.string()),       # a GIF of the dream's snapshots (null for priors)
+    ("objective", pa.float32()),      # final dream objective, mean over its target steps (null for priors)
+    ("target_steps", pa.string()),    # "0,7": dreams: the steps maximised; priors: the steps steered
+])
+
+ATLAS_WHAT = ("prior", "dream")
+"""`atlas.what` values."""
+ATLAS_VARIANTS = ("default", "no-noise", "from-prior", "from-prior-no-noise")
+"""`atlas.variant` values: priors are `default`; a dream's variant names how it differs from the [dream] settings:
+`no-noise` (no scheduler noise: the denoiser sees the latent itself), `from-prior` (started from the unit's
+steered prior of the same seed), both."""
+
 ABLATIONS = pa.schema([
     ("mode", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("n_steps", pa.int16()),
     ("guidance", pa.float32()), ("image", pa.string()), ("baseline_image", pa.string()), ("effect", pa.float32()),
@@ -345,6 +363,10 @@ _SPECS = [
               "layer/kind", "unit-<unit:06d>.parquet", ("step", "seed", "opt_step"),
               "one snapshot of a deep dream, at one of its target steps",
               DREAMS),
+    TableSpec("atlas", "atlas", "python cli.py atlas --run RUN --layer LAYER --kind KIND --units all", "layer/kind",
+              "<what>-<variant>-<first unit:06d>-<digest of the batch's units, 8 hex>.parquet, one per batch of units",
+              ("unit", "seed", "target_steps"), "one unit's steered prior or deep dream for one seed (and, for "
+              "dreams of one target step at a time, one target step)", ATLAS),
     TableSpec("ablations", "interventions", "python cli.py ablate --run RUN", "layer",
               "<mode>-<digest of prompts, seeds, steps, guidance>.parquet (layer = the ablated block)", (),
               "one image with one block ablated, beside its baseline", ABLATIONS,
