@@ -29,6 +29,12 @@ MIN_GIF_SIDE = 128
 """Frames smaller than this (the demo's 16 px images, 8x8 maps) are upscaled (nearest) to at least this size."""
 
 
+RAMP_AT = np.linspace(0.0, 1.0, 5)
+RAMP_RGB = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+"""The heat-map colour ramp (black, purple, red, orange, pale yellow: the `inferno` colour map's anchors),
+interpolated linearly between its 5 stops."""
+
+
 def write_gif(root: Path, rel: str, frames: list[np.ndarray], frame_ms: int) -> str:
     """Write frames as a looping GIF at root/rel (atomically); returns rel."""
     from PIL import Image
@@ -49,12 +55,10 @@ def write_gif(root: Path, rel: str, frames: list[np.ndarray], frame_ms: int) -> 
 def heatmap_frames(maps_SHW: np.ndarray, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """One RGB frame per map, coloured on one scale over all maps (0 at the minimum, 1 at the maximum; a flat
     stack is all dark), nearest-upscaled to size (h, w) when given."""
-    from matplotlib import colormaps
-
     maps = np.asarray(maps_SHW, np.float32)
     lo, hi = float(maps.min()), float(maps.max())
     norm = (maps - lo) / (hi - lo) if hi > lo else np.zeros_like(maps)
-    rgb = (colormaps["magma"](norm)[..., :3] * 255).round().astype(np.uint8)
+    rgb = np.stack([np.interp(norm, RAMP_AT, RAMP_RGB[:, c]) for c in range(3)], -1).round().astype(np.uint8)
     if size is not None and size != maps.shape[1:]:
         fy, fx = -(-size[0] // maps.shape[1]), -(-size[1] // maps.shape[2])
         rgb = rgb.repeat(fy, axis=1).repeat(fx, axis=2)

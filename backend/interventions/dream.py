@@ -86,12 +86,17 @@ def for_kind(cfg: DreamConfig, kind: str) -> DreamConfig:
     """A copy of cfg with the kind-dependent fields (KIND_FIELDS) and the augmentation group (AUGMENT_FIELDS) that
     are None filled from the kind's defaults and the robustness preset; an unknown preset is a one-line error."""
     check_kind(kind)
-    if cfg.robustness not in ROBUSTNESS:
-        raise DifflensError(f"unknown dream robustness preset {cfg.robustness!r}; use one of {', '.join(ROBUSTNESS)}")
+    check_preset(cfg.robustness)
     kind_values = KIND_DREAM_DEFAULTS["feature" if is_feature(kind) else "channel"]
     preset = dict(zip(AUGMENT_FIELDS, ROBUSTNESS[cfg.robustness], strict=True))
     filled = {name: value for name, value in {**kind_values, **preset}.items() if getattr(cfg, name) is None}
     return dataclasses.replace(copy.deepcopy(cfg), **filled)
+
+
+def check_preset(name: str) -> str:
+    if name not in ROBUSTNESS:
+        raise DifflensError(f"unknown dream robustness preset {name!r}; use one of {', '.join(ROBUSTNESS)}")
+    return name
 
 
 def default_config(kind: str) -> DreamConfig:
@@ -102,12 +107,13 @@ def default_config(kind: str) -> DreamConfig:
 
 
 CHOICES = {"init": ("random", "prior"), "blur_schedule": ("linear", "cosine", "constant"),
-           "blur_kernel": ("gaussian", "box"), "robustness": tuple(ROBUSTNESS)}
+           "blur_kernel": ("gaussian", "box")}
 
 
 def validate_config(cfg: DreamConfig) -> DreamConfig:
     """Raise a one-line DifflensError for a setting out of range (None fields: not resolved yet, not checked)."""
     check_finite_settings("dream", cfg.to_dict())
+    check_preset(cfg.robustness)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise DifflensError(f"dream {name} is {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
