@@ -17,8 +17,9 @@ SHORTER = {
     ("demo-model", "train"): ["--train-steps", "2", "--batch-size", "4", "--out-dir", "scratch-model",
                               "--work-dir", "scratch-train"],
     ("run-all",): ["--sae-total-tokens", "200000", "--interventions-top-units", "1", "--interventions-dream-iterations",
-                   "10"],
+                   "10", "--set", "dream.opt_steps=10", "--set", "atlas.units=top:1"],
     ("dream",): ["--iterations", "10", "--seeds", "2"],
+    ("atlas",): ["--dream-iterations", "4", "--prior-seeds", "0", "--dream-seeds", "0", "--batch-units", "8"],
     ("steer-report",): ["--seeds", "0-1"],
     ("train-sae",): ["--total-tokens", "200000"],
 }

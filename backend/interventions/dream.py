@@ -834,6 +834,18 @@ def choose_target_steps(peaks: list[int] | None, max_targets: int) -> list[int]:
     return resolve_targets([0, "peaks"], peaks, None, max_targets)
 
 
+def prior_latents(ctx: RunContext, layer: str, kind: str, unit: int, seeds: list[int]) -> torch.Tensor:
+    """The unit's steered-prior latents of seeds, as the atlas saved them ([seeds, C, H, W]); a one-line error when
+    they were not computed."""
+    from backend.interventions.atlas import load_prior_latents, saved_prior_seeds
+
+    if not set(seeds) <= saved_prior_seeds(ctx, layer, kind, unit):
+        raise DifflensError(f"init = prior needs the prior of {kind} {unit} of {layer} for seeds {list(seeds)}, but "
+                            f"none is computed; run `python cli.py atlas --run {ctx.root} --layer {layer} --kind "
+                            f"{kind} --units {unit}` first")
+    return load_prior_latents(ctx, layer, kind, [(unit, int(s)) for s in seeds])
+
+
 def active_window(ctx: RunContext, layer: str, kind: str, unit: int) -> tuple[int, int]:
     """The unit's (first_active, last_active) steps from the run's units table ((-1, -1): never active)."""
     import polars as pl
@@ -889,6 +901,8 @@ def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cf
     wanted = parse_targets(cfg.targets)
     active = active_window(ctx, layer, kind, unit) if "active" in wanted else None
     targets = resolve_targets(wanted, peaks, active, cfg.max_target_steps)
+    if cfg.init == "prior" and init_latents is None:
+        init_latents = prior_latents(ctx, layer, kind, unit, cfg.seeds)
     model = model if model is not None else ctx.model
     sae = ctx.sae(layer) if is_feature(kind) else None
     if progress:

@@ -187,13 +187,15 @@ def test_knobs_reach_the_results(run, model):
     a, p, d = quick(units="5")
     go(run, model, (a, p, d))
     before = table(run)
+    prior_pixels = [pixels(run, rel) for rel in before.filter(pl.col("what") == "prior")["image"]]
     d.tv_weight, p.scale = 2.0, 1.0
     go(run, model, (a, p, d))  # another key: the partition is redone from scratch
     after = table(run)
     assert after.height == before.height
     changed = after["objective"].fill_null(0) - before["objective"].fill_null(0)
     assert (changed.filter(after["what"] == "dream").abs() > 1e-6).all()
-    prior_images = before.filter(pl.col("what") == "prior")["image"]
+    for old, rel in zip(prior_pixels, after.filter(pl.col("what") == "prior")["image"], strict=True):
+        assert np.abs(pixels(run, rel) - old).max() > 10  # a quarter of the strength: another prior
     config = json.loads((run / "manifest.json").read_text())["config"]
     assert config["dream"]["tv_weight"] == 2.0 and config["prior"]["scale"] == 1.0
 
@@ -204,8 +206,9 @@ def test_command_line_options_reach_the_knobs(run, model, monkeypatch):
     from cli import app
 
     monkeypatch.setattr("backend.run.context.RunContext.model", property(lambda self: model))
-    args = ["atlas", "--run", str(run), "--layer", LAYER, "--kind", "channel", "--units", "5", "--no-heatmap-animations",
-            "--dream-iterations", "2", "--dream-seeds", "0", "--prior-seeds", "3", "--dream-robustness", "strong",
+    args = ["atlas", "--run", str(run), "--layer", LAYER, "--kind", "channel", "--units", "5",
+            "--no-heatmap-animations", "--dream-iterations", "2", "--dream-seeds", "0", "--prior-seeds", "3",
+            "--dream-robustness", "strong",
             "--dream-targets", "0", "--dream-lr", "0.5", "--variant", "default", "--prior-steps", "peaks"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -257,6 +260,19 @@ def test_dreams_from_the_prior_start_at_the_prior_and_variants_sit_side_by_side(
                                   np.int16)[::8, ::8]
         assert np.abs(random_start - prior).max() > 10
     assert (images[("dream", "default", 0)]["objective"] != images[("dream", "no-noise", 0)]["objective"])
+
+
+def test_the_dream_command_starts_from_the_atlas_prior(run, model):
+    from backend.interventions.dream import dream_run
+
+    cfg = DreamConfig(opt_steps=1, snapshot_every=1, seeds=[1], init="prior")
+    with pytest.raises(DifflensError, match="init = prior needs the prior of channel 5.*python cli.py atlas"):
+        dream_run(run, LAYER, "channel", 5, cfg, progress=False, model=model)
+    go(run, model, quick(units="5", dreams=False))
+    summary = dream_run(run, LAYER, "channel", 5, cfg, progress=False, model=model)
+    start = pixels(run, f"media/dreams/{LAYER}/channel-00005/seed1-opt0000.png")
+    prior = pixels(run, atlas_mod.image_rel(LAYER, "channel", "prior", "default", 5, 1))
+    assert np.abs(start - prior).max() <= 1 and summary["seeds"] == [1]
 
 
 def test_init_prior_without_a_prior_is_refused_and_writes_nothing(run, model):
