@@ -7,7 +7,7 @@ One process, the same run and settings for both sides of each ratio (goals: prio
 2x): priors with 4 seeds at the run's 20 steps; dreams with 2 seeds x 50 iterations at step 0 and the unit's top
 peak (targets "0,peaks", max_target_steps 2, the default variant only). The one-at-a-time side is the same code
 with atlas.batch_units = 1 (one generation batch, one dream batch per unit), so the ratio is the batching alone.
-The two sides alternate (batched, single, batched, single), and the figure is the better of each side's two.
+The two sides alternate (batched, single, batched, single: --repeats 2), and the figure is each side's best.
 
 Then the whole demo atlas (both layers, all channels and SAE features: 2 x (64 + 512) = 1,152 units) with those
 settings (goal: <= 20 minutes on 2 cores): `--whole` runs it; otherwise (the default, for a busy machine: check
@@ -95,12 +95,13 @@ def timed_atlas(base: Path, work: Path, model, cfgs) -> float:
     return time.perf_counter() - t0
 
 
-def ratio(base: Path, tmp: Path, model, what: str, n: int, batch: int) -> tuple[float, float]:
-    """(batched, one-at-a-time) seconds for n channels of the deeper layer: the better of two alternating runs."""
+def ratio(base: Path, tmp: Path, model, what: str, n: int, batch: int, repeats: int) -> tuple[float, float]:
+    """(batched, one-at-a-time) seconds for n channels of the deeper layer: the best of `repeats` alternating
+    runs."""
     units = f"0-{n - 1}"
     sides = {b: settings(units, b, ["channel"], [LAYERS[1]], what == "prior", what == "dream") for b in (batch, 1)}
     best = {b: float("inf") for b in sides}
-    for _ in range(2):
+    for _ in range(repeats):
         for b, cfgs in sides.items():
             best[b] = min(best[b], timed_atlas(base, tmp / "work", model, cfgs))
     return best[batch], best[1]
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--whole", action="store_true", help="run the whole 1,152-unit atlas (a quiet machine)")
     ap.add_argument("--reduced", type=int, default=32, help="units per (layer, kind) of the reduced atlas")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side of each ratio")
     ap.add_argument("--skip-ratios", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,7 +135,7 @@ def main() -> None:
         print(f"machine load at start: {load:.2f} (1-minute average), {args.threads} threads")
         if not args.skip_ratios:
             for what, n in (("prior", args.prior_units), ("dream", args.dream_units)):
-                batched, single = ratio(base, tmp, model, what, n, args.batch)
+                batched, single = ratio(base, tmp, model, what, n, args.batch, args.repeats)
                 print(f"{what}s of {n} channels: batched {batched:.1f} s ({60 * n / batched:.0f} units/min), one at "
                       f"a time {single:.1f} s ({60 * n / single:.0f} units/min): {single / batched:.2f}x "
                       f"(load {os.getloadavg()[0]:.2f})")

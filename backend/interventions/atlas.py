@@ -23,6 +23,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -142,12 +143,6 @@ def check_layer_kind(ctx: RunContext, layer: str, kind: str) -> None:
                             f"`python cli.py analyze --run {ctx.root}` first")
 
 
-def top_units_of(ctx: RunContext, layer: str, kind: str):
-    from backend.stages.interventions import chosen_units
-
-    return lambda n: chosen_units(ctx.store, layer, kind, n)
-
-
 def check_targets(cfg: DreamConfig, n_steps: int) -> None:
     bad = [t for t in dreams.parse_targets(cfg.targets) if isinstance(t, int) and not 0 <= t < n_steps]
     if bad:
@@ -168,11 +163,12 @@ def check_settings(atlas: AtlasConfig, prior: PriorConfig, dream: DreamConfig) -
 
 
 def plan_atlas(ctx: RunContext, layer: str, kind: str, atlas: AtlasConfig, prior: PriorConfig,
-               dream: DreamConfig, dist: Dist) -> AtlasPlan:
-    """Check everything the atlas of (layer, kind) needs and return its plan (nothing is written)."""
+               dream: DreamConfig, dist: Dist, top: Callable[[int], list[int]]) -> AtlasPlan:
+    """Check everything the atlas of (layer, kind) needs and return its plan (nothing is written); top(n): the
+    partition's top n units (units = "top:N")."""
     check_layer_kind(ctx, layer, kind)
     n_units = ctx.n_units(layer, kind)
-    units = parse_units(atlas.units, n_units, top_units_of(ctx, layer, kind), f"{layer}/{kind}")
+    units = parse_units(atlas.units, n_units, top, f"{layer}/{kind}")
     n_steps = ctx.n_steps
     prior_steps = prior.n_steps or n_steps
     priors.validate_prior(prior, prior_steps)
@@ -410,13 +406,4 @@ def partition_complete(ctx: RunContext, plan: AtlasPlan) -> bool:
     """Every chosen unit (all ranks) has its markers."""
     jobs = ([("prior", "default")] if plan.do_priors else []) + [("dream", v) for v in plan.dreams]
     return all(set(plan.units) <= done_units(ctx, plan, what, variant) for what, variant in jobs)
-
-
-def rows_of(ctx: RunContext, layer: str, kind: str) -> pl.DataFrame:
-    """The atlas table of one (layer, kind), sorted (what, variant, unit, seed, target_steps)."""
-    part = ctx.store.partition_dir(TABLE, layer, kind)
-    files = sorted(part.glob("*.parquet")) if part.is_dir() else []
-    if not files:
-        return pl.DataFrame()
-    return pl.concat([pl.read_parquet(f) for f in files]).sort("what", "variant", "unit", "seed", "target_steps")
 

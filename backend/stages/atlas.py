@@ -51,7 +51,11 @@ def run_atlas(run: str | Path | RunContext, atlas: AtlasConfig | None = None, pr
     atlas, prior, dream = atlas or AtlasConfig(), prior or PriorConfig(), dream or DreamConfig()
     dist = dist or distributed.from_env()
     ctx = as_context(run, model=model).require("analysis")
-    plans = [plan_atlas(ctx, layer, kind, atlas, prior, dream, dist) for layer, kind in atlas_partitions(ctx, atlas)]
+    from backend.stages.interventions import chosen_units
+
+    plans = [plan_atlas(ctx, layer, kind, atlas, prior, dream, dist,
+                        lambda n, layer=layer, kind=kind: chosen_units(ctx.store, layer, kind, n))
+             for layer, kind in atlas_partitions(ctx, atlas)]
     config = {"atlas": atlas.to_dict(), "prior": prior.to_dict(), "dream": dream.to_dict()}
     if dist.is_main:
         ctx.store.remove_stale_temporaries()
