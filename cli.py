@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from backend.run.config import DreamConfig
 from backend.run.options import Opt, config_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -324,10 +325,14 @@ def plots(overrides: dict, run: RunOpt = Path("runs/demo")) -> None:
     typer.echo(f"wrote {len(paths)} figures to {run}/media/plots/")
 
 
+DREAM_KNOBS = [f for f in DreamConfig.__dataclass_fields__ if f not in ("opt_steps", "seeds")]
+"""The [dream] settings the dream command takes as options (its iterations and seeds are --iterations / --seeds)."""
+
+
 @app.command()
 @user_errors
 @config_options(Opt("interventions", ["dream_iterations", "dream_seeds"], rename={
-    "dream_iterations": "iterations", "dream_seeds": "seeds"}))
+    "dream_iterations": "iterations", "dream_seeds": "seeds"}), Opt("dream", DREAM_KNOBS))
 def dream(
     overrides: dict,
     run: RunOpt = Path("runs/demo"),
@@ -335,18 +340,17 @@ def dream(
     = "up_blocks.1.attentions.1",
     kind: Annotated[str, typer.Option(help="channel, or feature (needs the run's SAE of the layer).")] = "channel",
     unit: Annotated[int, typer.Option(help="Channel index, or SAE feature index.")] = 0,
-    snapshot_every: Annotated[int | None, typer.Option(
-        help="Record activation, penalties and image every N iterations. [default: 10]")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
     device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
-    """Deep dream: optimise an image so one unit fires at step 0 and its peak steps; snapshots go to `dreams`."""
-    from backend.interventions.dream import default_config, dream_run
+    """Deep dream: optimise an image so one unit fires at step 0 and its peak steps; snapshots go to `dreams`.
+    Every [dream] setting is an option (a None default is the kind's, the preset's or the model's)."""
+    import dataclasses
 
-    ctx, cfg = _model_run_context(run, device, dtype, overrides=overrides)
-    dcfg = default_config(kind)
-    dcfg.opt_steps = cfg.interventions.dream_iterations
-    if snapshot_every is not None:
-        dcfg.snapshot_every = snapshot_every
+    from backend.interventions.dream import dream_run
+
+    ctx, cfg = _model_run_context(run, device, dtype, config, overrides, set_)
+    dcfg = dataclasses.replace(cfg.dream, opt_steps=cfg.interventions.dream_iterations)
     s = dream_run(ctx, layer, kind, unit, dcfg, seeds=list(range(cfg.interventions.dream_seeds)))
     for note in s["notes"]:
         typer.echo(f"note: {note}")
@@ -355,6 +359,37 @@ def dream(
                f"{s['activation_end']:.3f}")
     typer.echo(f"table: {run}/{s['table']}")
     typer.echo(f"images: {run}/{s['images']}/ (final: {', '.join(s['final_images'])})")
+
+
+@app.command()
+@user_errors
+@config_options(Opt("atlas", ["units", "priors", "dreams", "dream_variants", "batch_units", "heatmap_animations"],
+                    rename={"dream_variants": "variant"}),
+                Opt("prior", prefix="prior-"), Opt("dream", prefix="dream-", rename={"opt_steps": "dream_iterations"}))
+def atlas(
+    overrides: dict,
+    run: RunOpt = Path("runs/demo"),
+    layer: LayerOpt = None,
+    kind: Annotated[list[str] | None, typer.Option(help="channel or feature; repeat for both. [default: every "
+                                                        "analysed kind]")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
+    device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
+) -> None:
+    """The unit atlas: steered priors and deep dreams of many units (--units all | top:N | 0-127), batched across
+    units, into the `atlas` table and media/atlas/. Resumes after a kill; under torchrun the units are split over
+    the ranks. Settings: the [atlas], [prior] and [dream] sections (every key is an option here)."""
+    from backend.run import distributed
+    from backend.stages.atlas import run_atlas
+
+    given = {**overrides, "atlas.layers": layer or None, "atlas.kinds": kind or None}
+    ctx, cfg = _model_run_context(run, device, dtype, config, given, set_, loads=False)
+    ctx.device = distributed.local_device(ctx.device)
+    with distributed.distributed(ctx.device) as dist:
+        s = run_atlas(ctx, cfg.atlas, cfg.prior, cfg.dream, dist=dist)
+    for name, part in s["partitions"].items():
+        typer.echo(f"  {name}: {part['rank_units']} units, {part['batches_run']} batches run, "
+                   f"{part['batches_skipped']} already done, {part['seconds']:.1f} s ({', '.join(part['variants'])})")
+    typer.echo(f"table: {run}/tables/atlas; images and animations: {run}/media/atlas/")
 
 
 @app.command()

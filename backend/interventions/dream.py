@@ -45,7 +45,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,7 +57,14 @@ from tqdm.auto import tqdm
 
 from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
+from backend.run.config import (
+    KIND_DREAM_DEFAULTS,
+    ROBUSTNESS,
+    DreamConfig,
+    check_finite_settings,
+)
 from backend.run.context import check_kind
+from backend.run.schema import is_feature
 
 if TYPE_CHECKING:
     from backend.run.context import RunContext
@@ -65,111 +72,112 @@ if TYPE_CHECKING:
 TABLE = "dreams"
 
 
-@dataclass
-class DreamConfig:
-    """How a unit is dreamed; `default_config(kind)` gives the documented defaults for channels and features.
-    moment_mean, moment_std and range_limit are in the model's latent units; None (the default) means the model's
-    own (`latent_scale`). The other settings do not depend on the model's latent scale."""
-
-    opt_steps: int = 100
-    """Optimisation steps per dream."""
-    lr: float = 0.2
-    """Step size in units of moment_std: each step moves the latent by lr * moment_std times its (blurred,
-    preconditioned) gradient normalised to RMS 1 per seed, i.e. about that much per latent pixel."""
-    lr_end: float = 0.04
-    """Step size at the last step, in units of moment_std (decays linearly from lr)."""
-    snapshot_every: int = 10
-    """A snapshot (activation, penalties, image) every this many steps, plus the first and the last."""
-    max_target_steps: int = 3
-    """Denoising steps the activation is measured at: step 0 and the unit's highest peaks, this many in all."""
-    see_through: float = 0.3
-    """Share of the scheduler noise made transparent: a' = abar_t + see_through * (1 - abar_t); 0 is exact
-    scheduler noise (the image is then invisible at step 0), 1 is no noise."""
-    fresh_noise: bool = True
-    """Draw new noise every step (else one fixed noise per seed and target step throughout)."""
-    tv_weight: float = 0.125
-    """Weight of the total-variation penalty (mean absolute difference of neighbouring values of x / moment_std)."""
-    range_weight: float = 0.625
-    """Weight of the range penalty (mean squared excess of |x| over range_limit, in units of moment_std)."""
-    range_limit: float | None = None
-    """Latent values beyond +-range_limit are penalised. None: the model's (latent_scale: 1 for pixel-space models,
-    whose images are in [-1, 1]; for latent-space models fitted to their latents, about 4 for SD)."""
-    moment_weight: float = 0.0625
-    """Weight of the moment penalty: ((mean - moment_mean)^2 + (std - moment_std)^2) / moment_std^2 per seed."""
-    moment_mean: float | None = None
-    """Target mean of the latent. None: the model's (latent_scale: 0.0 for pixel-space models; fitted otherwise)."""
-    moment_std: float | None = None
-    """Target standard deviation of the latent, and the unit of lr, lr_end, init_std and the penalties. None: the
-    model's (latent_scale: 0.25 for pixel-space models, the demo's images; fitted otherwise, about 1 for SD)."""
-    blur_sigma_start: float = 1.0
-    """Gaussian blur of the gradient (pixels of the latent) at the first step."""
-    blur_sigma_end: float = 0.0
-    """Blur sigma at the last step (the sigma decays linearly; below 0.1 no blur)."""
-    spectral: bool = True
-    """Precondition the gradient in Fourier space (scale each frequency by 1 / f ** spectral_decay)."""
-    spectral_decay: float = 1.0
-    """Exponent of the 1 / frequency preconditioning (0: none)."""
-    jitter: int = 1
-    """Random shift (torch.roll) of up to this many latent pixels per step and seed."""
-    rotate_degrees: float = 5.0
-    """Random rotation of up to this many degrees per step and seed."""
-    scale_range: float = 0.05
-    """Random scaling by a factor in [1 - scale_range, 1 + scale_range] per step and seed."""
-    init_std: float = 0.4
-    """Standard deviation of the random start (around moment_mean) in units of moment_std, when no initial latent
-    is given."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """Seeds of the dreams run together (each seed: its own start, noise and augmentation)."""
-    micro_batch: int = 0
-    """Rows (seeds x target steps) the denoiser sees per forward and backward pass; 0: all at once. The gradients
-    of the micro-batches are summed, so the result is the same: lower it when a dream runs out of memory (SDXL at
-    1024 px holds every row's activations for the backward pass)."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 SCALE_FIELDS = ("moment_mean", "moment_std", "range_limit")
 """DreamConfig fields in the model's latent units (None: the model's, from latent_scale)."""
 
 
+KIND_FIELDS = tuple(KIND_DREAM_DEFAULTS["channel"])
+"""DreamConfig fields whose None means the unit kind's default (KIND_DREAM_DEFAULTS)."""
+AUGMENT_FIELDS = ("jitter", "rotate_degrees", "scale_range")
+"""DreamConfig fields whose None means the robustness preset's value (ROBUSTNESS)."""
+
+
+def for_kind(cfg: DreamConfig, kind: str) -> DreamConfig:
+    """A copy of cfg with the kind-dependent fields (KIND_FIELDS) and the augmentation group (AUGMENT_FIELDS) that
+    are None filled from the kind's defaults and the robustness preset; an unknown preset is a one-line error."""
+    check_kind(kind)
+    check_preset(cfg.robustness)
+    kind_values = KIND_DREAM_DEFAULTS["feature" if is_feature(kind) else "channel"]
+    preset = dict(zip(AUGMENT_FIELDS, ROBUSTNESS[cfg.robustness], strict=True))
+    filled = {name: value for name, value in {**kind_values, **preset}.items() if getattr(cfg, name) is None}
+    return dataclasses.replace(copy.deepcopy(cfg), **filled)
+
+
+def check_preset(name: str) -> str:
+    if name not in ROBUSTNESS:
+        raise DifflensError(f"unknown dream robustness preset {name!r}; use one of {', '.join(ROBUSTNESS)}")
+    return name
+
+
 def default_config(kind: str) -> DreamConfig:
     """The defaults for a channel or an SAE feature (features: sparser and sharper, so more noise visible,
-    weaker smoothing and a larger step). The latent scale is left to the model (SCALE_FIELDS are None)."""
-    check_kind(kind)
-    if kind == "channel":
-        return DreamConfig()
-    return DreamConfig(lr=0.32, see_through=0.4, tv_weight=0.0625, blur_sigma_start=0.75)
+    weaker smoothing and a larger step; KIND_DREAM_DEFAULTS). The latent scale is left to the model (SCALE_FIELDS
+    are None)."""
+    return for_kind(DreamConfig(), kind)
+
+
+CHOICES = {"init": ("random", "prior"), "blur_schedule": ("linear", "cosine", "constant"),
+           "blur_kernel": ("gaussian", "box")}
 
 
 def validate_config(cfg: DreamConfig) -> DreamConfig:
-    """Raise a one-line DifflensError for a setting out of range."""
+    """Raise a one-line DifflensError for a setting out of range (None fields: not resolved yet, not checked)."""
+    check_finite_settings("dream", cfg.to_dict())
+    check_preset(cfg.robustness)
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise DifflensError(f"dream {name} is {getattr(cfg, name)!r}; use one of {', '.join(allowed)}")
     if cfg.opt_steps < 1:
         raise DifflensError(f"dream opt_steps must be at least 1 (got {cfg.opt_steps})")
     if cfg.snapshot_every < 1:
         raise DifflensError(f"dream snapshot_every must be at least 1 (got {cfg.snapshot_every})")
     if cfg.max_target_steps < 1:
         raise DifflensError(f"dream max_target_steps must be at least 1 (got {cfg.max_target_steps})")
-    if not 0.0 <= cfg.see_through <= 1.0:
+    parse_targets(cfg.targets)
+    if cfg.see_through is not None and not 0.0 <= cfg.see_through <= 1.0:
         raise DifflensError(f"dream see_through must be in [0, 1] (got {cfg.see_through})")
     if not cfg.seeds:
         raise DifflensError("dream needs at least one seed")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise DifflensError(f"dream seeds must be distinct (got {cfg.seeds})")
-    for name in ("lr", "lr_end", "tv_weight", "range_weight", "moment_weight", "blur_sigma_start", "blur_sigma_end",
-                 "spectral_decay", "jitter", "rotate_degrees", "scale_range", "init_std", "range_limit"):
+    for name in ("lr", "lr_end", "tv_weight", "tv_threshold", "range_weight", "moment_weight", "blur_sigma_start",
+                 "blur_sigma_end", "spectral_decay", "jitter", "rotate_degrees", "scale_range", "init_std",
+                 "range_limit"):
         value = getattr(cfg, name)
         if value is not None and not value >= 0:
             raise DifflensError(f"dream {name} must be >= 0 (got {value})")
     if cfg.moment_std is not None and not cfg.moment_std > 0:
         raise DifflensError(f"dream moment_std must be > 0 (got {cfg.moment_std})")
-    if cfg.moment_mean is not None and not math.isfinite(cfg.moment_mean):
-        raise DifflensError(f"dream moment_mean must be finite (got {cfg.moment_mean})")
     if cfg.micro_batch < 0:
         raise DifflensError(f"dream micro_batch must be >= 0 (0: every row at once; got {cfg.micro_batch})")
-    if cfg.scale_range >= 1:
+    if cfg.scale_range is not None and cfg.scale_range >= 1:
         raise DifflensError(f"dream scale_range must be below 1 (got {cfg.scale_range})")
     return cfg
+
+
+TARGET_WORDS = ("peaks", "active")
+
+
+def parse_targets(text: str) -> list[int | str]:
+    """dream.targets ("0,peaks", "0,5,active") as a list of step numbers and words; a one-line error otherwise."""
+    out: list[int | str] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part in TARGET_WORDS:
+            out.append(part)
+        elif part.lstrip("-").isdigit():
+            out.append(int(part))
+        else:
+            raise DifflensError(f"dream targets {text!r} not understood; use step numbers, peaks and active, "
+                                "comma-separated (e.g. 0,peaks)")
+    return out
+
+
+def resolve_targets(targets: list[int | str], peaks: list[int] | None, active: tuple[int, int] | None,
+                    max_targets: int) -> list[int]:
+    """The target steps of one unit: the steps `targets` names in order (peaks: its peak steps, highest first;
+    active: max_targets steps spread evenly over its active window), repeats dropped, at most max_targets."""
+    steps: list[int] = []
+    for item in targets:
+        if item == "peaks":
+            more = list(peaks or [])
+        elif item == "active":
+            more = [] if active is None or active[0] < 0 else [
+                int(round(v)) for v in np.linspace(active[0], active[1], max_targets)]
+        else:
+            more = [int(item)]
+        steps += [s for s in more if s not in steps]
+    return steps[:max_targets]
 
 
 # ---------------------------------------------------------------------------------------------- latent scale
@@ -266,11 +274,13 @@ class DreamResult:
 
 
 # ---------------------------------------------------------------------------------------------- regularisers
-def total_variation_S(x_SCHW: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of vertically and horizontally neighbouring values, per image."""
-    dy = (x_SCHW[:, :, 1:, :] - x_SCHW[:, :, :-1, :]).abs().flatten(1).mean(1)
-    dx = (x_SCHW[:, :, :, 1:] - x_SCHW[:, :, :, :-1]).abs().flatten(1).mean(1)
-    return dy + dx
+def total_variation_S(x_SCHW: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Mean absolute difference of vertically and horizontally neighbouring values beyond threshold, per image."""
+    dy = (x_SCHW[:, :, 1:, :] - x_SCHW[:, :, :-1, :]).abs()
+    dx = (x_SCHW[:, :, :, 1:] - x_SCHW[:, :, :, :-1]).abs()
+    if threshold > 0:
+        dy, dx = (dy - threshold).relu(), (dx - threshold).relu()
+    return dy.flatten(1).mean(1) + dx.flatten(1).mean(1)
 
 
 def range_penalty_S(x_SCHW: torch.Tensor, limit: float) -> torch.Tensor:
@@ -285,8 +295,14 @@ def moment_penalty_S(x_SCHW: torch.Tensor, mean: float, std: float) -> torch.Ten
 
 
 def blur_sigmas(cfg: DreamConfig) -> np.ndarray:
-    """The gradient-blur sigma of each optimisation step: linear from blur_sigma_start to blur_sigma_end."""
-    return np.linspace(cfg.blur_sigma_start, cfg.blur_sigma_end, cfg.opt_steps)
+    """The gradient-blur sigma of each optimisation step, from blur_sigma_start to blur_sigma_end by blur_schedule
+    (linear, cosine, or constant: the start throughout)."""
+    if cfg.blur_schedule == "constant":
+        return np.full(cfg.opt_steps, float(cfg.blur_sigma_start))
+    frac = np.linspace(0.0, 1.0, cfg.opt_steps)
+    if cfg.blur_schedule == "cosine":
+        frac = (1 - np.cos(np.pi * frac)) / 2
+    return cfg.blur_sigma_start + (cfg.blur_sigma_end - cfg.blur_sigma_start) * frac
 
 
 def step_sizes(cfg: DreamConfig) -> np.ndarray:
@@ -301,15 +317,17 @@ def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     return k / k.sum()
 
 
-def gaussian_blur(x_BCHW: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflected borders; identity for sigma below 0.1."""
+def gaussian_blur(x_BCHW: torch.Tensor, sigma: float, kernel: str = "gaussian") -> torch.Tensor:
+    """Separable blur with reflected borders: Gaussian of sigma, or (kernel="box") a box of 2 * round(sigma) + 1
+    taps; identity for sigma below 0.1."""
     if sigma < 0.1:
         return x_BCHW
     _, c, h, w = x_BCHW.shape
-    radius = min(math.ceil(3 * sigma), h - 1, w - 1)
+    radius = min(math.ceil(3 * sigma) if kernel == "gaussian" else max(1, round(sigma)), h - 1, w - 1)
     if radius < 1:
         return x_BCHW
-    k = gaussian_kernel(sigma, radius).to(x_BCHW)
+    k = (gaussian_kernel(sigma, radius) if kernel == "gaussian" else torch.full((2 * radius + 1,),
+                                                                                1 / (2 * radius + 1))).to(x_BCHW)
     ky = k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
     kx = k.view(1, 1, 1, -1).expand(c, 1, 1, -1)
     out = F.conv2d(F.pad(x_BCHW, (0, 0, radius, radius), mode="reflect"), ky, groups=c)
@@ -412,19 +430,23 @@ def layer_tokens_BTC(model: DiffusionModel, layer: str, read: str, input_BCHW: t
     return got[0]
 
 
-def unit_activation_B(tokens_BTC: torch.Tensor, kind: str, unit: int, sae=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(objective, activation) per batch row: spatial means of the unit. For a channel both are channel `unit`;
-    for a feature the objective is SAE latent `unit`'s dense pre-activation (differentiable everywhere) and the
-    activation its SAE code (top-k / threshold applied, as capture records it)."""
-    if kind == "channel":
-        act_B = tokens_BTC[:, :, unit].mean(1)
-        return act_B, act_B
+def unit_activation_B(tokens_BTC: torch.Tensor, kind: str, unit: int | torch.Tensor,
+                      sae=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, activation) per batch row: spatial means of the unit (one unit, or one per row: a tensor [B] of
+    unit indices, the batched atlas). For a channel both are channel `unit`; for a feature the objective is SAE
+    latent `unit`'s dense pre-activation (differentiable everywhere) and the activation its SAE code (top-k /
+    threshold applied, as capture records it)."""
     b, t, c = tokens_BTC.shape
+    rows_B = torch.arange(b, device=tokens_BTC.device)
+    units_B = torch.as_tensor(unit, device=tokens_BTC.device).expand(b)
+    if not is_feature(kind):
+        act_B = tokens_BTC[rows_B, :, units_B].mean(1)
+        return act_B, act_B
     x_ND = sae.normalise(tokens_BTC.reshape(b * t, c).to(sae.W_dec.dtype))
-    pre_N = sae.pre_acts(x_ND)[:, unit]
+    pre_BTN = sae.pre_acts(x_ND).view(b, t, -1)
     with torch.no_grad():
-        code_N = sae.encode(x_ND, dense=True)[:, unit]
-    return pre_N.view(b, t).mean(1), code_N.view(b, t).mean(1)
+        code_BTN = sae.encode(x_ND, dense=True).view(b, t, -1)
+    return pre_BTN[rows_B, :, units_B].mean(1), code_BTN[rows_B, :, units_B].mean(1)
 
 
 def see_through_weights(alphas_cumprod: torch.Tensor, timesteps: list[int],
@@ -468,20 +490,31 @@ def check_dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sa
 
 
 # ---------------------------------------------------------------------------------------------- one dream
-def initial_latents_SCHW(model: DiffusionModel, cfg: DreamConfig, init_latents: torch.Tensor | None) -> torch.Tensor:
-    """The start of each seed: the given latents (e.g. the steered prior; [1 or S, C, H, W]) or a small random
-    latent around moment_mean (std init_std * moment_std) drawn from the seed. cfg: resolved (for_model)."""
-    s = len(cfg.seeds)
+def per_seed_latents(init_latents: torch.Tensor, s: int) -> torch.Tensor:
+    """init_latents ([C, H, W], [1, C, H, W] or [s, C, H, W]) as s latents [s, C, H, W]."""
+    x = init_latents.detach().float()
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] not in (1, s):
+        raise DifflensError(f"init_latents must be [C, H, W], [1, C, H, W] or [{s}, C, H, W] (one per seed); "
+                            f"got {tuple(init_latents.shape)}")
+    return x.expand(s, -1, -1, -1).clone()
+
+
+def initial_latents_SCHW(model: DiffusionModel, cfg: DreamConfig, init_latents: torch.Tensor | None,
+                         seeds: list[int] | None = None) -> torch.Tensor:
+    """The start of each sample (seeds; default cfg.seeds): the given latents ([samples, C, H, W], e.g. the steered
+    priors) or a small random latent around moment_mean (std init_std * moment_std) drawn from its seed. cfg:
+    resolved (for_model)."""
+    seeds = list(cfg.seeds) if seeds is None else seeds
     if init_latents is not None:
-        x = init_latents.detach().to(model.device, torch.float32)
-        if x.ndim == 3:
-            x = x.unsqueeze(0)
-        if x.ndim != 4 or x.shape[0] not in (1, s):
-            raise DifflensError(f"init_latents must be [C, H, W], [1, C, H, W] or [{s}, C, H, W] (one per seed); "
-                                f"got {tuple(init_latents.shape)}")
-        return x.expand(s, -1, -1, -1).clone()
+        x = per_seed_latents(init_latents, len(seeds))
+        shape = model.initial_latents([torch.Generator().manual_seed(0)]).shape[1:]
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise DifflensError(f"init_latents are {tuple(x.shape[1:])} but the model's latents are {tuple(shape)}")
+        return x.to(model.device, torch.float32)
     shape = model.initial_latents([torch.Generator().manual_seed(0)]).shape[1:]
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in cfg.seeds])
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
     return (cfg.moment_mean + cfg.init_std * cfg.moment_std * noise).to(model.device, torch.float32)
 
 
@@ -490,7 +523,7 @@ def penalties_S(x_SCHW: torch.Tensor, cfg: DreamConfig) -> dict[str, torch.Tenso
     x / moment_std, so their weights do not depend on the model's latent scale). cfg: resolved (for_model)."""
     unit = cfg.moment_std
     u_SCHW = x_SCHW / unit
-    return {"tv": total_variation_S(u_SCHW), "range": range_penalty_S(u_SCHW, cfg.range_limit / unit),
+    return {"tv": total_variation_S(u_SCHW, cfg.tv_threshold), "range": range_penalty_S(u_SCHW, cfg.range_limit / unit),
             "moment": moment_penalty_S(u_SCHW, cfg.moment_mean / unit, 1.0)}
 
 
@@ -547,28 +580,59 @@ def _rows(cond, rows: slice, n: int):
     return cond
 
 
-class _Dreamer:
-    """The batch of one dream: seeds x target steps rows, ordered target-major (row = k * S + seed index). The
-    denoiser sees them in micro-batches of cfg.micro_batch rows (0: all at once)."""
+@dataclass(frozen=True)
+class DreamSample:
+    """One dream of a batch: a unit, a seed (its start, noise and augmentation draws) and its target steps."""
 
-    def __init__(self, model: DiffusionModel, layer: str, kind: str, unit: int, timesteps: list[int],
-                 cfg: DreamConfig, sae, read: str):
+    unit: int
+    seed: int
+    targets: tuple[int, ...]
+
+
+@dataclass
+class SampleResult:
+    """What one DreamSample produced."""
+
+    sample: DreamSample
+    rows: list[dict]
+    """One per (snapshot, target step): step, seed, opt_step, activation, penalties (JSON string)."""
+    images: dict[int, np.ndarray]
+    """opt_step -> uint8 image [H, W, 3] of the latent at that snapshot."""
+    latent_CHW: torch.Tensor
+    """The optimised latent."""
+    objective: float
+    """The final objective (no augmentation, fixed noise), mean over the target steps."""
+
+
+class _Dreamer:
+    """The batch of dreams run together: one row per (sample, target step), ordered sample-major; each row
+    carries its own unit (objective), timestep and weight (1 / the sample's target count), and each sample its own
+    random generator (seeded by its seed), so a sample dreams the same whatever else is in its batch. The denoiser
+    sees the rows in micro-batches of cfg.micro_batch rows (0: all at once)."""
+
+    def __init__(self, model: DiffusionModel, layer: str, kind: str, samples: list[DreamSample],
+                 timestep_of: dict[int, int], cfg: DreamConfig, sae, read: str):
         alphas = getattr(model.scheduler, "alphas_cumprod", None)
         if alphas is None:
             raise DifflensError(f"{type(model.scheduler).__name__} has no alphas_cumprod, so dream cannot noise "
                                 "a latent to a timestep; use a DDIM/DDPM/Euler-family scheduler")
-        self.model, self.layer, self.kind, self.unit, self.cfg, self.sae, self.read = (
-            model, layer, kind, unit, cfg, sae, read)
-        self.n_seeds, self.n_targets = len(cfg.seeds), len(timesteps)
-        self.n_rows = b = self.n_seeds * self.n_targets
-        signal_T, noise_T = see_through_weights(alphas.cpu(), timesteps, cfg.see_through)
-        self.signal_B = signal_T.repeat_interleave(self.n_seeds).view(-1, 1, 1, 1).to(model.device)
-        self.noise_B = noise_T.repeat_interleave(self.n_seeds).view(-1, 1, 1, 1).to(model.device)
-        self.timesteps_B = torch.as_tensor(timesteps, device=model.device).repeat_interleave(self.n_seeds)
-        self.seed_B = torch.arange(self.n_seeds, device=model.device).repeat(self.n_targets)
+        self.model, self.layer, self.kind, self.samples, self.cfg, self.sae, self.read = (
+            model, layer, kind, samples, cfg, sae, read)
+        rows = [(i, step) for i, sample in enumerate(samples) for step in sample.targets]
+        self.n_rows = b = len(rows)
+        self.n_targets = [len(sample.targets) for sample in samples]
+        dev = model.device
+        signal_R, noise_R = see_through_weights(alphas.cpu(), [timestep_of[s] for _, s in rows],
+                                                cfg.see_through if cfg.noise else 1.0)
+        self.signal_B = signal_R.view(-1, 1, 1, 1).to(dev)
+        self.noise_B = noise_R.view(-1, 1, 1, 1).to(dev)
+        self.timesteps_B = torch.as_tensor([timestep_of[s] for _, s in rows], device=dev)
+        self.sample_B = torch.as_tensor([i for i, _ in rows], device=dev)
+        self.unit_B = torch.as_tensor([samples[i].unit for i, _ in rows], device=dev)
+        self.weight_B = torch.as_tensor([1.0 / self.n_targets[i] for i, _ in rows], device=dev)
         with torch.no_grad():
             self.cond, _ = model.encode_prompts([""] * b, cfg=False)
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in cfg.seeds]
+        self.generators = [torch.Generator().manual_seed(int(s.seed)) for s in samples]
         self.fixed_noise_B: torch.Tensor | None = None  # drawn once the latent's shape is known (noise_for)
         self.eval_noise_B: torch.Tensor | None = None
         self.loss_scale = LossScale.for_model(model)
@@ -578,9 +642,9 @@ class _Dreamer:
         return [slice(i, min(i + step, self.n_rows)) for i in range(0, self.n_rows, step)]
 
     def noise_draw_B(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-        """Noise [T * S, *shape]: each seed's rows from its own generator (so a seed's dream ignores its batch)."""
-        per_seed = [torch.randn((self.n_targets, *shape), generator=g) for g in generators]  # S x [T, ...]
-        return torch.stack(per_seed, 1).flatten(0, 1).to(self.model.device, torch.float32)
+        """Noise [rows, *shape]: each sample's rows from its own generator (so a sample ignores its batch)."""
+        per_sample = [torch.randn((t, *shape), generator=g) for g, t in zip(generators, self.n_targets, strict=True)]
+        return torch.cat(per_sample).to(self.model.device, torch.float32)
 
     def noise_for(self, shape: tuple[int, ...], fixed: bool) -> torch.Tensor:
         if fixed:
@@ -592,28 +656,27 @@ class _Dreamer:
     def eval_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.eval_noise_B is None:
             self.eval_noise_B = self.noise_draw_B(
-                [torch.Generator().manual_seed(int(s) + 104729) for s in self.cfg.seeds], shape)
+                [torch.Generator().manual_seed(int(s.seed) + 104729) for s in self.samples], shape)
         return self.eval_noise_B
 
     def activations_R(self, x_SCHW: torch.Tensor, noise_BCHW: torch.Tensor,
                       rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective, activation) of batch rows `rows`: the latents seen through noise at their timesteps."""
-        x_RCHW = x_SCHW[self.seed_B[rows]]
+        x_RCHW = x_SCHW[self.sample_B[rows]]
         inputs = (self.signal_B[rows] * x_RCHW + self.noise_B[rows] * noise_BCHW[rows]).to(self.model.dtype)
         cond = _rows(self.cond, rows, self.n_rows)
         tokens = layer_tokens_BTC(self.model, self.layer, self.read, inputs, self.timesteps_B[rows], cond)
-        return unit_activation_B(tokens.float(), self.kind, self.unit, self.sae)
+        return unit_activation_B(tokens.float(), self.kind, self.unit_B[rows], self.sae)
 
-    def activations_TS(self, x_SCHW: torch.Tensor, noise_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective, activation) [T, S] of the latents seen through noise at each target timestep."""
+    def activations_B(self, x_SCHW: torch.Tensor, noise_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, activation) [rows] of the latents seen through noise at each row's timestep."""
         parts = [self.activations_R(x_SCHW, noise_BCHW, rows) for rows in self.micro_batches()]
-        obj_B, act_B = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return obj_B.view(self.n_targets, self.n_seeds), act_B.view(self.n_targets, self.n_seeds)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def gradient_SCHW(self, x_SCHW: torch.Tensor) -> torch.Tensor:
-        """d(loss)/dx for one augmented, noised batch (loss = -objective + weighted penalties, summed over seeds;
-        a seed's objective is its mean over target steps). The objective's gradient w.r.t. the augmented latent is
-        summed over micro-batches (each backward loss-scaled through a float16 denoiser), then taken back through
+        """d(loss)/dx for one augmented, noised batch (loss = -objective + weighted penalties, summed over samples;
+        a sample's objective is its mean over target steps). The objective's gradient w.r.t. the augmented latent
+        is summed over micro-batches (each backward loss-scaled through a float16 denoiser), then taken back through
         the augmentation once; the penalties' gradient (float32, on x) is added."""
         x = x_SCHW.detach().requires_grad_(True)
         seen = augmented(x, self.cfg, self.generators)  # the step's random draws: once, for every micro-batch
@@ -622,7 +685,7 @@ class _Dreamer:
         grad_seen = torch.zeros_like(seen_leaf)
         for rows in self.micro_batches():
             obj_R, _ = self.activations_R(seen_leaf, noise, rows)
-            grad_seen += self.loss_scale.grad(-obj_R.sum() / self.n_targets, seen_leaf)
+            grad_seen += self.loss_scale.grad(-(obj_R * self.weight_B[rows]).sum(), seen_leaf)
             del obj_R  # this micro-batch's graph goes before the next one's is built
         loss = weighted_penalty_S(penalties_S(x, self.cfg), self.cfg).sum() + (seen * grad_seen).sum()
         (grad,) = torch.autograd.grad(loss, x)
@@ -630,9 +693,9 @@ class _Dreamer:
 
     @torch.no_grad()
     def snapshot(self, x_SCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(objective, activation) [T, S] without augmentation and with fixed noise, and the penalties [S]."""
-        obj_TS, act_TS = self.activations_TS(x_SCHW, self.eval_noise(tuple(x_SCHW.shape[1:])))
-        return obj_TS, act_TS, penalties_S(x_SCHW, self.cfg)
+        """(objective, activation) [rows] without augmentation and with fixed noise, and the penalties [samples]."""
+        obj_B, act_B = self.activations_B(x_SCHW, self.eval_noise(tuple(x_SCHW.shape[1:])))
+        return obj_B, act_B, penalties_S(x_SCHW, self.cfg)
 
 
 def snapshot_steps(cfg: DreamConfig) -> list[int]:
@@ -640,60 +703,106 @@ def snapshot_steps(cfg: DreamConfig) -> list[int]:
     return sorted(set(range(0, cfg.opt_steps + 1, cfg.snapshot_every)) | {cfg.opt_steps})
 
 
-def dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, target_steps: list[int],
-               cfg: DreamConfig | None = None, sae=None, read: str = "output", n_steps: int | None = None,
-               init_latents: torch.Tensor | None = None, progress: bool = False) -> DreamResult:
-    """Dream one unit on a loaded model (no run directory needed).
-
-    target_steps are denoising steps of an n_steps generation (default: the model's default step count) at
-    which the activation is measured and maximised; sae is required for kind="feature"; read is "output" or
-    "delta" as in capture; init_latents (e.g. the steered prior) replaces the random start. cfg's latent scale
-    fields left None are the model's (for_model); the result carries the config used.
-    """
+def resolved(cfg: DreamConfig | None, kind: str, model: DiffusionModel) -> DreamConfig:
+    """cfg (default: the kind's defaults) with the kind's, the robustness preset's and the model's latent-scale
+    values filled in, validated."""
     cfg = validate_config(cfg or default_config(kind))
-    unit = check_dream_unit(model, layer, kind, unit, sae)
-    cfg = validate_config(for_model(cfg, model))
-    if not target_steps:
+    return validate_config(for_model(for_kind(cfg, kind), model))
+
+
+def dream_samples(model: DiffusionModel, layer: str, kind: str, samples: list[DreamSample],
+                  cfg: DreamConfig | None = None, sae=None, read: str = "output", n_steps: int | None = None,
+                  init_latents: torch.Tensor | None = None, progress: bool = False,
+                  desc: str = "dream") -> list[SampleResult]:
+    """Dream a batch of samples (units x seeds x target-step groups) together on a loaded model: one forward and
+    backward pass per optimisation step serves them all, each row with its own unit's objective.
+
+    Target steps are denoising steps of an n_steps generation (default: the model's default step count); sae is
+    required for features; read is "output" or "delta" as in capture; init_latents ([samples, C, H, W], e.g. the
+    steered priors) replaces the random starts. cfg is resolved for the kind and model (`resolved`); cfg.seeds is
+    not used (each sample has its seed)."""
+    cfg = resolved(cfg, kind, model)
+    if not samples:
+        return []
+    for unit in sorted({s.unit for s in samples}):
+        check_dream_unit(model, layer, kind, unit, sae)
+    if any(not s.targets for s in samples):
         raise DifflensError("dream needs at least one target step")
-    t0 = time.time()
     n_steps = n_steps or model.default_steps
-    timesteps = target_timesteps(model, list(target_steps), n_steps)
+    steps = sorted({t for s in samples for t in s.targets})
+    timestep_of = dict(zip(steps, target_timesteps(model, steps, n_steps), strict=True))
     sigmas, lrs = blur_sigmas(cfg), step_sizes(cfg)
     snaps = set(snapshot_steps(cfg))
-    rows: list[dict] = []
-    images: dict[tuple[int, int], np.ndarray] = {}
+    results = [SampleResult(s, [], {}, torch.empty(0), float("nan")) for s in samples]
     sae_module = sae if isinstance(sae, torch.nn.Module) else None
     with frozen(model.denoiser, sae_module), unguided(model):
-        dreamer = _Dreamer(model, layer, kind, unit, timesteps, cfg, sae, read)
-        x = initial_latents_SCHW(model, cfg, init_latents)
-        for k in tqdm(range(cfg.opt_steps + 1), desc=f"dream {layer} {kind} {unit}", unit="step",
-                      disable=not progress):
+        dreamer = _Dreamer(model, layer, kind, samples, timestep_of, cfg, sae, read)
+        x = initial_latents_SCHW(model, cfg, init_latents, [s.seed for s in samples])
+        for k in tqdm(range(cfg.opt_steps + 1), desc=desc, unit="step", disable=not progress):
             if k in snaps:
-                record_snapshot(dreamer, x, k, list(target_steps), rows, images)
+                record_snapshot(dreamer, x, k, results)
             if k == cfg.opt_steps:
                 break
-            g = gaussian_blur(dreamer.gradient_SCHW(x), float(sigmas[k]))
+            g = gaussian_blur(dreamer.gradient_SCHW(x), float(sigmas[k]), cfg.blur_kernel)
             if cfg.spectral:
                 g = spectral_precondition(g, cfg.spectral_decay)
             x = (x - float(lrs[k]) * cfg.moment_std * normalised_per_image(g)).detach()
-    return DreamResult(rows, images, x.detach().cpu(), list(target_steps), timesteps, round(time.time() - t0, 3),
-                       cfg)
+    for i, res in enumerate(results):
+        res.latent_CHW = x[i].detach().cpu()
+    return results
 
 
-def record_snapshot(dreamer: _Dreamer, x_SCHW: torch.Tensor, opt_step: int, target_steps: list[int],
-                    rows: list[dict], images: dict[tuple[int, int], np.ndarray]) -> None:
-    """Append one row per (target step, seed) and one image per seed for the latents at opt_step."""
-    obj_TS, act_TS, pen = dreamer.snapshot(x_SCHW)
+def record_snapshot(dreamer: _Dreamer, x_SCHW: torch.Tensor, opt_step: int, results: list[SampleResult]) -> None:
+    """Append to each sample's result one row per target step and its image for the latents at opt_step (and,
+    at the last step, its objective)."""
+    obj_B, act_B, pen = dreamer.snapshot(x_SCHW)
     with torch.no_grad():
         imgs = to_uint8(dreamer.model.decode(x_SCHW.to(dreamer.model.dtype)))
-    for si, seed in enumerate(dreamer.cfg.seeds):
-        images[(int(seed), opt_step)] = imgs[si]
+    row = 0
+    for si, res in enumerate(results):
+        res.images[opt_step] = imgs[si]
         values = {k: round(float(v[si]), 6) for k, v in pen.items()}
         values["total"] = round(float(weighted_penalty_S({k: v[si] for k, v in pen.items()}, dreamer.cfg)), 6)
-        for ti, step in enumerate(target_steps):
-            extra = {"objective": round(float(obj_TS[ti, si]), 6)} if dreamer.kind == "feature" else {}
-            rows.append({"step": int(step), "seed": int(seed), "opt_step": opt_step,
-                         "activation": float(act_TS[ti, si]), "penalties": json.dumps({**values, **extra})})
+        objectives = []
+        for step in res.sample.targets:
+            objectives.append(float(obj_B[row]))
+            extra = {"objective": round(float(obj_B[row]), 6)} if is_feature(dreamer.kind) else {}
+            res.rows.append({"step": int(step), "seed": int(res.sample.seed), "opt_step": opt_step,
+                             "activation": float(act_B[row]), "penalties": json.dumps({**values, **extra})})
+            row += 1
+        res.objective = float(np.mean(objectives))
+
+
+def dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, target_steps: list[int],
+               cfg: DreamConfig | None = None, sae=None, read: str = "output", n_steps: int | None = None,
+               init_latents: torch.Tensor | None = None, progress: bool = False) -> DreamResult:
+    """Dream one unit on a loaded model (no run directory needed): one dream per seed of cfg.seeds, each
+    maximising the unit's mean activation over target_steps (dream_samples; cfg.joint must be true).
+
+    target_steps are denoising steps of an n_steps generation (default: the model's default step count) at
+    which the activation is measured and maximised; sae is required for kind="feature"; read is "output" or
+    "delta" as in capture; init_latents (e.g. the steered prior; [C, H, W], [1, ...] or one per seed) replaces the
+    random start. cfg's fields left None are the kind's and the model's (resolved); the result carries the config
+    used.
+    """
+    t0 = time.time()
+    cfg = resolved(cfg, kind, model)
+    if not cfg.joint:
+        raise DifflensError("a single-unit dream optimises its target steps jointly (dream.joint = true); dream "
+                            "them one at a time with `python cli.py atlas`")
+    unit = check_dream_unit(model, layer, kind, unit, sae)
+    if not target_steps:
+        raise DifflensError("dream needs at least one target step")
+    n_steps = n_steps or model.default_steps
+    timesteps = target_timesteps(model, list(target_steps), n_steps)
+    samples = [DreamSample(unit, int(seed), tuple(int(s) for s in target_steps)) for seed in cfg.seeds]
+    starts = None if init_latents is None else per_seed_latents(init_latents, len(samples))
+    results = dream_samples(model, layer, kind, samples, cfg, sae, read, n_steps, starts, progress,
+                            desc=f"dream {layer} {kind} {unit}")
+    rows = [r for res in results for r in res.rows]
+    images = {(res.sample.seed, k): img for res in results for k, img in res.images.items()}
+    latents = torch.stack([res.latent_CHW for res in results])
+    return DreamResult(rows, images, latents, list(target_steps), timesteps, round(time.time() - t0, 3), cfg)
 
 
 # ---------------------------------------------------------------------------------------------- a run's dream
@@ -721,12 +830,28 @@ def peak_steps(store, layer: str, kind: str, unit: int) -> list[int] | None:
 
 
 def choose_target_steps(peaks: list[int] | None, max_targets: int) -> list[int]:
-    """Step 0 followed by the highest peaks (no repeats), at most max_targets steps."""
-    steps = [0]
-    for s in peaks or []:
-        if s not in steps:
-            steps.append(s)
-    return steps[:max_targets]
+    """Step 0 followed by the highest peaks (no repeats), at most max_targets steps (targets "0,peaks")."""
+    return resolve_targets([0, "peaks"], peaks, None, max_targets)
+
+
+def prior_latents(ctx: RunContext, layer: str, kind: str, unit: int, seeds: list[int]) -> torch.Tensor:
+    """The unit's steered-prior latents of seeds, as the atlas saved them ([seeds, C, H, W]); a one-line error when
+    they were not computed."""
+    from backend.interventions.atlas import load_prior_latents, saved_prior_seeds
+
+    if not set(seeds) <= saved_prior_seeds(ctx, layer, kind, unit):
+        raise DifflensError(f"init = prior needs the prior of {kind} {unit} of {layer} for seeds {list(seeds)}, but "
+                            f"none is computed; run `python cli.py atlas --run {ctx.root} --layer {layer} --kind "
+                            f"{kind} --units {unit}` first")
+    return load_prior_latents(ctx, layer, kind, [(unit, int(s)) for s in seeds])
+
+
+def active_window(ctx: RunContext, layer: str, kind: str, unit: int) -> tuple[int, int]:
+    """The unit's (first_active, last_active) steps from the run's units table ((-1, -1): never active)."""
+    import polars as pl
+
+    row = ctx.units(layer, kind).filter(pl.col("unit") == unit)
+    return (int(row["first_active"][0]), int(row["last_active"][0])) if row.height else (-1, -1)
 
 
 def dreams_table(result: DreamResult, layer: str, kind: str, unit: int) -> pa.Table:
@@ -773,9 +898,13 @@ def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cf
                      "`python cli.py analyze` to target the unit's peak steps too")
     elif not peaks:
         notes.append(f"{kind} {unit} of {layer} has no peaks (a dead unit?): dreaming at step 0 only")
-    targets = choose_target_steps(peaks, cfg.max_target_steps)
+    wanted = parse_targets(cfg.targets)
+    active = active_window(ctx, layer, kind, unit) if "active" in wanted else None
+    targets = resolve_targets(wanted, peaks, active, cfg.max_target_steps)
+    if cfg.init == "prior" and init_latents is None:
+        init_latents = prior_latents(ctx, layer, kind, unit, cfg.seeds)
     model = model if model is not None else ctx.model
-    sae = ctx.sae(layer) if kind == "feature" else None
+    sae = ctx.sae(layer) if is_feature(kind) else None
     if progress:
         for note in notes:
             tqdm.write(note)

@@ -229,6 +229,175 @@ def validate_interventions(cfg: InterventionsConfig) -> InterventionsConfig:
     return cfg
 
 
+# ------------------------------------------------------------------------------------------ steered priors, dreams
+@dataclass
+class PriorConfig:
+    """How a unit's steered prior is made (the `[prior]` section: the atlas' priors; backend/interventions/priors.py):
+    the empty prompt without guidance, generated while strength x the unit's unit-norm direction is added to the
+    layer's output at the steering window's steps."""
+
+    scale: float = 4.0
+    """Relative strength: strength = scale x the unit's max activation (units table; a feature's x its decoder-row
+    norm)."""
+    strength: float | None = None
+    """Absolute strength along the unit-norm direction; overrides scale."""
+    steps: str = "active"
+    """Steering window: active (the unit's first..last active step), all, late (second half), peaks (only the unit's
+    peak steps, +- peak_radius) or an inclusive window such as 3-8. A unit never active (or without peaks, for peaks)
+    is steered at every step."""
+    peak_radius: int = 1
+    """With steps = peaks: steps on either side of each peak that are steered too."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """One prior per seed (its initial noise)."""
+    n_steps: int = 0
+    """Denoising steps; 0: the run's (a window of the run's steps is rescaled to it)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ROBUSTNESS = {"none": (0, 0.0, 0.0), "light": (1, 2.0, 0.02), "standard": (1, 5.0, 0.05), "strong": (2, 10.0, 0.1)}
+"""Transformation-robustness presets: (jitter, rotate_degrees, scale_range) of each dream step's random augmentation."""
+
+KIND_DREAM_DEFAULTS = {"channel": {"lr": 0.2, "see_through": 0.3, "tv_weight": 0.125, "blur_sigma_start": 1.0},
+                       "feature": {"lr": 0.32, "see_through": 0.4, "tv_weight": 0.0625, "blur_sigma_start": 0.75}}
+"""DreamConfig fields whose default depends on the unit kind (features: sparser and sharper, so more noise visible,
+weaker smoothing and a larger step); None in a DreamConfig means the kind's value here."""
+
+
+@dataclass
+class DreamConfig:
+    """How a unit is dreamed (the `[dream]` section; backend/interventions/dream.py). `dream.default_config(kind)`
+    gives the documented defaults for channels and features: fields left None take the kind's value
+    (KIND_DREAM_DEFAULTS) or the robustness preset's (ROBUSTNESS). moment_mean, moment_std and range_limit are in
+    the model's latent units; None (the default) means the model's own (`latent_scale`). The other settings do not
+    depend on the model's latent scale."""
+
+    opt_steps: int = 100
+    """Optimisation steps per dream."""
+    lr: float | None = None
+    """Step size in units of moment_std: each step moves the latent by lr * moment_std times its (blurred,
+    preconditioned) gradient normalised to RMS 1 per seed, i.e. about that much per latent pixel. None: the kind's
+    (channel 0.2, feature 0.32)."""
+    lr_end: float = 0.04
+    """Step size at the last step, in units of moment_std (decays linearly from lr)."""
+    snapshot_every: int = 10
+    """A snapshot (activation, penalties, image) every this many steps, plus the first and the last."""
+    targets: str = "0,peaks"
+    """Denoising steps the activation is measured at, comma-separated: step numbers, `peaks` (the unit's peak steps,
+    highest first) and `active` (steps spread evenly over the unit's active window); repeats are dropped and at most
+    max_target_steps are kept."""
+    max_target_steps: int = 3
+    """Target steps per dream at most (the first ones `targets` names)."""
+    joint: bool = True
+    """Optimise one latent for all target steps at once (their mean activation); false: one dream per target step."""
+    noise: bool = True
+    """See the latent through the scheduler's noise at each target step (false: the denoiser sees the latent itself,
+    as if see_through were 1)."""
+    see_through: float | None = None
+    """Share of the scheduler noise made transparent: a' = abar_t + see_through * (1 - abar_t); 0 is exact
+    scheduler noise (the image is then invisible at step 0), 1 is no noise. None: the kind's (channel 0.3,
+    feature 0.4)."""
+    fresh_noise: bool = True
+    """Draw new noise every step (else one fixed noise per seed and target step throughout)."""
+    init: str = "random"
+    """Start of each dream: random (init_std around moment_mean) or prior (the unit's steered prior of the same
+    seed, as the atlas saved it: run its priors first)."""
+    tv_weight: float | None = None
+    """Weight of the total-variation penalty (mean absolute difference of neighbouring values of x / moment_std,
+    beyond tv_threshold). None: the kind's (channel 0.125, feature 0.0625)."""
+    tv_threshold: float = 0.0
+    """Differences of neighbouring values (in units of moment_std) up to this are free of the TV penalty."""
+    range_weight: float = 0.625
+    """Weight of the range penalty (mean squared excess of |x| over range_limit, in units of moment_std)."""
+    range_limit: float | None = None
+    """Latent values beyond +-range_limit are penalised. None: the model's (latent_scale: 1 for pixel-space models,
+    whose images are in [-1, 1]; for latent-space models fitted to their latents, about 4 for SD)."""
+    moment_weight: float = 0.0625
+    """Weight of the moment penalty: ((mean - moment_mean)^2 + (std - moment_std)^2) / moment_std^2 per seed."""
+    moment_mean: float | None = None
+    """Target mean of the latent. None: the model's (latent_scale: 0.0 for pixel-space models; fitted otherwise)."""
+    moment_std: float | None = None
+    """Target standard deviation of the latent, and the unit of lr, lr_end, init_std and the penalties. None: the
+    model's (latent_scale: 0.25 for pixel-space models, the demo's images; fitted otherwise, about 1 for SD)."""
+    blur_sigma_start: float | None = None
+    """Blur of the gradient (pixels of the latent) at the first step. None: the kind's (channel 1.0, feature
+    0.75)."""
+    blur_sigma_end: float = 0.0
+    """Blur sigma at the last step (below 0.1 no blur)."""
+    blur_schedule: str = "linear"
+    """How the blur sigma goes from blur_sigma_start to blur_sigma_end: linear, cosine or constant (start
+    throughout)."""
+    blur_kernel: str = "gaussian"
+    """Gradient blur kernel: gaussian (sigma) or box (width 2 * round(sigma) + 1)."""
+    spectral: bool = True
+    """Precondition the gradient in Fourier space (scale each frequency by 1 / f ** spectral_decay)."""
+    spectral_decay: float = 1.0
+    """Exponent of the 1 / frequency preconditioning (0: none)."""
+    robustness: str = "standard"
+    """Transformation-robustness preset setting jitter, rotate_degrees and scale_range where they are None: none,
+    light, standard or strong (ROBUSTNESS)."""
+    jitter: int | None = None
+    """Random shift (torch.roll) of up to this many latent pixels per step and seed. None: the preset's."""
+    rotate_degrees: float | None = None
+    """Random rotation of up to this many degrees per step and seed. None: the preset's."""
+    scale_range: float | None = None
+    """Random scaling by a factor in [1 - scale_range, 1 + scale_range] per step and seed. None: the preset's."""
+    init_std: float = 0.4
+    """Standard deviation of the random start (around moment_mean) in units of moment_std, when no initial latent
+    is given."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Seeds of the dreams run together (each seed: its own start, noise and augmentation)."""
+    micro_batch: int = 0
+    """Rows (seeds x target steps) the denoiser sees per forward and backward pass; 0: all at once. The gradients
+    of the micro-batches are summed, so the result is the same: lower it when a dream runs out of memory (SDXL at
+    1024 px holds every row's activations for the backward pass)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AtlasConfig:
+    """The unit atlas (the `[atlas]` section; run-all's atlas stage and `python cli.py atlas`): every chosen unit's
+    steered prior ([prior]) and deep dreams ([dream]), many units per forward and backward pass."""
+
+    enabled: bool = True
+    """Run the atlas stage in run-all."""
+    units: str = "top:2"
+    """Units of each (layer, kind): all, top:N (each concept's best unit, then the highest peaks), or ranges and
+    lists such as 0-127 or 3,5,9."""
+    layers: list[str] = field(default_factory=list)
+    """Layers (empty: every analysed layer)."""
+    kinds: list[str] = field(default_factory=list)
+    """Kinds (empty: every analysed kind of the layer: channel, feature)."""
+    priors: bool = True
+    """Make the steered priors."""
+    dreams: bool = True
+    """Make the deep dreams."""
+    dream_variants: list[str] = field(default_factory=lambda: ["default", "no-noise"])
+    """Dream variants kept side by side: default (the [dream] settings), no-noise (noise = false), from-prior
+    (init = prior), from-prior-no-noise (both)."""
+    batch_units: int = 32
+    """Units per batch: one batch is one forward (and backward) pass per step, one table shard and one marker."""
+    heatmap_animations: bool = True
+    """Write a GIF of each unit's heat-map over the denoising steps of its top example (media/atlas/.../heatmaps/)."""
+    frame_ms: int = 120
+    """Duration of an animation frame in milliseconds."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_finite_settings(section: str, values: dict) -> None:
+    """A one-line DifflensError for a float setting that is inf or NaN."""
+    import math
+
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DifflensError(f"{section}.{name} must be a finite number (got {value})")
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; stored resolved in manifest.json."""
@@ -249,6 +418,9 @@ class RunConfig:
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    dream: DreamConfig = field(default_factory=DreamConfig)
+    atlas: AtlasConfig = field(default_factory=AtlasConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -259,7 +431,7 @@ class RunConfig:
 
 
 SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig, "analysis": AnalysisConfig,
-            "interventions": InterventionsConfig}
+            "interventions": InterventionsConfig, "prior": PriorConfig, "dream": DreamConfig, "atlas": AtlasConfig}
 TOP_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)
 
 
@@ -295,7 +467,7 @@ def _check_keys(obj: dict, cls, where: str) -> None:
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[str]": (list,),
-          "list[int]": (list,)}
+          "list[int]": (list,), "float | None": (int, float, type(None)), "int | None": (int, type(None))}
 
 
 def _check_types(obj, cls, where: str) -> None:

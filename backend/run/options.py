@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from backend.run.config import RunConfig, field_docs, section_class
+from backend.run.config import SECTIONS, RunConfig, field_docs, section_class
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _params(opt: Opt) -> list[tuple[str, inspect.Parameter]]:
     docs = field_docs(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if opt.section == "" and f.name in ("capture", "sae", "analysis", "interventions"):
+        if opt.section == "" and f.name in SECTIONS:
             continue
         if opt.fields is not None and f.name not in opt.fields:
             continue

@@ -3,6 +3,8 @@
 capture -> sae (train one SAE per layer, splice test) -> features (capture pass recording SAE feature activity)
 -> analysis (profiles, peaks, examples, frequencies, comparisons, concepts, plots; rank 0 only)
 -> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
+-> atlas (steered priors and dreams of the [atlas] units, batched across units; rank 0 only: spread a large atlas
+   over ranks with `torchrun ... cli.py atlas`)
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
     from backend.stages.sae import check_train_config, train_saes
 
     summary = RunAllSummary(cfg.out_dir)
+    if cfg.atlas.enabled:
+        from backend.interventions.atlas import check_settings
+
+        check_settings(cfg.atlas, cfg.prior, cfg.dream)
     with distributed.distributed(cfg.device):  # one process group for every stage under torchrun / srun
         checked = plan(cfg, device=distributed.local_device(cfg.device))  # every stage's settings, before any write
         for layer in cfg.sae.layers or checked.cfg.capture.layers:
@@ -52,4 +58,9 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
             summary.stages["analysis"] = analyze(run_now(), cfg.analysis, progress=progress)
             if cfg.interventions.enabled:
                 summary.stages["interventions"] = run_interventions(run_now(), cfg.interventions, progress=progress)
+            if cfg.atlas.enabled:
+                from backend.stages.atlas import run_atlas
+
+                summary.stages["atlas"] = run_atlas(run_now(), cfg.atlas, cfg.prior, cfg.dream, progress=progress,
+                                                    dist=distributed.Dist())
     return summary

@@ -42,9 +42,11 @@ def gradient(model, kind: str, unit: int, sae=None, loss_scale: dream.LossScale 
     """The dream's first gradient (penalties off: the objective's alone) at a fixed start."""
     cfg = dream.for_model(quick(kind, tv_weight=0.0, range_weight=0.0, moment_weight=0.0, seeds=[0, 1, 2],
                                 **overrides), model)
-    timesteps = dream.target_timesteps(model, [0, 5, 10], model.default_steps)
+    steps = [0, 5, 10]
+    timestep_of = dict(zip(steps, dream.target_timesteps(model, steps, model.default_steps), strict=True))
+    samples = [dream.DreamSample(unit, seed, tuple(steps)) for seed in cfg.seeds]
     with dream.frozen(model.denoiser, sae), dream.unguided(model):
-        dreamer = dream._Dreamer(model, EARLY, kind, unit, timesteps, cfg, sae, "output")
+        dreamer = dream._Dreamer(model, EARLY, kind, samples, timestep_of, cfg, sae, "output")
         if loss_scale is not None:
             dreamer.loss_scale = loss_scale
         x = dream.initial_latents_SCHW(model, cfg, None)

@@ -19,7 +19,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "run-format.md"
 # covered by test_tables_written_through_the_store_match_their_schemas (RunStore casts every table file to its
 # schema, and tests/interventions/ run the real writers through it).
 RUN_TABLES = {"generations", "steps", "activity", "sae_training", "sae_metrics", "profiles", "units", "peaks",
-              "examples", "frequencies", "histograms", "comparisons", "concepts", "localisation", "concept_summary"}
+              "examples", "frequencies", "histograms", "comparisons", "concepts", "localisation", "concept_summary",
+              "atlas"}
 
 
 def doc_tables() -> dict[str, list[tuple[str, str]]]:
@@ -111,6 +112,7 @@ def small_run(tmp_path_factory):
     cfg.sae.splice_samples = 2
     cfg.analysis.examples_top_n = 2
     cfg.interventions.enabled = False
+    cfg.atlas.units, cfg.dream.opt_steps, cfg.dream.seeds, cfg.prior.seeds = "top:1", 2, [0], [0]
     run_all(cfg, progress=False)
     return cfg.out_dir
 

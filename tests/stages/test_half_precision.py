@@ -28,6 +28,8 @@ def small_cfg(tmp_path, dtype: str):
     i = cfg.interventions
     i.top_units, i.steer_seeds, i.edit_features, i.concept_seeds = 1, [0], 2, 1
     i.dream_iterations, i.dream_seeds, i.ablation = 2, 1, False
+    cfg.atlas.units, cfg.atlas.dream_variants, cfg.dream.opt_steps, cfg.dream.seeds = "top:1", ["default"], 2, [0]
+    cfg.prior.seeds = [0]
     return cfg
 
 
@@ -49,6 +51,8 @@ def test_run_all_on_the_demo_in_half_precision(tmp_path, dtype, one_thread):
     assert examples.height > 0 and examples["heatmap"].null_count() == 0
     dreams = pl.read_parquet(f"{run}/tables/dreams/**/*.parquet", hive_partitioning=True)
     assert dreams.height > 0 and np.isfinite(dreams["activation"].to_numpy()).all()
+    atlas = pl.read_parquet(f"{run}/tables/atlas/**/*.parquet", hive_partitioning=True)
+    assert set(atlas["what"]) == {"prior", "dream"} and np.isfinite(atlas["objective"].drop_nulls().to_numpy()).all()
 
 
 # ------------------------------------------------------------------------------------------------ token shards

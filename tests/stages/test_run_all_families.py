@@ -23,6 +23,7 @@ SMALL = [  # a few prompts x 1 image x 4 steps, a tiny SAE, one unit per (layer,
     "--set", "sae.batch_size=256", "--set", "sae.splice_samples=2", "--set", "analysis.examples_top_n=2",
     "--set", "interventions.steer_seeds=[0]", "--set", "interventions.edit_features=2",
     "--set", "interventions.concept_seeds=1", "--set", "interventions.dream_seeds=1",
+    "--set", "atlas.units=top:1", "--set", "dream.opt_steps=2", "--set", "dream.seeds=[0]", "--set", "prior.seeds=[0]",
 ]
 SD_PROMPTS = ["a red house", "a blue tree", "a photo of a cat", "a dog on the grass", "a green car", "the sea"]
 PIXART_PROMPTS = [
@@ -63,7 +64,12 @@ def check_every_part(run_dir: Path, layers: list[str]) -> dict:
         assert rows(run_dir, table).height > 0, table
     steered = rows(run_dir, "interventions")
     assert set(steered["method"]) >= {"steer", "zero"} and set(steered["layer"]) == set(layers)
-    images = steered["image"].to_list() + rows(run_dir, "dreams")["image"].to_list()
+    atlas = rows(run_dir, "atlas")  # run-all's atlas stage: a prior and both dream variants per (layer, kind)
+    assert stages["atlas"]["status"] == "done"
+    assert set(zip(atlas["layer"], atlas["kind"], strict=True)) == kinds
+    assert set(zip(atlas["what"], atlas["variant"], strict=True)) == {
+        ("prior", "default"), ("dream", "default"), ("dream", "no-noise")}
+    images = steered["image"].to_list() + rows(run_dir, "dreams")["image"].to_list() + atlas["image"].to_list()
     assert all((run_dir / p).read_bytes()[:4] == b"\x89PNG" for p in images)
     return stages
 
