@@ -190,8 +190,9 @@ def restart_other_plan(store: RunStore, plan: str) -> bool:
 
 
 def _load_saes(ctx, requests: pl.DataFrame) -> dict:
-    layers = requests.filter(pl.col("kind") == "feature")["layer"].unique().to_list()
-    return {layer: ctx.sae(layer) for layer in layers}
+    """{(layer, kind): its SAE} for the feature kinds requested."""
+    pairs = requests.select("layer", "kind").unique().filter(pl.col("kind") != "channel").rows()
+    return {(layer, kind): ctx.sae(layer, kind) for layer, kind in pairs}
 
 
 @torch.no_grad()
@@ -208,7 +209,7 @@ def _maps_table(mine: pl.DataFrame, keeper: _Keeper, saes: dict, cfg: AnalysisCo
         if kind == "channel":
             maps_UT = tok_TC[:, units].T
         else:
-            sae = saes[layer]
+            sae = saes[(layer, kind)]
             maps_UT = sae.encode(tok_TC.to(sae.W_dec.device, sae.W_dec.dtype), dense=True)[:, units.to(
                 sae.W_dec.device)].T.float().cpu()
         maps = maps_UT.numpy()

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
 from backend.run.context import check_kind
+from backend.run.schema import is_feature
 
 if TYPE_CHECKING:
     from backend.run.context import RunContext
@@ -455,7 +456,7 @@ def check_dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sa
     from backend.run.context import check_unit as check
 
     check_kind(kind)
-    if kind == "feature" and sae is None:
+    if is_feature(kind) and sae is None:
         raise DifflensError(f"feature dreams need an SAE trained on {layer!r}; train one with "
                             "`python cli.py train-sae`, or dream a channel (--kind channel)")
     channels = layer_channels(model, layer)
@@ -464,7 +465,7 @@ def check_dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sa
     if channels != sae.cfg.d_in:
         raise DifflensError(f"the SAE takes {sae.cfg.d_in}-dim inputs but {layer!r} has {channels} channels; "
                             "use the SAE trained on this layer")
-    return check("feature", unit, int(sae.cfg.n_latents), layer)
+    return check(kind, unit, int(sae.cfg.n_latents), layer)
 
 
 # ---------------------------------------------------------------------------------------------- one dream
@@ -691,7 +692,7 @@ def record_snapshot(dreamer: _Dreamer, x_SCHW: torch.Tensor, opt_step: int, targ
         values = {k: round(float(v[si]), 6) for k, v in pen.items()}
         values["total"] = round(float(weighted_penalty_S({k: v[si] for k, v in pen.items()}, dreamer.cfg)), 6)
         for ti, step in enumerate(target_steps):
-            extra = {"objective": round(float(obj_TS[ti, si]), 6)} if dreamer.kind == "feature" else {}
+            extra = {"objective": round(float(obj_TS[ti, si]), 6)} if is_feature(dreamer.kind) else {}
             rows.append({"step": int(step), "seed": int(seed), "opt_step": opt_step,
                          "activation": float(act_TS[ti, si]), "penalties": json.dumps({**values, **extra})})
 
@@ -775,7 +776,7 @@ def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cf
         notes.append(f"{kind} {unit} of {layer} has no peaks (a dead unit?): dreaming at step 0 only")
     targets = choose_target_steps(peaks, cfg.max_target_steps)
     model = model if model is not None else ctx.model
-    sae = ctx.sae(layer) if kind == "feature" else None
+    sae = ctx.sae(layer, kind) if is_feature(ctx.check_kind(layer, kind)) else None
     if progress:
         for note in notes:
             tqdm.write(note)
