@@ -168,15 +168,21 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
         raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
                             f"(layers: {', '.join(c.layers)})")
     for (layer, _), encoder in encoders.items():
-        width, channels = getattr(encoder, "d_in", None), layer_channels(model, layer)
-        if width is not None and width != channels:
-            raise DifflensError(f"the SAE given for {layer} takes width {width}, but the layer has {channels} "
-                                "channels; pass an SAE trained on this layer")
+        width = getattr(encoder, "d_in", None)
+        if width is not None:
+            check_sae_width(layer, width, layer_channels(model, layer))
     n_steps = c.steps or model.default_steps
     guidance = model.default_guidance if c.guidance < 0 else c.guidance
     if c.half == "both" and guidance > 1:
         raise DifflensError("capture.half='both' with CFG records two rows per generation; use cond or uncond")
     return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance, len(model.timesteps(n_steps)))
+
+
+def check_sae_width(layer: str, width: int, channels: int, what: str = "the SAE given") -> None:
+    """The one-line error of an SAE whose input width is not the layer's channel count."""
+    if width != channels:
+        raise DifflensError(f"{what} for {layer} takes width {width}, but the layer has {channels} channels; pass an "
+                            "SAE trained on this layer")
 
 
 def capture_with_saes(cfg: RunConfig, sae_options: list[str] | None, overwrite: bool = False,

@@ -79,7 +79,7 @@ def train_saes(run, cfg: SAEStageConfig, overwrite: bool = False, progress: bool
                 metrics = _train_layer(store, layer, train_cfg, progress, write=dist.is_main, device=device, key=key,
                                        sae_id=sae_id)
                 if dist.is_main and (layer, sae_id) in replaced:
-                    _mark_downstream_stale(store, layer, sae_id)
+                    mark_downstream_stale(store, layer, sae_id)
             if dist.is_main:
                 if cfg.splice_samples and "frac_loss_recovered" not in metrics:
                     metrics |= _splice(ctx, layer, cfg.splice_samples, sae_id)
@@ -165,7 +165,7 @@ def _saved_cfg(store: RunStore, layer: str, sae_id: str = DEFAULT_SAE) -> dict |
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _mark_downstream_stale(store: RunStore, layer: str, sae_id: str = DEFAULT_SAE) -> None:
+def mark_downstream_stale(store: RunStore, layer: str, sae_id: str = DEFAULT_SAE) -> None:
     """A replaced SAE: its feature activity is removed, and what read it must run again: the features pass records
     it again (the record forgets it), the analysis recomputes its partition (the record forgets that partition's
     key), the interventions run again. Other SAEs' activity and analysis stay as they are."""
@@ -252,6 +252,9 @@ def swap_in(store: RunStore, layer: str, sae_id: str = DEFAULT_SAE, new: Path | 
     target.parent.mkdir(parents=True, exist_ok=True)
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+    for empty in (new.parent, old.parent):  # _work/sae/<layer>/, _work/sae-replaced/<layer>/ when nothing is left
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()
 
 
 def _splice(ctx, layer: str, n_samples: int, sae_id: str = DEFAULT_SAE) -> dict:

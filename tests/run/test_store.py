@@ -30,11 +30,11 @@ def temporaries(root):
 
 def test_write_manifest_always_writes_the_format_version(store):
     store.write_manifest({"config": {}, "stages": {}})
-    assert json.loads((store.root / "manifest.json").read_text())["format_version"] == schema.FORMAT_VERSION == 2
+    assert json.loads((store.root / "manifest.json").read_text())["format_version"] == schema.FORMAT_VERSION == 3
     store.write_manifest({"config": {}, "format_version": 1})  # a manifest read from an old run is relabelled
-    assert store.read_manifest()["format_version"] == 2
+    assert store.read_manifest()["format_version"] == 3
     store.update_stage("capture", status="done")
-    assert store.read_manifest()["format_version"] == 2
+    assert store.read_manifest()["format_version"] == 3
 
 
 def test_a_format_1_run_is_read_as_it_is(store):
@@ -44,16 +44,16 @@ def test_a_format_1_run_is_read_as_it_is(store):
     assert schema.format_version(old) == 1
 
 
-@pytest.mark.parametrize("version", [3, 0, "2", None])
+@pytest.mark.parametrize("version", [4, 0, "2", None])
 def test_another_format_is_a_one_line_error(store, version):
     (store.root / "manifest.json").write_text(json.dumps({"format_version": version, "stages": {}}))
     with pytest.raises(DifflensError) as err:
         store.read_manifest()
     message = str(err.value)
     assert "\n" not in message
-    assert f"{store.root} was written by difflens run format {version}; this difflens reads format 2" in message
+    assert f"{store.root} was written by difflens run format {version}; this difflens reads format 3" in message
     assert "python cli.py run-all" in message and "--name" in message
-    if version == 3:
+    if version == 4:
         assert "a newer difflens" in message
 
 
