@@ -273,12 +273,13 @@ def export_sae(
     run: Annotated[Path, typer.Option(help="Run directory with trained SAEs.")] = Path("runs/demo"),
     layer: LayerOpt = None,
     format: Annotated[str, typer.Option("--format", help="Target format: saelens.")] = "saelens",
-    out: Annotated[Path | None, typer.Option(help="Output directory (default: sae/<layer>/<format>/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: sae/<layer>/<id>/<format>/).")] = None,
+    name: Annotated[str, typer.Option(help="The id of the SAE to export (of each layer).")] = "default",
 ) -> None:
     """Export trained SAEs for other tools (SAELens: `SAE.load_from_disk(dir)`)."""
     from backend.stages.sae import export_saes
 
-    for name, path in export_saes(run, layer or None, format, out).items():
+    for name, path in export_saes(run, layer or None, format, out, sae_id=name).items():
         typer.echo(f"{name}: {path}")
 
 

@@ -38,6 +38,7 @@ from backend.errors import DifflensError
 from backend.models.hooks import HookEvent, read_activations
 from backend.run.config import AnalysisConfig
 from backend.run.context import RunContext
+from backend.run.schema import is_feature
 from backend.run.store import RunStore, shard_name
 
 REPLAY_STAGE = "analysis-heatmaps"
@@ -191,8 +192,8 @@ def restart_other_plan(store: RunStore, plan: str) -> bool:
 
 def _load_saes(ctx, requests: pl.DataFrame) -> dict:
     """{(layer, kind): its SAE} for the feature kinds requested."""
-    pairs = requests.select("layer", "kind").unique().filter(pl.col("kind") != "channel").rows()
-    return {(layer, kind): ctx.sae(layer, kind) for layer, kind in pairs}
+    pairs = requests.select("layer", "kind").unique().rows()
+    return {(layer, kind): ctx.sae(layer, kind) for layer, kind in pairs if is_feature(kind)}
 
 
 @torch.no_grad()

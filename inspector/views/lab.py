@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
+from backend.run.schema import is_feature
 from inspector import live, overlay, queries, ui
 
 LOADED = "lab.loaded"
@@ -100,13 +101,13 @@ if prompts:
 if GEN not in st.session_state:
     st.stop()
 layer, kind, prompt, seed, n_steps, guidance = st.session_state[GEN]
-if kind != "channel" and (layer, kind) not in sae_dirs:
+if is_feature(kind) and (layer, kind) not in sae_dirs:
     st.info(f"`{layer}` has no SAE for {ui.kind_label(kind)} in this run; showing channels")
     kind = "channel"
 sae, sae_dir = None, ""
 try:
     with st.spinner("generating ..."):
-        if kind != "channel":
+        if is_feature(kind):
             sae_dir = str(queries.safe_path(run.path, sae_dirs[(layer, kind)]))
             sae = live.load_sae(sae_dir, device)
         cap = live.capture(model, spec, layer, prompt, seed, n_steps, guidance, read, kind, sae, sae_dir, device,

@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
+from backend.run.schema import is_feature
 from inspector import charts, overlay, queries, ui
 
 PAGE_SIZE = 8
@@ -207,7 +208,7 @@ with left:
         else:
             charts.show(charts.histogram_chart(h["hist"], f"spatial {stat} per (generation, step)"))
             note = f"{h['rows']:,} recorded values"
-            if kind == "feature" and h["pairs"]:
+            if is_feature(kind) and h["pairs"]:
                 note += f" (active rows only, of {h['pairs']:,} (generation, step) pairs)"
             st.caption(note)
 with right:
