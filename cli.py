@@ -279,8 +279,8 @@ def export_sae(
     """Export trained SAEs for other tools (SAELens: `SAE.load_from_disk(dir)`)."""
     from backend.stages.sae import export_saes
 
-    for name, path in export_saes(run, layer or None, format, out, sae_id=name).items():
-        typer.echo(f"{name}: {path}")
+    for exported, path in export_saes(run, layer or None, format, out, sae_id=name).items():
+        typer.echo(f"{exported}: {path}")
 
 
 def _print_analysis(summary: dict) -> None:
