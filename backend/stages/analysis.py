@@ -60,13 +60,7 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     part_keys = {p.name: partition_key(inputs, p, cfg) for p in inputs.partitions}
     todo = _todo(store, before, key, part_keys)
     everything = set(todo) == set(part_keys) or not before.get("partition_keys")
-    if everything:
-        outputs = [f"tables/{t}" for t in tables_of_stage(STAGE)] + [f"tables/{t}.parquet"
-                                                                    for t in tables_of_stage(STAGE)]
-        clear = [*outputs, "_work/analysis", "media/plots"]
-    else:
-        clear = ["_work/analysis"] + _partition_outputs(store, [*todo, *(set(before.get("partition_keys") or {})
-                                                                       - set(part_keys))])
+    clear = _outputs(store, before, todo, part_keys, everything)
     if store.begin_stage(STAGE, key, clear=clear, started=t0, config=cfg.to_dict(), pending=inputs.pending,
                          partitions=[p.name for p in inputs.partitions], partition_keys=part_keys, todo=todo):
         store.clear_stage_markers(REPLAY_STAGE)
@@ -103,6 +97,16 @@ def _todo(store: RunStore, before: dict, key: str, part_keys: dict[str, str]) ->
     old = before.get("partition_keys") or {}
     return [n for n, k in part_keys.items()
             if old.get(n) != k or not (store.partition_dir("units", *n.split("/", 1)) / f"{SHARD}.parquet").is_file()]
+
+
+def _outputs(store: RunStore, before: dict, todo: list[str], part_keys: dict, everything: bool) -> list[str]:
+    """What a changed key clears: every output, or those of the partitions recomputed and of the ones gone."""
+    if everything:
+        tables = tables_of_stage(STAGE)
+        return [f"tables/{t}" for t in tables] + [f"tables/{t}.parquet" for t in tables] + ["_work/analysis",
+                                                                                          "media/plots"]
+    gone = set(before.get("partition_keys") or {}) - set(part_keys)
+    return ["_work/analysis"] + _partition_outputs(store, [*todo, *sorted(gone)])
 
 
 def _partition_outputs(store: RunStore, names: list[str]) -> list[str]:
