@@ -144,3 +144,27 @@ def test_train_sae_without_options_uses_the_run_settings(demo_run, trained):
     assert {p: p.read_bytes() for p in (demo_run.out_dir / "sae").rglob("sae.safetensors")} == untouched
     saved = json.loads((demo_run.out_dir / "manifest.json").read_text())["config"]["sae"]
     assert saved["k"] == 8
+
+
+def test_replacing_the_default_sae_of_a_format_2_layer_keeps_its_other_saes(tmp_path):
+    """A format-2 layer keeps its SAE in sae/<layer>/ itself (an export beside it); a new default SAE moves it
+    aside file by file and lands in sae/<layer>/default/, and an SAE added to the layer since stays."""
+    from intervention_runs import random_sae
+
+    from backend.run.store import RunStore
+    from backend.stages.sae import swap_in, work_dir
+    from sae.io import save_sae
+
+    store = RunStore(tmp_path / "run")
+    legacy = store.root / "sae" / LAYER
+    save_sae(random_sae(), legacy)
+    (legacy / "saelens").mkdir()
+    (legacy / "saelens" / "cfg.json").write_text("{}")
+    save_sae(random_sae(), legacy / "k4")
+    k4 = (legacy / "k4" / "sae.safetensors").read_bytes()
+    assert store.saes() == [(LAYER, "default"), (LAYER, "k4")] and store.sae_dir(LAYER) == legacy
+    save_sae(random_sae(), work_dir(store, LAYER))
+    swap_in(store, LAYER)
+    assert store.saes() == [(LAYER, "default"), (LAYER, "k4")] and store.sae_dir(LAYER) == legacy / "default"
+    assert sorted(p.name for p in legacy.iterdir()) == ["default", "k4"]
+    assert (legacy / "k4" / "sae.safetensors").read_bytes() == k4
