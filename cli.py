@@ -90,6 +90,10 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace what differs (a run of
                                                  "with other settings) instead of refusing.")]
 RunOpt = Annotated[Path, typer.Option(help="Run directory.")]
 LayerOpt = Annotated[list[str] | None, typer.Option("--layer", "-l", help="Layer; repeat for several.")]
+SAENameOpt = Annotated[str | None, typer.Option(
+    "--name", help="The id of the SAE to train (sae/<layer>/<id>/, unit kind feature.<id>), with [sae]'s settings "
+                   "changed by [sae.variants.<id>] if configured. [default: every configured SAE: default and the "
+                   "variants]")]
 
 RUN_OPTIONS = (Opt("", ["name", "runs_dir", "model", "prompts", "device", "dtype"]),
                Opt("capture", rename={"layers": "layer"}))
@@ -142,10 +146,11 @@ def _print_capture(summary) -> None:
 
 
 def _print_saes(run: Path, results: dict) -> None:
-    for name, m in results.items():
+    for name, m in results.items():  # name: the layer (its default SAE) or layer:sae_id
+        layer, _, sae_id = name.partition(":")
         splice = f", loss recovered {m['frac_loss_recovered']:.1%}" if "frac_loss_recovered" in m else ""
         typer.echo(f"  SAE {name}: FVU {m['fvu']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.1%}{splice} "
-                   f"-> {run}/sae/{name}/")
+                   f"-> {run}/sae/{layer}/{sae_id or 'default'}/")
 
 
 def _next_steps(out_dir: Path) -> None:
@@ -187,7 +192,9 @@ def query(
 def capture(
     overrides: dict, config: ConfigOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False,
     sae: Annotated[list[str] | None, typer.Option(
-        help="LAYER=PATH of a trained SAE: also record its feature activity (on a finished run: only that).")] = None,
+        help="LAYER=PATH of a trained SAE (the layer's default SAE, kind feature), or LAYER:ID=PATH (another SAE "
+             "of the layer, kind feature.ID): also record its feature activity (on a finished run: only that, for "
+             "the SAEs whose activity the run does not hold yet); repeat for several.")] = None,
 ) -> None:
     """Generate images for a prompt set and record per-timestep activity of the chosen layers."""
     from backend.stages.capture import capture_with_saes
@@ -229,12 +236,36 @@ def run_all(overrides: dict, config: ConfigOpt = None, set_: SetOpt = None, over
 @config_options(Opt("sae", ["layers", "architecture", "expansion", "k", "total_tokens", "batch_size", "lr",
                             "splice_samples"], rename={"layers": "layer"}))
 def train_sae(overrides: dict, run: RunOpt = Path("runs/demo"), config: ConfigOpt = None, set_: SetOpt = None,
-              overwrite: OverwriteOpt = False, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None) -> None:
-    """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/ and tables/sae_training."""
+              overwrite: OverwriteOpt = False, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
+              name: SAENameOpt = None) -> None:
+    """Train an SAE per captured layer (resumes from its checkpoint); writes sae/<layer>/<id>/ and
+    tables/sae_training."""
     from backend.stages.sae import train_saes
 
     ctx, cfg = _model_run_context(run, device, dtype, config, overrides, set_, loads=False)
-    _print_saes(run, train_saes(ctx, cfg.sae, overwrite=overwrite))
+    _print_saes(run, train_saes(ctx, cfg.sae, overwrite=overwrite, sae_ids=[name] if name else None))
+
+
+@app.command("import-sae")
+@user_errors
+def import_sae(
+    path: Annotated[Path, typer.Argument(help="Directory of the SAE checkpoint.")],
+    layer: Annotated[str, typer.Option("--layer", "-l", help="The run's layer the SAE was trained on.")],
+    run: RunOpt = Path("runs/demo"),
+    name: Annotated[str, typer.Option(help="The SAE's id in the run (sae/<layer>/<id>/; unit kind feature.<id>, or "
+                                           "feature for `default`).")] = "default",
+    overwrite: Annotated[bool, typer.Option(help="Replace an SAE of the same id (its feature activity and "
+                                                 "analysis are redone).")] = False,
+) -> None:
+    """Copy an SAE checkpoint into a run as one of its layer's SAEs (our format, with its provenance in cfg.json)."""
+    from backend.stages.sae_import import import_sae as run_import
+
+    r = run_import(run, path, layer, name, overwrite=overwrite)
+    typer.echo(f"imported {path} ({r['source_format']}, {r['d_in']} -> {r['n_latents']} latents) as SAE "
+               f"{r['sae_id']!r} of {layer} (kind {r['kind']}) -> {r['dir']}/"
+               + (" (replaced; its features and analysis are stale)" if r["replaced"] else ""))
+    typer.echo(f"next: python cli.py capture --runs-dir {run.parent} --name {run.name} "
+               f"--sae {layer}:{r['sae_id']}={r['dir']}  (then python cli.py analyze --run {run})")
 
 
 @app.command("export-sae")
@@ -243,13 +274,14 @@ def export_sae(
     run: Annotated[Path, typer.Option(help="Run directory with trained SAEs.")] = Path("runs/demo"),
     layer: LayerOpt = None,
     format: Annotated[str, typer.Option("--format", help="Target format: saelens.")] = "saelens",
-    out: Annotated[Path | None, typer.Option(help="Output directory (default: sae/<layer>/<format>/).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: sae/<layer>/<id>/<format>/).")] = None,
+    name: Annotated[str, typer.Option(help="The id of the SAE to export (of each layer).")] = "default",
 ) -> None:
     """Export trained SAEs for other tools (SAELens: `SAE.load_from_disk(dir)`)."""
     from backend.stages.sae import export_saes
 
-    for name, path in export_saes(run, layer or None, format, out).items():
-        typer.echo(f"{name}: {path}")
+    for exported, path in export_saes(run, layer or None, format, out, sae_id=name).items():
+        typer.echo(f"{exported}: {path}")
 
 
 def _print_analysis(summary: dict) -> None:
@@ -338,7 +370,8 @@ def dream(
     run: RunOpt = Path("runs/demo"),
     layer: Annotated[str, typer.Option(help="Hook point of the unit (see `python cli.py layers`).")]
     = "up_blocks.1.attentions.1",
-    kind: Annotated[str, typer.Option(help="channel, or feature (needs the run's SAE of the layer).")] = "channel",
+    kind: Annotated[str, typer.Option(help="channel, feature (the layer's default SAE) or feature.<id> (another SAE "
+                                           "of the layer).")] = "channel",
     unit: Annotated[int, typer.Option(help="Channel index, or SAE feature index.")] = 0,
     config: ConfigOpt = None, set_: SetOpt = None,
     device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
@@ -444,7 +477,8 @@ def _doc(section: str, name: str) -> str:
 def steer(
     layer: Annotated[str, typer.Option("--layer", "-l", help="Hook point whose output is steered.")],
     unit: Annotated[int, typer.Option(help="Channel or feature index.")],
-    kind: Annotated[str, typer.Option(help="channel, or feature (an SAE decoder row; needs sae/<layer>/).")]
+    kind: Annotated[str, typer.Option(help="channel, feature (a decoder row of the layer's default SAE) or "
+                                           "feature.<id> (of another SAE of the layer).")]
     = "feature",
     run: RunOpt = Path("runs/demo"),
     scale: Annotated[float | None, typer.Option(help=_doc("interventions", "steer_scale"))] = None,
@@ -479,7 +513,8 @@ def steer_report(
     run: RunOpt = Path("runs/demo"),
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="Layer. [default: every layer in concepts]")]
     = None,
-    kind: Annotated[str, typer.Option(help="feature or channel.")] = "feature",
+    kind: Annotated[str, typer.Option(help="feature, feature.<id> (another SAE of the layer) or channel.")]
+    = "feature",
     scale: Annotated[float | None, typer.Option(help="Relative strength. [default: 6, chosen on the demo]")] = None,
     window: Annotated[str, typer.Option(help="late, all, active, or an inclusive window 3-8.")] = "late",
     mask: Annotated[str, typer.Option(help="object (the shape in each baseline), none, or a region.")] = "object",
@@ -507,7 +542,9 @@ def steer_report(
 @app.command()
 @user_errors
 def edit(
-    layer: Annotated[str, typer.Option("--layer", "-l", help="Layer with an SAE (sae/<layer>/).")],
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Layer with an SAE (sae/<layer>/<id>/).")],
+    kind: Annotated[str, typer.Option(help="The SAE whose features are edited: feature (the layer's default SAE) or "
+                                           "feature.<id>.")] = "feature",
     run: RunOpt = Path("runs/demo"),
     preset: Annotated[list[str] | None, typer.Option("--preset", help="none, frequent, rare, all; repeat. "
                                                                       "[default: all four]")] = None,
@@ -530,7 +567,7 @@ def edit(
     res = edit_run(ctx, layer, presets=tuple(preset) if preset else PRESETS,
                    n=iv.edit_features if n is None else n, zero=zero or (), scale=scale_feature or (),
                    factor=factor, prompts=prompt,
-                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window)
+                   seeds=iv.steer_seeds if seeds is None else _seeds(seeds), steps=window, kind=kind)
     for (name,), rows in res.rows.group_by(["preset"], maintain_order=True):
         typer.echo(f"  {name:<14} {len(rows['features'][0]):>5} features  mean effect {rows['effect'].mean():.3f}")
     typer.echo(f"grid: {res.grid}\ntable: {res.shard}")

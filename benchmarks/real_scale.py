@@ -160,7 +160,7 @@ def bench(family: str, model_dir: Path, work: Path, threads: int) -> dict:
     print(f"{family}: {model_dir.name}, batch 2, 2 steps (PNDM calls the denoiser 3 times), layer {LAYER[family]}")
     _stage("capture", _capture, (cfg,), results)
     _stage("sae", _sae, (cfg,), results)
-    _stage("features", _capture, (cfg, str(cfg.out_dir / "sae" / LAYER[family])), results)
+    _stage("features", _capture, (cfg, str(cfg.out_dir / "sae" / LAYER[family] / "default")), results)
     _stage("analysis", _analysis, (cfg,), results)
     _stage("dream", _dream, (cfg,), results)
     return results

@@ -204,6 +204,9 @@ def sae_training_template(height: int):
 
 def sae_training_chart(curve: pl.DataFrame, height: int = 220) -> dict[str, Any]:
     """SAE training curves: FVU (log scale) and L0 against tokens seen, one colour per layer."""
+    if "kind" in curve.columns:  # several SAEs per layer: one line per SAE, named layer:sae_id past the default
+        curve = curve.with_columns(layer=pl.when(pl.col("kind") == "feature").then(pl.col("layer"))
+                                   .otherwise(pl.col("layer") + ":" + pl.col("kind").str.strip_prefix("feature.")))
     return _fill(sae_training_template(height), curve=curve.select("layer", "step", "tokens", "fvu", "l0"))
 
 
@@ -212,8 +215,7 @@ def concept_summary_template(height: int):
     return (alt.Chart(alt.Data(name="summary")).mark_bar()
             .encode(x=alt.X("layer:N", title=None), xOffset="kind:N",
                     y=alt.Y("mean_best_auroc:Q", title="mean best AUROC", scale=alt.Scale(domain=[0.5, 1.0])),
-                    color=alt.Color("kind:N", scale=alt.Scale(domain=["channel", "feature"],
-                                                              range=["#9ecae9", "#3182bd"])),
+                    color=alt.Color("kind:N", scale=alt.Scale(scheme="blues")),
                     tooltip=["layer:N", "kind:N", alt.Tooltip("mean_best_auroc:Q", format=".3f")])
             .properties(height=height))
 

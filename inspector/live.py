@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
+from backend.run.schema import is_feature
+
 THREADS_ENV = "DIFFLENS_LAB_THREADS"
 """Torch threads for the Lab's model (default: 1 for the demo model, torch's default otherwise)."""
 TOP_KEPT = 32
@@ -43,7 +45,7 @@ class Capture:
     image: np.ndarray
     """uint8 [H, W, 3]."""
     kind: str
-    """"channel", or "feature" (the SAE's codes of the layer)."""
+    """"channel", or a feature kind: "feature" / "feature.<sae_id>" (the codes of that SAE of the layer)."""
     means: np.ndarray
     """[S, U] float32: every unit's mean over the tokens, per step (S denoiser calls)."""
     maxes: np.ndarray
@@ -209,7 +211,7 @@ def summarise(tokens_TC, kind: str = "channel", sae=None, keep: int = TOP_KEPT) 
     with torch.no_grad():
         x = tokens_TC.float()
         t = x.shape[0]
-        if kind == "feature":
+        if is_feature(kind):
             codes = sae.encode(x.to(sae.W_dec.dtype))
             vals, idx = codes.values.float(), codes.indices
             n = int(sae.cfg.n_latents)
@@ -220,7 +222,7 @@ def summarise(tokens_TC, kind: str = "channel", sae=None, keep: int = TOP_KEPT) 
         else:
             mean, mx = x.mean(0), x.amax(0)
         top = torch.sort(mean, descending=True, stable=True).indices[:keep]
-        if kind == "feature":
+        if is_feature(kind):
             slot = torch.full((n,), -1, dtype=torch.long, device=x.device)
             slot[top] = torch.arange(len(top), device=x.device)
             s = slot[idx]
@@ -328,7 +330,7 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
         n_channels = layer_channels(model, layer)
         edits = []
         for kind, unit, strength in items:
-            direction = unit_direction(kind, int(unit), n_channels, sae if kind == "feature" else None)
+            direction = unit_direction(kind, int(unit), n_channels, sae if is_feature(kind) else None)
             edits.append(steering_edit(direction, strength_schedule(float(strength), window, n_steps), mask_HW))
 
         def edit(tokens, step):
@@ -356,7 +358,7 @@ def strength_unit(kind: str, unit: int, unit_max: float | None, sae=None) -> flo
     """What strength 1.0 (relative) means for a unit: its largest recorded activation (x its decoder-row norm for a
     feature), as backend.interventions.steer does; 1.0 when the run has no units table."""
     ref = float(unit_max) if unit_max else 1.0
-    if kind == "feature" and sae is not None:
+    if is_feature(kind) and sae is not None:
         from backend.interventions.directions import decoder_norm
 
         ref *= decoder_norm(sae, unit)

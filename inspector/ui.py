@@ -139,6 +139,15 @@ def write_url(values: dict[str, object]) -> None:
         written[key] = text
 
 
+def kind_label(kind: str) -> str:
+    """How a kind shows in a picker: which SAE a feature kind is (`feature` is the layer's default SAE; deep links
+    name another with kind=feature.<sae_id>)."""
+    from backend.run.schema import sae_id_of
+
+    sae_id = sae_id_of(kind)
+    return kind if sae_id is None else f"{kind} (SAE {sae_id})"
+
+
 def clamp_state(key: str, options: list, default=None) -> None:
     """Reset a widget's state when it holds a value that is not among its options (e.g. from a stale link)."""
     if key in st.session_state and st.session_state[key] not in options:

@@ -105,7 +105,8 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
         "dead_frac": np.linspace(0.5, 0.0, 10).astype(np.float32), "lr": np.full(10, 1e-3, np.float32)}),
         layer=L_MID, kind="feature")
     store.write_table("sae_metrics", pa.Table.from_pylist([{
-        "layer": L_MID, "fvu": 0.05, "l0": 4.0, "dead_frac": 0.1, "dense_frac": 0.0, "tokens": 40960, "seconds": 3.5,
+        "layer": L_MID, "sae_id": "default", "fvu": 0.05, "l0": 4.0, "dead_frac": 0.1, "dense_frac": 0.0,
+        "tokens": 40960, "seconds": 3.5,
         "loss_clean": 0.01, "loss_spliced": 0.011, "loss_zero": 0.2, "frac_loss_recovered": 0.95,
         "splice_samples": 8}]))
     if optional:

@@ -112,7 +112,7 @@ def stub_sae_training(monkeypatch):
 
     devices = []
 
-    def fake_train(store, layer, cfg, progress, write=True, device="cpu", key=""):
+    def fake_train(store, layer, cfg, progress, write=True, device="cpu", key="", sae_id="default"):
         devices.append(device)
         return {"fvu": 0.1, "l0": 16.0, "dead_frac": 0.0, "dense_frac": 0.0, "tokens": 1, "seconds": 0.0}
 

@@ -78,15 +78,19 @@ def pair_name(group_a: str, group_b: str) -> str:
 
 
 def write_comparison(store, freqs: pl.DataFrame, ranked: pl.DataFrame, group_a: str, group_b: str,
-                     top_n: int = 5) -> Path:
-    """Write the comparisons rows (one shard per layer/kind and pair) and the histogram PNG; returns its path."""
+                     top_n: int = 5, only: set[tuple[str, str]] | None = None) -> Path:
+    """Write the comparisons rows (one shard per layer/kind and pair; only the (layer, kind)s in `only` when
+    given: the others' shards are left as they are) and the histogram PNG of every layer/kind; returns its
+    path."""
     from backend.analysis.plots import frequency_histogram
 
     name = pair_name(group_a, group_b)
     panels = []
     for (layer, kind), part in freqs.group_by(["layer", "kind"], maintain_order=True):
         rows = ranked.filter((pl.col("layer") == layer) & (pl.col("kind") == kind))
-        store.write_table_shard("comparisons", name, rows.drop("layer", "kind").to_arrow(), layer=layer, kind=kind)
+        if only is None or (layer, kind) in only:
+            store.write_table_shard("comparisons", name, rows.drop("layer", "kind").to_arrow(), layer=layer,
+                                    kind=kind)
         fa = part.filter(pl.col("group") == group_a).sort("unit")["freq"].to_numpy()
         fb = part.filter(pl.col("group") == group_b).sort("unit")["freq"].to_numpy()
         marked = list(zip(rows["unit"].head(top_n).to_list(), rows["freq_a"].head(top_n).to_list(), strict=True))

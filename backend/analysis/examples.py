@@ -38,6 +38,7 @@ from backend.errors import DifflensError
 from backend.models.hooks import HookEvent, read_activations
 from backend.run.config import AnalysisConfig
 from backend.run.context import RunContext
+from backend.run.schema import is_feature
 from backend.run.store import RunStore, shard_name
 
 REPLAY_STAGE = "analysis-heatmaps"
@@ -200,8 +201,9 @@ def restart_other_plan(store: RunStore, plan: str) -> bool:
 
 
 def _load_saes(ctx, requests: pl.DataFrame) -> dict:
-    layers = requests.filter(pl.col("kind") == "feature")["layer"].unique().to_list()
-    return {layer: ctx.sae(layer) for layer in layers}
+    """{(layer, kind): its SAE} for the feature kinds requested."""
+    pairs = requests.select("layer", "kind").unique().rows()
+    return {(layer, kind): ctx.sae(layer, kind) for layer, kind in pairs if is_feature(kind)}
 
 
 @torch.no_grad()
@@ -218,7 +220,7 @@ def _maps_table(mine: pl.DataFrame, keeper: _Keeper, saes: dict, cfg: AnalysisCo
         if kind == "channel":
             maps_UT = tok_TC[:, units].T
         else:
-            sae = saes[layer]
+            sae = saes[(layer, kind)]
             maps_UT = sae.encode(tok_TC.to(sae.W_dec.device, sae.W_dec.dtype), dense=True)[:, units.to(
                 sae.W_dec.device)].T.float().cpu()
         maps = maps_UT.numpy()

@@ -18,6 +18,7 @@ import polars as pl
 from backend.errors import DifflensError
 from backend.run.config import AnalysisConfig
 from backend.run.context import RunContext, as_context
+from backend.run.schema import DEFAULT_SAE, is_feature, sae_id_of
 from backend.run.store import RunStore
 
 
@@ -90,27 +91,36 @@ def _partitions(store: RunStore, manifest: dict) -> tuple[list[Partition], list[
         files = sorted(str(p) for p in kind_dir.glob("*.parquet"))
         if not files:
             continue
-        if kind == "feature" and features_stage is not None and features_stage.get("status") != "done":
-            pending.append(f"{layer}/feature: the feature pass has not finished (rerun run-all)")
+        if is_feature(kind) and _being_recorded(features_stage, layer, sae_id_of(kind)):
+            pending.append(f"{layer}/{kind}: the feature pass has not finished (rerun run-all)")
             continue
         out.append(Partition(layer, kind, files, _n_units(store, layer, kind, files)))
     return out, pending
 
 
+def _being_recorded(record: dict | None, layer: str, sae_id: str) -> bool:
+    """An unfinished features pass is recording this SAE (a format-2 record names none: then every SAE)."""
+    if record is None or record.get("status") == "done":
+        return False
+    recording = record.get("recording")
+    return recording is None or sae_id in recording.get(layer, [])
+
+
 def _n_units(store: RunStore, layer: str, kind: str, files: list[str]) -> int:
     """Channels: as recorded; features: the SAE's width (never-active features still count as units)."""
-    cfg_path = store.sae_dir(layer) / "cfg.json"
-    if kind == "feature" and cfg_path.is_file():
+    cfg_path = store.sae_dir(layer, sae_id_of(kind) or DEFAULT_SAE) / "cfg.json"
+    if is_feature(kind) and cfg_path.is_file():
         return int(json.loads(cfg_path.read_text())["n_latents"])
     with duckdb.connect() as con:
         top = con.execute("SELECT max(unit) FROM read_parquet(?)", [files]).fetchone()[0]
     return int(top) + 1 if top is not None else 0
 
 
-def fingerprint(inputs: RunInputs) -> str:
-    """Changes whenever an input table file changes (name, size or modification time)."""
+def fingerprint(inputs: RunInputs, partitions: list[Partition] | None = None) -> str:
+    """Changes whenever an input table file changes (name, size or modification time): the activity files of the
+    partitions (default: every partition) and the generations files."""
     h = hashlib.sha256()
-    paths = [f for p in inputs.partitions for f in p.files]
+    paths = [f for p in (inputs.partitions if partitions is None else partitions) for f in p.files]
     paths += sorted(str(p) for p in inputs.store.table_dir("generations").glob("*.parquet"))
     for path in paths:
         st = Path(path).stat()

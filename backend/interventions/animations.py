@@ -78,7 +78,7 @@ def unit_maps_SHW(ctx: RunContext, layer: str, kind: str, units: list[int], gen_
     order = sorted(set(gen_ids))
     by_id = {int(r["gen_id"]): r for r in gens.iter_rows(named=True)}
     model = ctx.model
-    sae = ctx.sae(layer) if is_feature(kind) else None
+    sae = ctx.sae(layer, kind) if is_feature(kind) else None
     steps: list[torch.Tensor] = []
     half = "cond" if ctx.half == "both" else ctx.half
 

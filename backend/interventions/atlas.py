@@ -308,7 +308,7 @@ def run_prior_batch(ctx: RunContext, plan: AtlasPlan, batch: Batch) -> None:
     from backend.fileio import atomic_write_with
 
     layer, kind, seeds = plan.layer, plan.kind, [int(s) for s in plan.prior.seeds]
-    sae = ctx.sae(layer) if is_feature(kind) else None
+    sae = ctx.sae(layer, kind) if is_feature(kind) else None
     plans = priors.plan_priors(ctx.units(layer, kind), kind, batch.units, plan.prior, ctx.n_channels(layer), sae,
                                plan.prior_steps, plan.n_steps)
     latents, images = priors.steered_priors(ctx.model, layer, plans, seeds, plan.prior_steps)
@@ -348,7 +348,7 @@ def run_dream_batch(ctx: RunContext, plan: AtlasPlan, batch: Batch) -> None:
                for group in ([tuple(targets[unit])] if cfg.joint else [(t,) for t in targets[unit]])]
     init = (load_prior_latents(ctx, layer, kind, [(s.unit, s.seed) for s in samples])
             if cfg.init == "prior" else None)
-    sae = ctx.sae(layer) if is_feature(kind) else None
+    sae = ctx.sae(layer, kind) if is_feature(kind) else None
     results = dreams.dream_samples(ctx.model, layer, kind, samples, cfg, sae, ctx.read, plan.n_steps, init)
     rows = []
     for res in results:

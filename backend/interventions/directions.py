@@ -9,14 +9,13 @@ This module owns
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from backend.errors import DifflensError
 from backend.run.context import check_kind, check_unit
 
-Kind = Literal["channel", "feature"]
+Kind = str
+"""channel, feature (the layer's default SAE) or feature.<sae_id> (another SAE of the layer)."""
 
 
 def unit_direction(kind: Kind, unit: int, n_channels: int, sae=None) -> torch.Tensor:

@@ -477,7 +477,7 @@ def check_dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sa
     from backend.run.context import check_unit as check
 
     check_kind(kind)
-    if kind == "feature" and sae is None:
+    if is_feature(kind) and sae is None:
         raise DifflensError(f"feature dreams need an SAE trained on {layer!r}; train one with "
                             "`python cli.py train-sae`, or dream a channel (--kind channel)")
     channels = layer_channels(model, layer)
@@ -486,7 +486,7 @@ def check_dream_unit(model: DiffusionModel, layer: str, kind: str, unit: int, sa
     if channels != sae.cfg.d_in:
         raise DifflensError(f"the SAE takes {sae.cfg.d_in}-dim inputs but {layer!r} has {channels} channels; "
                             "use the SAE trained on this layer")
-    return check("feature", unit, int(sae.cfg.n_latents), layer)
+    return check(kind, unit, int(sae.cfg.n_latents), layer)
 
 
 # ---------------------------------------------------------------------------------------------- one dream
@@ -904,7 +904,7 @@ def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cf
     if cfg.init == "prior" and init_latents is None:
         init_latents = prior_latents(ctx, layer, kind, unit, cfg.seeds)
     model = model if model is not None else ctx.model
-    sae = ctx.sae(layer) if is_feature(kind) else None
+    sae = ctx.sae(layer, kind) if is_feature(ctx.check_kind(layer, kind)) else None
     if progress:
         for note in notes:
             tqdm.write(note)

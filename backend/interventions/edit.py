@@ -40,6 +40,7 @@ from backend.interventions.media import (
 from backend.interventions.windows import Steps, check_finite, describe_window, parse_steps, step_window
 from backend.models.base import DiffusionModel, to_uint8
 from backend.run.context import RunContext, as_context, check_unit
+from backend.run.schema import is_feature
 
 PRESETS = ("none", "frequent", "rare", "all")
 
@@ -60,7 +61,7 @@ def feature_edit(sae, zero: Sequence[int] = (), scale: Sequence[int] = (), facto
     sum_k (edited_k - codes_k) W_dec[k], times the token's scale for per-token normalised SAEs."""
     n = sae.cfg.n_latents
     factor = check_finite("factor", factor)
-    zero = sorted({check_unit("feature", u, n) for u in zero})
+    zero = sorted({check_unit("feature", u, n) for u in zero})  # (the kind only names the unit in an error)
     scale = sorted({check_unit("feature", u, n) for u in scale} - set(zero))
     dev = sae.W_dec.device
     zero_t = torch.tensor(zero, dtype=torch.long, device=dev)
@@ -100,8 +101,10 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
              zero: Sequence[int] = (), scale: Sequence[int] = (), factor: float = 0.0,
              prompts: Sequence[str] | None = None, seeds: Sequence[int] = DEFAULT_SEEDS, steps: Steps = "all",
              n_steps: int | None = None, guidance: float | None = None,
-             model: DiffusionModel | None = None) -> InterventionResult:
+             model: DiffusionModel | None = None, kind: str = "feature") -> InterventionResult:
     """Zero / scale SAE features of layer and generate each edit next to the unedited image.
+
+    kind names the SAE: feature (the layer's default SAE) or feature.<sae_id>; its rows go to that partition.
 
     Edits: each preset (none, frequent, rare, all: zero that many / every / no feature), a custom `zero` list, and,
     when `scale` lists features, scaling them by `factor` (negative too). Samples are prompts x seeds (default
@@ -110,8 +113,10 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     ctx = as_context(run_dir, model=model)
     ctx.store.remove_stale_temporaries()
     model = ctx.model
-    sae = ctx.sae(layer)
-    edits = build_edits(ctx, layer, sae, presets, n, zero, scale, factor)
+    if not is_feature(ctx.check_kind(layer, kind)):
+        raise DifflensError(f"edits change SAE features: kind {kind!r} is not one; use feature or feature.<sae_id>")
+    sae = ctx.sae(layer, kind)
+    edits = build_edits(ctx, layer, sae, presets, n, zero, scale, factor, kind)
     n_steps = n_steps or ctx.n_steps
     guidance = ctx.guidance if guidance is None else guidance
     steps = parse_steps(steps)
@@ -122,7 +127,8 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     samples = _samples(ctx, prompts, seeds)
     s_prompts, s_seeds = [p for p, _ in samples], [s for _, s in samples]
     baseline = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, None, n_steps, guidance))
-    key = digest([layer, [asdict(e) for e in edits], samples, n_steps, guidance, window])
+    key = digest([layer, [asdict(e) for e in edits], samples, n_steps, guidance, window]
+                 + ([] if kind == "feature" else [kind]))  # (the default SAE's digests as before)
     folder = f"media/edit/{safe_name(layer)}/{key}"
     base_rel = [ctx.store.write_png(f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", baseline[i])
                 for i, s in enumerate(s_seeds)]
@@ -140,14 +146,14 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
         labels += [f"{edit.name} d={f.effect:.2f}" for f in fx]
     table = ctx.store.table_from_rows("interventions", rows)
     grid = write_grid(ctx.store, f"{folder}/grid.png", np.concatenate(grid_images), labels, cols=len(samples))
-    shard = ctx.store.write_table_shard("interventions", f"edit-{key}", table, layer=layer, kind="feature")
-    return InterventionResult(with_partition(table, layer, "feature"), grid, shard, {"edits": edits})
+    shard = ctx.store.write_table_shard("interventions", f"edit-{key}", table, layer=layer, kind=kind)
+    return InterventionResult(with_partition(table, layer, kind), grid, shard, {"edits": edits})
 
 
 def build_edits(ctx: RunContext, layer: str, sae, presets: Sequence[str], n: int, zero: Sequence[int],
-                scale: Sequence[int], factor: float) -> list[FeatureEdit]:
+                scale: Sequence[int], factor: float, kind: str = "feature") -> list[FeatureEdit]:
     """The FeatureEdits of edit_run: one per preset, a custom zero list, a scaled set."""
-    units = ctx.units(layer, "feature") if any(p in ("frequent", "rare") for p in presets) else None
+    units = ctx.units(layer, kind) if any(p in ("frequent", "rare") for p in presets) else None
     edits = [FeatureEdit(p, zero=preset_features(units, p, n, sae.cfg.n_latents)) for p in presets]
     if zero:
         edits.append(FeatureEdit("custom", zero=tuple(int(u) for u in zero)))

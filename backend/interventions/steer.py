@@ -57,6 +57,7 @@ from backend.interventions.windows import (
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import Half
 from backend.run.context import RunContext, as_context, check_unit
+from backend.run.schema import is_feature
 from backend.run.store import RunStore
 
 Mode = Literal["prior", "prompt"]
@@ -157,7 +158,7 @@ def resolve_strength(ctx: RunContext, spec: SteerSpec, sae) -> tuple[float, tupl
     if spec.strength is not None:
         return check_finite("strength", spec.strength), active
     scale = check_finite("scale", spec.scale)
-    ref = typical * (decoder_norm(sae, spec.unit) if spec.kind == "feature" else 1.0)
+    ref = typical * (decoder_norm(sae, spec.unit) if is_feature(spec.kind) else 1.0)
     if ref <= 0 and scale != 0:
         raise DifflensError(f"{spec.kind} {spec.unit} of {spec.layer} never activates in this run (max 0), so a "
                             "relative scale means nothing; give an absolute --strength")
@@ -177,7 +178,7 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
         raise DifflensError("give at least one seed")
     model = ctx.model
     n_channels = ctx.n_channels(spec.layer)
-    sae = ctx.sae(spec.layer) if spec.kind == "feature" else None
+    sae = ctx.sae(spec.layer, spec.kind) if is_feature(ctx.check_kind(spec.layer, spec.kind)) else None
     if spec.kind == "channel":
         ctx.check_unit(spec.layer, "channel", spec.unit)
     direction_C = unit_direction(spec.kind, spec.unit, n_channels, sae)

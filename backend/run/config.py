@@ -29,6 +29,10 @@ A run.toml looks like this (every key optional; these are the defaults for the d
     total_tokens = 4_000_000
     splice_samples = 32                 # generations used by the splice test (0: skip it)
 
+    [sae.variants.k8]                   # another SAE per layer, id k8 (kind feature.k8): [sae] with these changes
+    k = 8
+    expansion = 16
+
     [analysis]                          # every field of AnalysisConfig below
     top_k_channels = 20                 # a channel is active when among its step's top-k channels
     examples_top_n = 8                  # top generations per unit (over all steps and per peak step)
@@ -91,7 +95,13 @@ class CaptureConfig:
 
 @dataclass
 class SAEStageConfig(SAETrainConfig):
-    """SAE training settings of a run (see sae.train.SAETrainConfig), plus what the stage adds around it."""
+    """SAE training settings of a run (see sae.train.SAETrainConfig), plus what the stage adds around it.
+
+    Its SAETrainConfig fields are the settings of each layer's `default` SAE (unit kind `feature`). `variants`
+    adds more SAEs per layer, each under its own id (sae/<layer>/<id>/, unit kind `feature.<id>`): in TOML a table
+    `[sae.variants.<id>]` of the SAETrainConfig fields that differ from [sae] (e.g. `k = 8`, `expansion = 16`); on
+    the command line `--set sae.variants.<id>.<field>=VALUE`.
+    """
 
     layers: list[str] = field(default_factory=list)
     """Layers to train (empty: every captured layer)."""
@@ -99,10 +109,37 @@ class SAEStageConfig(SAETrainConfig):
     """Generations whose noise-prediction loss is measured with the SAE spliced in (0: skip the test)."""
     record_features: bool = True
     """After training, run the features capture pass (feature activity of every generation)."""
+    variants: dict[str, dict] = field(default_factory=dict)
+    """More SAEs per layer: {sae_id: {SAETrainConfig field: value}}, each trained with [sae]'s settings changed by
+    its own (ids: lower-case letters, digits, '_', '.', '-'; not `default`)."""
 
-    def train_config(self) -> SAETrainConfig:
-        own = {"layers", "splice_samples", "record_features"}
-        return SAETrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k not in own})
+    def __post_init__(self):
+        check_variants(self.variants)
+
+    def train_config(self, sae_id: str = "default") -> SAETrainConfig:
+        """The training settings of one of the configured SAEs (`default`: [sae] itself; else a variant)."""
+        own = {"layers", "splice_samples", "record_features", "variants"}
+        base = {k: v for k, v in dataclasses.asdict(self).items() if k not in own}
+        return SAETrainConfig(**(base | self.variants.get(sae_id, {})))
+
+    def sae_ids(self) -> list[str]:
+        """The ids of the SAEs run-all trains per layer: `default`, then the variants'."""
+        return ["default", *self.variants]
+
+
+def check_variants(variants) -> None:
+    """One-line errors for [sae.variants]: a table of tables, ids spelled as SAE ids, keys and value types of
+    SAETrainConfig fields."""
+    from backend.run.schema import DEFAULT_SAE, check_sae_id
+
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise DifflensError("[sae.variants] must be a table of tables, e.g. [sae.variants.k8] with k = 8")
+    for sae_id, overrides in variants.items():
+        if check_sae_id(sae_id) == DEFAULT_SAE:
+            raise DifflensError("[sae.variants.default]: `default` is the [sae] settings' own SAE; give the variant "
+                                "another id")
+        _check_keys(overrides, SAETrainConfig, f"[sae.variants.{sae_id}]")
+        _check_types(overrides, SAETrainConfig, f"[sae.variants.{sae_id}]")
 
 
 @dataclass
@@ -513,13 +550,22 @@ def load_config(path: str | Path | None) -> RunConfig:
 
 
 def merge(base: dict, layer: dict) -> dict:
-    """layer over base, section by section (a [sae] table with only k keeps base's other [sae] keys)."""
+    """layer over base, section by section (a [sae] table with only k keeps base's other [sae] keys), and table by
+    table within a section (a [sae.variants.k8] with only k keeps the variant's other keys)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     for key, value in layer.items():
         if key in SECTIONS and isinstance(value, dict):
-            out[key] = {**out.get(key, {}), **value}
+            out[key] = _merge_tables(out.get(key, {}), value)
         else:
             out[key] = value
+    return out
+
+
+def _merge_tables(base: dict, layer: dict) -> dict:
+    out = dict(base)
+    for key, value in layer.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge_tables(out[key], value) if both else value
     return out
 
 
@@ -544,6 +590,13 @@ def nest(overrides: dict) -> dict:
     one-line errors listing the valid ones."""
     out: dict = {}
     for key, value in overrides.items():
+        head, *path = key.split(".")
+        if head in SECTIONS and len(path) > 1:  # a table inside a section: sae.variants.k8.k
+            table = out.setdefault(head, {})
+            for part in path[:-1]:
+                table = table.setdefault(part, {})
+            table[path[-1]] = value
+            continue
         section, _, name = key.rpartition(".")
         if section and section not in SECTIONS:
             raise DifflensError(f"unknown config section {section!r} in {key!r}; valid sections: "

@@ -5,8 +5,9 @@ It owns
   - the run's resolved config (a RunConfig rebuilt from manifest.json) and its generation settings: captured
     layers, denoising step count, guidance, read / half (each with one precedence, see the properties);
   - the run's model, loaded once with the run's device and dtype unless the caller overrides them;
-  - the run's SAEs per layer, its units tables, and unit checks (`n_units`, `check_unit`) that use the one
-    probe pass of backend/models/layers.py for a layer's channel count.
+  - the run's SAEs (several per layer: sae/<layer>/<sae_id>/, kind feature.<sae_id>), its units tables, and unit
+    checks (`check_kind`, `n_units`, `check_unit`) that use the one probe pass of backend/models/layers.py for a
+    layer's channel count.
 
 Nothing here writes: writers go through `ctx.store` (backend/run/store.py).
 """
@@ -18,14 +19,19 @@ from pathlib import Path
 from backend.errors import DifflensError
 from backend.run.config import RunConfig, from_dict, resolve, upgrade_saved
 from backend.run.manifest import captured_guidance, captured_steps, is_run, not_a_run, stage
+from backend.run.schema import DEFAULT_SAE, SAE_ID, SAE_ID_MAX, feature_kind, is_feature, sae_id_of
 from backend.run.store import RunStore
 
 KINDS = ("channel", "feature")
+"""The kinds every run may have; an SAE other than a layer's default adds `feature.<sae_id>` (schema.feature_kind)."""
 
 
 def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise DifflensError(f"unknown unit kind {kind!r}; use channel or feature")
+    """kind, if it is spelled as a unit kind (channel, feature, feature.<sae_id>); else a one-line error."""
+    sae_id = sae_id_of(kind) if isinstance(kind, str) else None
+    if kind != "channel" and (sae_id is None or not SAE_ID.fullmatch(sae_id) or len(sae_id) > SAE_ID_MAX):
+        raise DifflensError(f"unknown unit kind {kind!r}; use channel, feature (the layer's default SAE) or "
+                            "feature.<sae_id> (another SAE of the layer)")
     return kind
 
 
@@ -130,25 +136,45 @@ class RunContext:
                 self._model = with_controlnet(self._model, c.controlnet, c.controlnet_scale)
         return self._model
 
-    def sae_layers(self) -> list[str]:
-        """Layers with a trained (or imported) SAE in sae/<layer>/."""
-        return sorted(p.parent.name for p in (self.root / "sae").glob("*/cfg.json"))
+    def saes(self) -> list[tuple[str, str]]:
+        """Every (layer, sae_id) with a trained or imported SAE in sae/<layer>/<sae_id>/."""
+        return self.store.saes()
 
-    def sae(self, layer: str):
-        """The layer's SAE (folded, on the model's device), loaded once."""
-        if layer not in self._saes:
+    def sae_layers(self) -> list[str]:
+        """Layers with at least one SAE."""
+        return sorted({layer for layer, _ in self.saes()})
+
+    def feature_kinds(self, layer: str) -> list[str]:
+        """The kinds of the layer's SAEs: feature (its default SAE), feature.<sae_id>, ..."""
+        return [feature_kind(i) for lay, i in self.saes() if lay == layer]
+
+    def check_kind(self, layer: str, kind: str) -> str:
+        """kind, if this run has it for layer (channel always; a feature kind when the layer has that SAE); else a
+        one-line error listing the layer's SAEs."""
+        if check_kind(kind) == "channel" or (layer, sae_id_of(kind)) in self.saes():
+            return kind
+        have = ", ".join(f"{lay}:{i}" for lay, i in self.saes()) or "none"
+        fix = (f"train one with `python cli.py train-sae --run {self.root} --layer {layer}`" if kind == "feature"
+               else f"import one with `python cli.py import-sae PATH --run {self.root} --layer {layer} "
+                    f"--name {sae_id_of(kind)}`")
+        raise DifflensError(f"{self.root} has no SAE for {layer} with id {sae_id_of(kind)!r} (kind {kind}; the run's "
+                            f"SAEs, layer:id: {have}); {fix}")
+
+    def sae(self, layer: str, sae_id: str = DEFAULT_SAE):
+        """One SAE of the layer (folded, on the model's device), loaded once; sae_id may also be given as a kind
+        (feature, feature.<sae_id>)."""
+        if is_feature(sae_id):
+            sae_id = sae_id_of(sae_id)
+        if (layer, sae_id) not in self._saes:
             from sae.io import SAELoadError, load_sae
 
-            if not (self.store.sae_dir(layer) / "cfg.json").is_file():
-                have = ", ".join(self.sae_layers()) or "none"
-                raise DifflensError(f"{self.root} has no SAE for {layer} (layers with SAEs: {have}); train one with "
-                                    f"`python cli.py train-sae --run {self.root} --layer {layer}`")
+            self.check_kind(layer, feature_kind(sae_id))
             device = self._model.device if self._model is not None else self.device
             try:
-                self._saes[layer] = load_sae(self.store.sae_dir(layer), device=device)
+                self._saes[(layer, sae_id)] = load_sae(self.store.sae_dir(layer, sae_id), device=device)
             except SAELoadError as exc:
                 raise DifflensError(str(exc)) from exc
-        return self._saes[layer]
+        return self._saes[(layer, sae_id)]
 
     # ------------------------------------------------------------------ units
     def units(self, layer: str, kind: str):
@@ -168,8 +194,8 @@ class RunContext:
 
     def n_units(self, layer: str, kind: str) -> int:
         """Channels of the layer (one probe pass per model), or latents of its SAE."""
-        if check_kind(kind) == "feature":
-            return int(self.sae(layer).cfg.n_latents)
+        if is_feature(check_kind(kind)):
+            return int(self.sae(layer, sae_id_of(kind)).cfg.n_latents)
         return self.n_channels(layer)
 
     def check_unit(self, layer: str, kind: str, unit: int) -> int:

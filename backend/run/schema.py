@@ -6,16 +6,19 @@ form, and tests/run/test_schema.py checks that the two agree and that a demo run
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """manifest.json `format_version`, written by every manifest write. A run without one is format 1 (written before
 the key existed); format 2 only adds to it (format_version, stage keys), so format-1 runs are read as they are.
-Any other version is refused with a one-line error (check_format_version)."""
+Format 3 holds several SAEs per layer (sae/<layer>/<sae_id>/); a format-1/2 run's sae/<layer>/cfg.json is read as
+the layer's `default` SAE (legacy_sae_dir). Any other version is refused with a one-line error
+(check_format_version)."""
 
-READABLE_VERSIONS = (1, FORMAT_VERSION)
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
 
 
 # ------------------------------------------------------------------------------------------------ unit kinds
@@ -38,6 +41,59 @@ def sae_id_of(kind: str) -> str | None:
     if kind == "feature":
         return DEFAULT_SAE
     return kind.split(".", 1)[1] if kind.startswith("feature.") else None
+
+
+SAE_ID = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+"""An SAE id: lower-case letters, digits, '_', '.', '-', starting with a letter or digit, at most SAE_ID_MAX long."""
+SAE_ID_MAX = 40
+
+
+def check_sae_id(sae_id: str) -> str:
+    """sae_id, or a one-line DifflensError saying what an SAE id may hold."""
+    from backend.errors import DifflensError
+
+    if not isinstance(sae_id, str) or not SAE_ID.fullmatch(sae_id) or len(sae_id) > SAE_ID_MAX:
+        raise DifflensError(f"SAE id {sae_id!r} is not valid: use lower-case letters, digits, '_', '.' and '-', "
+                            f"starting with a letter or digit, at most {SAE_ID_MAX} characters (e.g. k8)")
+    return sae_id
+
+
+# ------------------------------------------------------------------------------------------------ SAE layout
+def sae_path(root, layer: str, sae_id: str = DEFAULT_SAE):
+    """The directory of one SAE of a run: sae/<layer>/<sae_id>/. A format-1/2 run keeps its one SAE directly in
+    sae/<layer>/ (cfg.json there): that directory is the layer's `default` SAE (read-compat)."""
+    from pathlib import Path
+
+    layer_dir = Path(root) / "sae" / layer
+    if sae_id == DEFAULT_SAE and (layer_dir / "cfg.json").is_file():
+        return layer_dir
+    return layer_dir / sae_id
+
+
+def run_saes(root) -> list[tuple[str, str]]:
+    """Every (layer, sae_id) with an SAE in the run (a cfg.json in its directory), by layer, `default` first, then
+    by id. In a format-1/2 layout (sae/<layer>/cfg.json) the subdirectories are exports unless they hold an
+    sae.safetensors of their own."""
+    from pathlib import Path
+
+    out = []
+    for layer_dir in sorted(p for p in (Path(root) / "sae").glob("*") if p.is_dir()):
+        legacy = (layer_dir / "cfg.json").is_file()
+        ids = {DEFAULT_SAE} if legacy else set()
+        for sub in layer_dir.iterdir():
+            if (sub / "cfg.json").is_file() and SAE_ID.fullmatch(sub.name) and (
+                    not legacy or (sub / "sae.safetensors").is_file()):
+                ids.add(sub.name)
+        out += [(layer_dir.name, i) for i in sorted(ids, key=lambda i: (i != DEFAULT_SAE, i))]
+    return out
+
+
+def run_feature_kinds(root) -> dict[str, list[str]]:
+    """{layer: [its SAEs' kinds: feature, feature.<sae_id>, ...]} of a run."""
+    out: dict[str, list[str]] = {}
+    for layer, sae_id in run_saes(root):
+        out.setdefault(layer, []).append(feature_kind(sae_id))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ schemas
@@ -80,6 +136,7 @@ SAE_TRAINING = pa.schema([
 
 SAE_METRICS = pa.schema([
     ("layer", pa.string()),
+    ("sae_id", pa.string()),          # the SAE of the layer (`default`, or the id of another: kind feature.<sae_id>)
     ("fvu", pa.float64()),
     ("l0", pa.float64()),
     ("dead_frac", pa.float64()),
@@ -325,13 +382,15 @@ _SPECS = [
     TableSpec("steps", "capture", "python cli.py capture", "file", "steps.parquet", ("step",),
               "one denoising step", STEPS),
     TableSpec("activity", "capture", "python cli.py capture", "layer/kind",
-              _BATCH + " (kind=feature: written by the features pass when the SAEs come after the capture)",
+              _BATCH + " (feature kinds: written by the features pass when the SAEs come after the capture)",
               ("unit", "step", "gen_id"), "one unit's spatial mean and max in one generation at one step "
-              "(kind=feature: active features only)", ACTIVITY),
+              "(feature kinds: active features only)", ACTIVITY),
     TableSpec("sae_training", "sae", "python cli.py train-sae --run RUN", "layer/kind",
-              _PART + " (kind=feature)", ("step",), "one logged SAE training step", SAE_TRAINING),
+              _PART + " (kind = the SAE's kind: feature, or feature.<sae_id>)", ("step",),
+              "one logged SAE training step", SAE_TRAINING),
     TableSpec("sae_metrics", "sae", "python cli.py train-sae --run RUN", "file", "sae_metrics.parquet",
-              (), "one trained SAE's final metrics", SAE_METRICS, "the layers in the order trained (the capture's)"),
+              (), "one trained SAE's final metrics", SAE_METRICS,
+              "the layers in the order trained (the capture's), each layer's SAEs by id (`default` first)"),
     TableSpec("profiles", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "step"),
               "one unit's activity at one step over all generations", PROFILES),
     TableSpec("units", "analysis", _ANALYZE, "layer/kind", _PART, ("unit",), "one unit's summary", UNITS),
@@ -355,7 +414,7 @@ _SPECS = [
               "concept recovery of one (layer, kind)", CONCEPT_SUMMARY),
     TableSpec("interventions", "interventions", "python cli.py steer --run RUN --layer LAYER --kind KIND --unit UNIT",
               "layer/kind", "steer-<kind>-<unit:05d>-<spec>.parquet (steering) or edit-<spec>.parquet "
-              "(feature edits, kind=feature)", (), "one steered or edited image beside its baseline",
+              "(feature edits, a feature kind)", (), "one steered or edited image beside its baseline",
               INTERVENTIONS, "as generated: steering, one row per seed in the order given; edits, per edit "
               "(none, frequent, rare, all, custom) then per (prompt, seed) sample"),
     TableSpec("steering_success", "interventions", "python cli.py steer-report --run RUN", "layer/kind",

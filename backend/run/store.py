@@ -125,8 +125,13 @@ class RunStore:
     def activations_dir(self, layer: str) -> Path:
         return self.root / "activations" / layer
 
-    def sae_dir(self, layer: str) -> Path:
-        return self.root / "sae" / layer
+    def sae_dir(self, layer: str, sae_id: str = schema.DEFAULT_SAE) -> Path:
+        """sae/<layer>/<sae_id>/ (a format-1/2 run's sae/<layer>/ for its default SAE: schema.sae_path)."""
+        return schema.sae_path(self.root, layer, sae_id)
+
+    def saes(self) -> list[tuple[str, str]]:
+        """Every (layer, sae_id) with an SAE in the run (schema.run_saes)."""
+        return schema.run_saes(self.root)
 
     def image_path(self, gen_id: int) -> Path:
         return self.root / "images" / f"{gen_id:06d}.png"

@@ -11,8 +11,10 @@ concept recovery and figures (the analysis tables of docs/run-format.md, per (la
                               -> concepts, localisation, concept_summary
   6. plots                    profile figures of top units (plots.py)
 Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; the
-stage key (docs/run-format.md) covers the inputs (activity and generations files) and the config, so a change of
-either recomputes everything.
+stage key (docs/run-format.md) covers the inputs (activity and generations files) and the config. When it changes,
+only the partitions whose own key changed are recomputed (`partition_keys`: the partition's activity files, the
+generations and the config), so adding an SAE's activity analyses that SAE and leaves the other partitions' tables
+as they are; the one-file table concept_summary keeps their rows.
 """
 
 from __future__ import annotations
@@ -52,12 +54,18 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     t0 = time.time()
     inputs = load_inputs(run)
     store = inputs.store
+    before = inputs.ctx.stage(STAGE)
     inputs.ctx.record_config(STAGE, cfg.to_dict())
     key = stage_key({"inputs": fingerprint(inputs), "config": results_config(cfg)})
-    outputs = [f"tables/{t}" for t in tables_of_stage(STAGE)] + [f"tables/{t}.parquet" for t in tables_of_stage(STAGE)]
-    if store.begin_stage(STAGE, key, clear=[*outputs, "_work/analysis", "media/plots"], started=t0,
-                         config=cfg.to_dict(), pending=inputs.pending, partitions=[p.name for p in inputs.partitions]):
+    part_keys = {p.name: partition_key(inputs, p, cfg) for p in inputs.partitions}
+    todo = _todo(store, before, key, part_keys)
+    everything = set(todo) == set(part_keys) or not before.get("partition_keys")
+    clear = _outputs(store, before, todo, part_keys, everything)
+    if store.begin_stage(STAGE, key, clear=clear, started=t0, config=cfg.to_dict(), pending=inputs.pending,
+                         partitions=[p.name for p in inputs.partitions], partition_keys=part_keys, todo=todo):
         store.clear_stage_markers(REPLAY_STAGE)
+    kept_results = {} if everything else before.get("results") or {}
+    inputs.partitions = [p for p in inputs.partitions if p.name in todo]
     con = connect(cfg)
     steps = [("profiles", _profiles_part), ("examples", _examples_part), ("comparisons", _comparisons_part),
              ("concepts", _concepts_part), ("plots", _plots_part)]
@@ -66,13 +74,58 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
         if store.batch_done(STAGE, name):
             results[name] = (store.read_manifest()["stages"][STAGE].get("results") or {}).get(name)
             continue
-        results[name] = part_fn(con, inputs, cfg, progress)
+        new = part_fn(con, inputs, cfg, progress) if inputs.partitions else {}
+        results[name] = _merged(kept_results.get(name), new)
         store.mark_batch_done(STAGE, name)
         store.update_stage(STAGE, results=results)
     seconds = round(time.time() - t0, 3)
     store.update_stage(STAGE, status="done", finished=time.time(), seconds=seconds, results=results)
-    return {"out_dir": str(store.root), "partitions": [p.name for p in inputs.partitions], "pending": inputs.pending,
+    return {"out_dir": str(store.root), "partitions": list(part_keys), "analysed": todo, "pending": inputs.pending,
             "seconds": seconds, **results}
+
+
+def partition_key(inputs: RunInputs, part: Partition, cfg: AnalysisConfig) -> str:
+    """The key of one partition's analysis: its activity files, the generations files, the config."""
+    return stage_key({"inputs": fingerprint(inputs, [part]), "config": results_config(cfg)})
+
+
+def _todo(store: RunStore, before: dict, key: str, part_keys: dict[str, str]) -> list[str]:
+    """The partitions this analysis (re)computes: when resuming (same key), the ones it set out to; else those
+    whose partition key changed or whose tables are missing."""
+    if before.get("key") == key and before.get("todo") is not None:
+        return [n for n in before["todo"] if n in part_keys]
+    old = before.get("partition_keys") or {}
+    return [n for n, k in part_keys.items()
+            if old.get(n) != k or not (store.partition_dir("units", *n.split("/", 1)) / f"{SHARD}.parquet").is_file()]
+
+
+def _outputs(store: RunStore, before: dict, todo: list[str], part_keys: dict, everything: bool) -> list[str]:
+    """What a changed key clears: every output, or those of the partitions recomputed and of the ones gone."""
+    if everything:
+        tables = tables_of_stage(STAGE)
+        return [f"tables/{t}" for t in tables] + [f"tables/{t}.parquet" for t in tables] + ["_work/analysis",
+                                                                                          "media/plots"]
+    gone = set(before.get("partition_keys") or {}) - set(part_keys)
+    return ["_work/analysis"] + _partition_outputs(store, [*todo, *sorted(gone)])
+
+
+def _partition_outputs(store: RunStore, names: list[str]) -> list[str]:
+    """Run-relative files and directories of the analysis of these partitions (layer/kind)."""
+    out = []
+    for name in names:
+        layer, kind = name.split("/", 1)
+        for table in tables_of_stage(STAGE):
+            if store.table_dir(table).is_dir():
+                out.append(store.relative(store.partition_dir(table, layer, kind)))
+        out += [store.relative(p) for p in (store.root / "media" / "plots" / layer).glob(f"{kind}-*.png")]
+    return out
+
+
+def _merged(old, new):
+    """A part's summary: the new one over the previous analysis' (partitions not recomputed keep their entry)."""
+    if isinstance(old, dict) and isinstance(new, dict) and "skipped" not in new:
+        return {**old, **new}
+    return new
 
 
 def _write_part(store: RunStore, table: str, part: Partition, data) -> None:
@@ -135,7 +188,7 @@ def _comparisons_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: boo
             out[f"{a} vs {b}"] = f"skipped: {exc}"
             continue
         ranked = compare_groups(freqs, a, b, inputs.n_steps, cfg)
-        png = write_comparison(inputs.store, freqs, ranked, a, b)
+        png = write_comparison(inputs.store, freqs, ranked, a, b, only={(p.layer, p.kind) for p in inputs.partitions})
         out[f"{a} vs {b}"] = {"units": len(ranked), "histogram": inputs.store.relative(png)}
     return out
 
@@ -182,8 +235,19 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
                 row["best_localisation"] = float(full["share"][0])
                 row["best_localising_unit"] = int(full["unit"][0])
         rows.append(row)
+    rows = _kept_summary_rows(inputs, {(r["layer"], r["kind"]) for r in rows}) + rows
+    rows.sort(key=lambda r: (r["layer"], r["kind"]))
     inputs.store.write_table("concept_summary", inputs.store.table_from_rows("concept_summary", rows))
     return {"summary": rows}
+
+
+def _kept_summary_rows(inputs: RunInputs, computed: set[tuple[str, str]]) -> list[dict]:
+    """concept_summary rows of the partitions this analysis did not recompute (and the run still has)."""
+    path = inputs.store.root / "tables" / "concept_summary.parquet"
+    if not path.is_file():
+        return []
+    have = {tuple(n.split("/", 1)) for n in inputs.store.read_manifest()["stages"][STAGE].get("partitions") or []}
+    return [r for r in pl.read_parquet(path).to_dicts() if (r["layer"], r["kind"]) in have - computed]
 
 
 def _plots_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:

@@ -5,7 +5,8 @@ Per layer and batch of generations it writes
     max of every channel, sorted by (unit, step, gen_id);
   - activations/L/part-G.{npy,parquet}: a random sample of token vectors per (generation, step), with
     (gen_id, step, position): float16 (clamped to its range, counted in meta.json), or bfloat16 for a bfloat16 model;
-  - with SAEs given, tables/activity/layer=L/kind=feature/part-G.parquet for active features only;
+  - with SAEs given, tables/activity/layer=L/kind=<feature kind>/part-G.parquet for active features only (kind
+    feature for a layer's default SAE, feature.<sae_id> for another: several SAEs of a layer are recorded at once);
 and per batch the generations rows and images. A batch is complete once its marker is written, so a killed
 capture resumes at the first incomplete batch and ends with the same files as an uninterrupted one.
 """
@@ -33,7 +34,9 @@ from backend.run.config import CaptureConfig, RunConfig, file_digest, validate
 from backend.run.manifest import is_run
 from backend.run.manifest import stage as stage_record
 from backend.run.prompts import PromptRecord, load_prompts
+from backend.run.schema import feature_kind
 from backend.run.store import FLOAT16_MAX, RunStore, shard_name, stage_key, token_dtype
+from backend.stages import features
 
 STAGE = "capture"
 FEATURES_STAGE = "features"  # a later pass that records SAE features of an already captured run
@@ -182,13 +185,13 @@ def check_feature_replacement(cfg: RunConfig, encoders: dict, overwrite: bool) -
     done = stage_record(manifest, FEATURES_STAGE)
     if manifest.get("identity") != run_identity(cfg) or done.get("status") != "done":
         return
-    old = done.get("sae_ids") or {}
-    changed = sorted(layer for layer, e in encoders.items()
-                     if layer in old and old[layer] != getattr(e, "identity", ""))
+    old = features.held(done)
+    changed = sorted(f"{layer}:{sae_id}" for (layer, sae_id), e in features.by_sae(encoders).items()
+                     if (layer, sae_id) in old and old[(layer, sae_id)] != getattr(e, "identity", ""))
     if changed:
-        raise DifflensError(f"{store.root} already has feature activity of other SAEs for {', '.join(changed)}; "
-                            "recording these SAEs replaces it and makes the analysis stale: pass --overwrite to do "
-                            "so")
+        raise DifflensError(f"{store.root} already has feature activity of other SAEs for {', '.join(changed)} "
+                            "(layer:sae_id); recording these SAEs replaces it and makes its analysis stale: pass "
+                            "--overwrite to do so, or record them under another id (--sae LAYER:ID=PATH)")
 
 
 @dataclass
@@ -198,7 +201,8 @@ class CapturePlan:
     cfg: RunConfig
     prompts: list[PromptRecord]
     model: DiffusionModel
-    encoders: dict[str, FeatureEncoder]
+    encoders: dict[tuple[str, str], FeatureEncoder]
+    """By (layer, sae_id)."""
     n_steps: int
     guidance: float
     denoiser_steps: int
@@ -218,16 +222,15 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     c = cfg.capture
     check_layers(model, c.layers)
     model.check_prompts([p.prompt for p in prompts])
-    encoders = encoders or {}
-    unknown = sorted(set(encoders) - set(c.layers))
+    encoders = features.by_sae(encoders)
+    unknown = sorted({layer for layer, _ in encoders} - set(c.layers))
     if unknown:
         raise DifflensError(f"SAE given for {', '.join(unknown)}, which this run does not capture "
                             f"(layers: {', '.join(c.layers)})")
-    for layer, encoder in encoders.items():
-        width, channels = getattr(encoder, "d_in", None), layer_channels(model, layer)
-        if width is not None and width != channels:
-            raise DifflensError(f"the SAE given for {layer} takes width {width}, but the layer has {channels} "
-                                "channels; pass an SAE trained on this layer")
+    for (layer, _), encoder in encoders.items():
+        width = getattr(encoder, "d_in", None)
+        if width is not None:
+            check_sae_width(layer, width, layer_channels(model, layer))
     n_steps = c.steps or model.default_steps
     guidance = model.default_guidance if c.guidance < 0 else c.guidance
     if c.half == "both" and guidance > 1:
@@ -237,12 +240,20 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance, len(model.timesteps(n_steps)))
 
 
+def check_sae_width(layer: str, width: int, channels: int, what: str = "the SAE given") -> None:
+    """The one-line error of an SAE whose input width is not the layer's channel count."""
+    if width != channels:
+        raise DifflensError(f"{what} for {layer} takes width {width}, but the layer has {channels} channels; pass an "
+                            "SAE trained on this layer")
+
+
 def capture_with_saes(cfg: RunConfig, sae_options: list[str] | None, overwrite: bool = False,
                       progress: bool = True) -> CaptureSummary:
-    """`capture --sae LAYER=PATH ...`: load each SAE on this rank's device, then capture (or the features pass)."""
+    """`capture --sae LAYER[:ID]=PATH ...`: load each SAE on this rank's device, then capture (or the features
+    pass)."""
     saes = parse_sae_options(sae_options)
     device = distributed.local_device(cfg.device)
-    encoders = {layer: SAEEncoder(path, device=device) for layer, path in saes.items()}
+    encoders = {key: SAEEncoder(path, device=device) for key, path in saes.items()}
     return capture(cfg, overwrite=overwrite, encoders=encoders or None, progress=progress)
 
 
@@ -250,7 +261,7 @@ class _Recorder:
     """Hook callback: accumulates per-(generation, step) channel stats and token samples on the device."""
 
     def __init__(self, gens: list[Generation], n_steps: int, tokens_per_step: int,
-                 encoders: dict[str, FeatureEncoder]):
+                 encoders: dict[tuple[str, str], FeatureEncoder]):
         self.gens = gens
         self.n_steps = n_steps
         self.k = tokens_per_step
@@ -259,7 +270,8 @@ class _Recorder:
         self.max: dict[str, torch.Tensor] = {}
         self.samples: dict[str, torch.Tensor] = {}
         self.positions: dict[str, torch.Tensor] = {}
-        self.features: dict[str, list] = {}
+        self.features: dict[tuple[str, str], list] = {}
+        """Per (layer, sae_id), the (step, feature_stats) of each step."""
         self.spatial: dict[str, tuple[int, int] | None] = {}
         self.token_dtype: dict[str, str] = {}
         """Per layer, the token shards' dtype (backend/run/store.py token_dtype): the model's when bfloat16."""
@@ -294,7 +306,9 @@ class _Recorder:
             buffer = torch.bfloat16 if self.token_dtype[ev.layer] == "bfloat16" else torch.float16
             self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=buffer, device=tok.device)
             self.clamped[ev.layer] = torch.zeros((), dtype=torch.long, device=tok.device)
-            self.features[ev.layer] = []
+            for key in self.encoders:
+                if key[0] == ev.layer:
+                    self.features[key] = []
             self.spatial[ev.layer] = ev.spatial  # (SAE widths were checked against the layer by `plan`)
         tokf = tok.float()
         self.mean[ev.layer][:, ev.step] = tokf.mean(1)
@@ -306,8 +320,9 @@ class _Recorder:
             self.clamped[ev.layer] += over.sum()
             picked = torch.where(over, picked.sign() * FLOAT16_MAX, picked)
         self.samples[ev.layer][:, ev.step] = picked.to(self.samples[ev.layer].dtype)
-        if ev.layer in self.encoders:
-            self.features[ev.layer].append((ev.step, feature_stats(self.encoders[ev.layer], tokf)))
+        for (layer, sae_id), encoder in self.encoders.items():
+            if layer == ev.layer:
+                self.features[(layer, sae_id)].append((ev.step, feature_stats(encoder, tokf)))
 
 
 FEATURE_CHUNK_BYTES = 64 << 20
@@ -376,15 +391,18 @@ class SAEEncoder:
         return codes.values, codes.indices
 
 
-def parse_sae_options(options: list[str] | None) -> dict[str, str]:
-    """["LAYER=PATH", ...] -> {layer: path}."""
+def parse_sae_options(options: list[str] | None) -> dict[tuple[str, str], str]:
+    """["LAYER=PATH", "LAYER:ID=PATH", ...] -> {(layer, sae_id): path} (LAYER alone: the layer's default SAE)."""
+    from backend.run.schema import DEFAULT_SAE, check_sae_id
+
     out = {}
     for opt in options or []:
-        layer, sep, path = opt.partition("=")
+        target, sep, path = opt.partition("=")
+        layer, _, sae_id = target.partition(":")
         if not sep or not layer or not path:
-            example = "up_blocks.1.attentions.1=runs/demo/sae/up_blocks.1.attentions.1"
-            raise DifflensError(f"--sae takes LAYER=PATH (e.g. {example}); got {opt!r}")
-        out[layer] = path
+            example = "up_blocks.1.attentions.1=runs/demo/sae/up_blocks.1.attentions.1/default"
+            raise DifflensError(f"--sae takes LAYER=PATH or LAYER:ID=PATH (e.g. {example}); got {opt!r}")
+        out[(layer, check_sae_id(sae_id) if sae_id else DEFAULT_SAE)] = path
     return out
 
 
@@ -426,9 +444,7 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
     gen_ids = np.array([g.gen_id for g in gens], dtype=np.int64)
     if stage == FEATURES_STAGE:
         for layer in rec.mean:
-            if rec.encoders.get(layer) is not None:
-                store.write_table_shard("activity", name, _feature_table(gen_ids, rec.features[layer]),
-                                        layer=layer, kind="feature")
+            _write_features(store, name, gen_ids, rec, layer)
         store.mark_batch_done(stage, name, n=len(gens))
         stats.seconds += time.perf_counter() - t0
         return
@@ -451,9 +467,7 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
         })
         store.write_token_shard(layer, name, samples.reshape(-1, c), index, dtype=shard_dtype,
                                 clamped=int(rec.clamped[layer]))
-        if rec.encoders.get(layer) is not None:
-            store.write_table_shard("activity", name, _feature_table(gen_ids, rec.features[layer]),
-                                    layer=layer, kind="feature")
+        _write_features(store, name, gen_ids, rec, layer)
     import json
 
     image_paths = [store.write_image(g.gen_id, img) for g, img in zip(gens, images, strict=True)]
@@ -481,6 +495,14 @@ def conditions_of(batch: list[Generation]) -> dict:
     if any(g.prompt.control_image for g in batch):
         out["control_images"] = [g.prompt.control_image for g in batch]
     return out
+
+
+def _write_features(store: RunStore, name: str, gen_ids: np.ndarray, rec: _Recorder, layer: str) -> None:
+    """The batch's feature activity of each SAE of layer, in its own kind's partition."""
+    for (lay, sae_id), per_step in rec.features.items():
+        if lay == layer:
+            store.write_table_shard("activity", name, _feature_table(gen_ids, per_step), layer=layer,
+                                    kind=feature_kind(sae_id))
 
 
 def _steps_table(model: DiffusionModel, n_steps: int) -> pa.Table:
@@ -512,9 +534,10 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             encoders: dict[str, FeatureEncoder] | None = None, progress: bool = True) -> CaptureSummary:
     """Run (or resume) the capture stage of cfg into cfg.out_dir.
 
-    With encoders (SAEs by layer), feature activity is recorded too: in the same pass while the run is being
-    captured, or, once capture is complete, in a features pass that rewrites only the feature tables.
-    Everything is validated before the run directory is created or touched.
+    With encoders (SAEs by (layer, sae_id), or by layer for a layer's default SAE), feature activity is recorded
+    too: in the same pass while the run is being captured, or, once capture is complete, in a features pass that
+    records only the SAEs whose activity the run does not hold yet (backend/stages/features.py) and writes only
+    their partitions. Everything is validated before the run directory is created or touched.
     """
     with distributed.distributed(cfg.device) as dist:
         p = plan(cfg, model, encoders, device=distributed.local_device(cfg.device))
@@ -528,8 +551,14 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         capture_key = stage_key(run_identity(cfg))
         captured = stage_record(manifest, STAGE).get("status") == "done"
         stage = FEATURES_STAGE if encoders and captured else STAGE
-        sae_ids = {layer: getattr(e, "identity", "") for layer, e in encoders.items()}
-        hooked = [layer for layer in c.layers if layer in encoders] if stage == FEATURES_STAGE else c.layers
+        identities = {k: getattr(e, "identity", "") for k, e in encoders.items()}
+        if stage == FEATURES_STAGE:  # only the SAEs whose activity the run does not hold (with these weights)
+            record = stage_record(manifest, FEATURES_STAGE)
+            identities = features.to_record(record, identities)
+            encoders = {k: e for k, e in encoders.items() if k in identities}
+            if not encoders:
+                return CaptureSummary(store.root, 0, 0, 0, 0.0, {}, WriteStats())
+        hooked = sorted({layer for layer, _ in encoders}) if stage == FEATURES_STAGE else c.layers
         n_steps, guidance = p.n_steps, p.guidance
         gens = plan_generations(p.prompts, c.images_per_prompt, c.seed)
         batches = plan_batches(gens, c.batch_size, dist.rank, dist.world)
@@ -540,9 +569,10 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             fields = dict(started=time.time(), layers=c.layers, n_steps=n_steps, guidance=guidance,
                           generations=len(gens))
             if stage == FEATURES_STAGE:
-                stale = [store.relative(store.partition_dir("activity", layer, "feature")) for layer in encoders]
-                store.begin_stage(stage, stage_key({"capture": capture_key, "saes": sae_ids}), clear=stale,
-                                  sae_ids=sae_ids, **fields)
+                paths = {k: getattr(e, "path", "") for k, e in encoders.items()}
+                pass_fields, stale = features.begin_fields(record, identities, paths)
+                key = stage_key({"capture": capture_key, "saes": features.nested(identities)})
+                store.begin_stage(stage, key, clear=stale, **pass_fields, **fields)
             else:
                 store.begin_stage(stage, capture_key, **fields)
         dist.barrier()
@@ -574,8 +604,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         dist.barrier()
         token_counts = {}
         if dist.is_main and stage == FEATURES_STAGE:
-            store.update_stage(stage, status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3),
-                               saes={layer: getattr(e, "path", "") for layer, e in (encoders or {}).items()})
+            store.update_stage(stage, status="done", finished=time.time(), seconds=round(time.perf_counter() - t0, 3))
         elif dist.is_main:
             token_counts = {layer: store.finish_token_meta(layer)["count"] for layer in c.layers}
             store.update_stage(stage, status="done", finished=time.time(),

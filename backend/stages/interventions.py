@@ -28,6 +28,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from backend.run.config import InterventionsConfig, validate_interventions
+from backend.run.schema import is_feature
 from backend.run.store import RunStore, stage_key
 
 if TYPE_CHECKING:
@@ -85,9 +86,10 @@ def planned_parts(store: RunStore, cfg: InterventionsConfig) -> list[tuple[str, 
     for (layer, kind), units in top.items():
         for unit in units:
             parts.append((f"steer-{layer}-{kind}-{unit}", {"do": "steer", "layer": layer, "kind": kind, "unit": unit}))
-    for layer in sorted({layer for layer, kind in partitions if kind == "feature"}):
-        parts.append((f"edit-{layer}", {"do": "edit", "layer": layer}))
-    if cfg.concept_report and any(kind == "feature" for _, kind in partitions):
+    for layer, kind in sorted((layer, kind) for layer, kind in partitions if is_feature(kind)):
+        name = f"edit-{layer}" if kind == "feature" else f"edit-{layer}-{kind}"  # the default SAE's as before
+        parts.append((name, {"do": "edit", "layer": layer, "kind": kind}))
+    if cfg.concept_report and any(is_feature(kind) for _, kind in partitions):
         parts.append(("concept-report", {"do": "concepts"}))
     if cfg.ablation:
         parts.append(("ablation", {"do": "ablate"}))
@@ -173,7 +175,7 @@ def _run_part(ctx: RunContext, call: dict, cfg: InterventionsConfig, demo: bool)
         return {"grid": store.relative(Path(res.grid)), "mean_effect": float(res.rows["effect"].mean())}
     if do == "edit":
         res = feature_edits.edit_run(ctx, call["layer"], n=cfg.edit_features, seeds=cfg.steer_seeds,
-                                     model=model)
+                                     model=model, kind=call.get("kind", "feature"))
         effects = res.rows.group_by("preset", maintain_order=True).agg(pl.col("effect").mean())
         return {"grid": store.relative(Path(res.grid)),
                 "mean_effect": {p: round(float(e), 4) for p, e in effects.iter_rows()}}

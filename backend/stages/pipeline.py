@@ -1,6 +1,7 @@
 """run-all: every stage in order on one config, each resuming where it stopped.
 
-capture -> sae (train one SAE per layer, splice test) -> features (capture pass recording SAE feature activity)
+capture -> sae (train the configured SAEs of each layer, splice test) -> features (capture pass recording the feature
+activity of every SAE of the run the run does not hold yet: trained, configured or imported)
 -> analysis (profiles, peaks, examples, frequencies, comparisons, concepts, plots; rank 0 only)
 -> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
 -> atlas (steered priors and dreams of the [atlas] units, batched across units; rank 0 only: spread a large atlas
@@ -38,7 +39,8 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
     with distributed.distributed(cfg.device):  # one process group for every stage under torchrun / srun
         checked = plan(cfg, device=distributed.local_device(cfg.device))  # every stage's settings, before any write
         for layer in cfg.sae.layers or checked.cfg.capture.layers:
-            check_train_config(cfg.sae.train_config(), layer_channels(checked.model, layer), layer)
+            for sae_id in cfg.sae.sae_ids():
+                check_train_config(cfg.sae.train_config(sae_id), layer_channels(checked.model, layer), layer)
         summary.stages["capture"] = capture(checked.cfg, overwrite=overwrite, model=checked.model, progress=progress)
 
         def run_now():  # the run as the last stage left it, with the model loaded once for every stage
@@ -47,8 +49,9 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
         summary.stages["sae"] = train_saes(run_now(), cfg.sae, overwrite=overwrite, progress=progress)
         if cfg.sae.record_features:
             store = RunStore(cfg.out_dir)
-            encoders = {layer: SAEEncoder(store.sae_dir(layer), device=distributed.local_device(cfg.device))
-                        for layer in summary.stages["sae"]}
+            encoders = {(layer, sae_id): SAEEncoder(store.sae_dir(layer, sae_id),
+                                                    device=distributed.local_device(cfg.device))
+                        for layer, sae_id in store.saes() if layer in checked.cfg.capture.layers}
             summary.stages["features"] = capture(checked.cfg, encoders=encoders, model=checked.model,
                                                  progress=progress)
         if distributed.from_env().is_main:  # analysis needs no collectives: the other ranks are done here

@@ -36,6 +36,7 @@ from inspector.queries.overview import (
     partitions,
     sae_metrics,
     sae_training,
+    saes,
     steps,
     tables,
 )
@@ -84,7 +85,7 @@ __all__ = [
     "captured_steps", "comparison", "comparison_pairs", "concept_summary", "display_path", "example_count",
     "example_counts", "example_steps", "examples", "first_prompts", "generation_counts", "group_frequencies",
     "groups", "list_runs", "live_units", "manifest", "neighbour", "open_run", "partitions", "peaks", "profile",
-    "query", "run_file", "run_layers", "run_model", "runs_root", "safe_path", "sae_metrics", "sae_training",
+    "query", "run_file", "run_layers", "run_model", "runs_root", "safe_path", "sae_metrics", "sae_training", "saes",
     "stage_table", "steering_success", "steps", "tables", "unit_concepts", "unit_dreams", "unit_frequencies",
     "unit_interventions", "unit_localisation", "unit_page", "unit_range", "unit_row", "unit_steering_success",
     "units",

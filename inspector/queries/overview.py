@@ -3,12 +3,16 @@ generations and prompt groups, steps, (layer, kind) partitions, SAE training and
 
 from __future__ import annotations
 
+import json
+
 import polars as pl
 
+from backend.run.schema import feature_kind, run_saes
 from inspector.db import Database
 from inspector.queries.registry import query
 
 KINDS = ("channel", "feature")
+"""The kinds of every run; a layer's other SAEs add feature.<sae_id> (`saes`)."""
 
 
 @query
@@ -59,7 +63,7 @@ def partitions(db: Database) -> pl.DataFrame:
     rows = []
     if db.has("activity"):
         for layer in db.partition_values("activity", "layer"):
-            for kind in KINDS:
+            for kind in db.partition_values("activity", "kind"):
                 if db.has_partition("activity", layer, kind):
                     rows.append({"layer": layer, "kind": kind})
     return pl.DataFrame(rows, schema={"layer": pl.String, "kind": pl.String}).with_columns(
@@ -67,10 +71,37 @@ def partitions(db: Database) -> pl.DataFrame:
 
 
 @query
+def saes(db: Database) -> pl.DataFrame:
+    """The run's SAEs (sae/<layer>/<sae_id>/): layer, sae_id, kind (feature, feature.<sae_id>), d_in, n_latents,
+    k, architecture, source (the checkpoint an imported SAE came from, with its format; null: trained here), dir
+    (its run-relative directory)."""
+    rows = []
+    for layer, sae_id in run_saes(db.path):
+        rel = f"sae/{layer}" if _legacy(db, layer, sae_id) else f"sae/{layer}/{sae_id}"
+        cfg_path = db.path / rel / "cfg.json"
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            cfg = {}
+        source = f"{cfg['source']} ({cfg.get('source_format')})" if cfg.get("source") else None
+        rows.append({"layer": layer, "sae_id": sae_id, "kind": feature_kind(sae_id), "d_in": cfg.get("d_in"),
+                     "n_latents": cfg.get("n_latents"), "k": cfg.get("k"), "architecture": cfg.get("architecture"),
+                     "source": source, "dir": rel})
+    return pl.DataFrame(rows, schema={"layer": pl.String, "sae_id": pl.String, "kind": pl.String, "d_in": pl.Int64,
+                                      "n_latents": pl.Int64, "k": pl.Int64, "architecture": pl.String,
+                                      "source": pl.String, "dir": pl.String})
+
+
+def _legacy(db: Database, layer: str, sae_id: str) -> bool:
+    """A format-2 run's default SAE lives in sae/<layer>/ itself."""
+    return sae_id == "default" and (db.path / "sae" / layer / "cfg.json").is_file()
+
+
+@query
 def sae_training(db: Database) -> pl.DataFrame:
     db.require("sae_training")
-    return db.sql("SELECT layer, step, tokens, fvu, l0, dead_frac, lr FROM sae_training ORDER BY layer, step",
-                  tables=("sae_training",))
+    return db.sql("SELECT layer, kind, step, tokens, fvu, l0, dead_frac, lr FROM sae_training ORDER BY layer, kind, "
+                  "step", tables=("sae_training",))
 
 
 @query

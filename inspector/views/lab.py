@@ -11,8 +11,10 @@ be chosen before loading.
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import streamlit as st
 
+from backend.run.schema import is_feature
 from inspector import live, overlay, queries, ui
 
 LOADED = "lab.loaded"
@@ -71,15 +73,19 @@ with st.spinner(f"loading {spec} ..."):
 
 # ------------------------------------------------------------------------------------------------ generate
 
-sae_layers = {layer for layer in layers if (queries.safe_path(run.path, f"sae/{layer}") / "cfg.json").is_file()}
+sae_rows = pl.DataFrame()
+with ui.guard("SAEs"):
+    sae_rows = queries.saes(run)
+sae_dirs = {(r["layer"], r["kind"]): r["dir"] for r in sae_rows.iter_rows(named=True)} if sae_rows.height else {}
+kind_options = ["channel", *dict.fromkeys(kind for _, kind in sae_dirs)]
 prompts = []
 with ui.guard():
     prompts = queries.first_prompts(run, 50)
 with st.form("generate"):
     c1, c2 = st.columns([3, 1])
     layer = c1.selectbox("Layer", layers, key="lab.layer")
-    kind = c2.selectbox("Kind", ["channel", "feature"] if sae_layers else ["channel"], key="lab.kind",
-                        help="features need the layer's SAE (sae/<layer>/)")
+    kind = c2.selectbox("Kind", kind_options, key="lab.kind", format_func=ui.kind_label,
+                        help="features need that SAE of the layer (sae/<layer>/<sae_id>/)")
     prompt = st.text_input("Prompt", value=prompts[0] if prompts else "", key="lab.prompt")
     c3, c4, c5 = st.columns(3)
     seed = int(c3.number_input("Seed", min_value=0, value=0, step=1, key="lab.seed"))
@@ -95,14 +101,14 @@ if prompts:
 if GEN not in st.session_state:
     st.stop()
 layer, kind, prompt, seed, n_steps, guidance = st.session_state[GEN]
-if kind == "feature" and layer not in sae_layers:
-    st.info(f"`{layer}` has no SAE in this run; showing channels")
+if is_feature(kind) and (layer, kind) not in sae_dirs:
+    st.info(f"`{layer}` has no SAE for {ui.kind_label(kind)} in this run; showing channels")
     kind = "channel"
 sae, sae_dir = None, ""
 try:
     with st.spinner("generating ..."):
-        if kind == "feature":
-            sae_dir = str(queries.safe_path(run.path, f"sae/{layer}"))
+        if is_feature(kind):
+            sae_dir = str(queries.safe_path(run.path, sae_dirs[(layer, kind)]))
             sae = live.load_sae(sae_dir, device)
         cap = live.capture(model, spec, layer, prompt, seed, n_steps, guidance, read, kind, sae, sae_dir, device,
                            dtype)

@@ -77,6 +77,12 @@ with ui.guard("SAE training"):
 with ui.guard("SAE metrics"):
     metrics = queries.sae_metrics(run)
     st.dataframe(metrics, hide_index=True, width="stretch")
+with ui.guard("SAEs"):
+    sae_list = queries.saes(run)
+    if sae_list.height:
+        st.caption("the run's SAEs (sae/<layer>/<sae_id>/; units of kind feature, or feature.<sae_id> past a layer's "
+                   "default SAE)")
+        st.dataframe(sae_list, hide_index=True, width="stretch")
 
 st.subheader("Concept recovery")
 with ui.guard("concept recovery"):

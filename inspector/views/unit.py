@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
+from backend.run.schema import is_feature
 from inspector import atlas_tiles, charts, overlay, queries, ui
 
 PAGE_SIZE = 8
@@ -81,7 +82,8 @@ def _step_label(step: int) -> str:
 
 c1, c2, c3, c4 = st.columns([4, 2, 2, 3])
 layer = c1.selectbox("Layer", layers, key=LAYER)
-kind = c2.selectbox("Kind", kinds, key=KIND)
+kind = c2.selectbox("Kind", kinds, key=KIND, format_func=ui.kind_label,
+                    help="channel, or the features of one of the layer's SAEs")
 unit = int(c3.number_input("Unit", min_value=lo, max_value=max(hi, lo), step=1, key=UNIT))
 step = int(c4.selectbox("Step", step_options, key=STEP, format_func=_step_label,
                         help="examples at a step exist for the unit's peaks; click a point of the profile to pick"))
@@ -206,7 +208,7 @@ with left:
         else:
             charts.show(charts.histogram_chart(h["hist"], f"spatial {stat} per (generation, step)"))
             note = f"{h['rows']:,} recorded values"
-            if kind == "feature" and h["pairs"]:
+            if is_feature(kind) and h["pairs"]:
                 note += f" (active rows only, of {h['pairs']:,} (generation, step) pairs)"
             st.caption(note)
 with right:

@@ -23,7 +23,8 @@ c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
 layer = c1.selectbox("Layer", layers, key=LAYER)
 kinds = parts.filter(pl.col("layer") == layer)["kind"].to_list()
 ui.clamp_state(KIND, kinds)
-kind = c2.selectbox("Kind", kinds, key=KIND)
+kind = c2.selectbox("Kind", kinds, key=KIND, format_func=ui.kind_label,
+                    help="channel, or the features of one of the layer's SAEs")
 ui.write_url({"layer": layer, "kind": kind})
 
 table = None

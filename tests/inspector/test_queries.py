@@ -131,3 +131,31 @@ def test_unit_page_bundle_names_missing_tables(tmp_path, runs_dir):
     assert data["concepts"] is None and data["missing"]["concepts"] == producer("concepts", bare.arg)
     assert "analyze --run" in data["missing"]["concepts"]
     assert q.units.uncached(bare, L_MID, "feature")["concept"].null_count() == N_FEATURES
+
+
+def test_the_runs_saes_and_their_kinds(tmp_path, runs_dir):
+    """The Overview's list of SAEs (a format-2 layer's sae/<layer>/ is its default SAE), a second SAE's activity as a
+    kind of its own before analysis, and the picker's labels."""
+    from inspector import queries as q
+    from inspector.ui import kind_label
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "r")
+    run_dir = root / "r"
+    for rel, cfg in [(f"sae/{L_MID}/default", {"d_in": 4, "n_latents": 16, "k": 2}),
+                     (f"sae/{L_MID}/k8", {"d_in": 4, "n_latents": 32, "k": 8, "source": "/ckpt", "source_format": "x"}),
+                     (f"sae/{L_UP}", {"d_in": 4, "n_latents": 8, "k": 1})]:
+        (run_dir / rel).mkdir(parents=True, exist_ok=True)
+        (run_dir / rel / "cfg.json").write_text(json.dumps(cfg))
+    saes = q.saes.uncached(q.open_run(root, "r"))
+    assert saes.select("layer", "kind", "n_latents", "dir").rows() == [
+        (L_MID, "feature", 16, f"sae/{L_MID}/default"), (L_MID, "feature.k8", 32, f"sae/{L_MID}/k8"),
+        (L_UP, "feature", 8, f"sae/{L_UP}")]
+    assert saes["source"].to_list() == [None, "/ckpt (x)", None]
+    shutil.rmtree(run_dir / "tables" / "units")  # not analysed: the kinds come from the activity layout
+    extra = run_dir / "tables" / "activity" / f"layer={L_MID}" / "kind=feature.k8"
+    shutil.copytree(run_dir / "tables" / "activity" / f"layer={L_MID}" / "kind=feature", extra)
+    parts = q.partitions.uncached(q.open_run(root, "r"))
+    assert (L_MID, "feature.k8") in parts.select("layer", "kind").rows()
+    assert [kind_label(k) for k in ("channel", "feature", "feature.k8")] == [
+        "channel", "feature (SAE default)", "feature.k8 (SAE k8)"]

@@ -430,7 +430,7 @@ def test_dream_run_writes_the_dreams_table_and_images(tiny_run, model):
     ctx = open_run(tiny_run, model=model)  # an open run: its model (and SAE) are used, nothing is loaded again
     summary = dream_run(ctx, LATE, "feature", 7, quick("feature", opt_steps=2, snapshot_every=2),
                         seeds=[1], progress=False)
-    assert ctx.model is model and set(ctx._saes) == {LATE}
+    assert ctx.model is model and set(ctx._saes) == {(LATE, "default")}
     feats = dreams_rows(tiny_run).filter(pl.col("kind") == "feature")
     assert feats.height == 2 and set(feats["layer"]) == {LATE} and set(feats["unit"]) == {7}
     assert "objective" in json.loads(feats["penalties"][0])

@@ -117,3 +117,21 @@ def test_resuming_a_run_keeps_its_saved_settings(tmp_path, monkeypatch):
     assert (cfg.device, cfg.dtype, cfg.sae.k) == ("cuda:3", "bfloat16", 32)
     cfg = cli._new_run_config(None, {"name": "r", "runs_dir": str(tmp_path), "device": "cpu"}, ["sae.k=8"])
     assert (cfg.device, cfg.sae.k) == ("cpu", 8)
+
+
+def test_sae_variants_from_toml_and_set_with_one_line_errors(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[sae]\nk = 16\n\n[sae.variants.k8]\nk = 8\nexpansion = 16\n")
+    cfg = resolve(file=toml, overrides=parse_set(["sae.variants.k8.total_tokens=1000", "sae.variants.r.lr=0.1"]))
+    assert cfg.sae.sae_ids() == ["default", "k8", "r"]
+    assert cfg.sae.variants["k8"] == {"k": 8, "expansion": 16, "total_tokens": 1000}  # --set merges into the table
+    k8 = cfg.sae.train_config("k8")
+    assert (k8.k, k8.expansion, k8.total_tokens) == (8, 16, 1000) and cfg.sae.train_config().k == 16
+    assert "variants" not in dataclasses.asdict(cfg.sae.train_config())
+    for bad, message in [("sae.variants.K8.k=4", "SAE id 'K8' is not valid"),
+                         ("sae.variants.k8.bogus=1", r"\[sae.variants.k8\]: unknown key\(s\) bogus"),
+                         ("sae.variants.k8.k=\"x\"", r"\[sae.variants.k8\]: k must be int"),
+                         ("sae.variants.default.k=2", "`default` is the \\[sae\\] settings' own SAE")]:
+        with pytest.raises(DifflensError, match=message) as err:
+            resolve(overrides=parse_set([bad]))
+        assert "\n" not in str(err.value)

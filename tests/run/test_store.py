@@ -12,6 +12,7 @@ from backend import fileio
 from backend.errors import DifflensError
 from backend.run import schema
 from backend.run.store import RunStore, conform, stage_key
+from sae.io import save_sae
 
 
 @pytest.fixture
@@ -30,11 +31,11 @@ def temporaries(root):
 
 def test_write_manifest_always_writes_the_format_version(store):
     store.write_manifest({"config": {}, "stages": {}})
-    assert json.loads((store.root / "manifest.json").read_text())["format_version"] == schema.FORMAT_VERSION == 2
+    assert json.loads((store.root / "manifest.json").read_text())["format_version"] == schema.FORMAT_VERSION == 3
     store.write_manifest({"config": {}, "format_version": 1})  # a manifest read from an old run is relabelled
-    assert store.read_manifest()["format_version"] == 2
+    assert store.read_manifest()["format_version"] == 3
     store.update_stage("capture", status="done")
-    assert store.read_manifest()["format_version"] == 2
+    assert store.read_manifest()["format_version"] == 3
 
 
 def test_a_format_1_run_is_read_as_it_is(store):
@@ -44,16 +45,16 @@ def test_a_format_1_run_is_read_as_it_is(store):
     assert schema.format_version(old) == 1
 
 
-@pytest.mark.parametrize("version", [3, 0, "2", None])
+@pytest.mark.parametrize("version", [4, 0, "2", None])
 def test_another_format_is_a_one_line_error(store, version):
     (store.root / "manifest.json").write_text(json.dumps({"format_version": version, "stages": {}}))
     with pytest.raises(DifflensError) as err:
         store.read_manifest()
     message = str(err.value)
     assert "\n" not in message
-    assert f"{store.root} was written by difflens run format {version}; this difflens reads format 2" in message
+    assert f"{store.root} was written by difflens run format {version}; this difflens reads format 3" in message
     assert "python cli.py run-all" in message and "--name" in message
-    if version == 3:
+    if version == 4:
         assert "a newer difflens" in message
 
 
@@ -255,3 +256,32 @@ def test_temporaries_are_hidden_and_removed_by_the_next_writer(store):
     assert (store.root / "images" / "000000.png").read_bytes() == b"png"
     assert store.remove_stale_temporaries() == 1
     assert temporaries(store.root) == []
+
+
+# ------------------------------------------------------------------------------------------------ SAE layout
+
+
+def test_several_saes_per_layer_and_a_format_2_layer_read_as_default(store):
+    from intervention_runs import random_sae
+
+    from backend.run.context import RunContext
+
+    root = store.root
+    assert store.sae_dir("a") == root / "sae" / "a" / "default" and store.sae_dir("a", "k8") == root / "sae/a/k8"
+    save_sae(random_sae(), store.sae_dir("a"))
+    save_sae(random_sae(), store.sae_dir("a", "k8"))
+    legacy = root / "sae" / "b"  # format 2: the layer's one SAE in sae/<layer>/, an export beside it
+    save_sae(random_sae(), legacy)
+    (legacy / "saelens").mkdir()
+    (legacy / "saelens" / "cfg.json").write_text("{}")
+    save_sae(random_sae(), legacy / "k4")  # an SAE added to a format-2 layer
+    assert store.saes() == [("a", "default"), ("a", "k8"), ("b", "default"), ("b", "k4")]
+    assert store.sae_dir("b") == legacy and store.sae_dir("b", "k4") == legacy / "k4"
+    store.write_manifest({"config": {}, "stages": {}})
+    ctx = RunContext(store, store.read_manifest())
+    assert ctx.sae("b").cfg.n_latents == ctx.sae("b", "feature.k4").cfg.n_latents == 128
+    assert ctx.feature_kinds("a") == ["feature", "feature.k8"] and ctx.check_kind("b", "feature.k4") == "feature.k4"
+    with pytest.raises(DifflensError, match=r"no SAE for a with id 'k4'.*a:default, a:k8, b:default, b:k4"):
+        ctx.check_kind("a", "feature.k4")
+    with pytest.raises(DifflensError, match="unknown unit kind 'feature.K4'"):
+        ctx.check_kind("a", "feature.K4")

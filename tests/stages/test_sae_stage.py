@@ -61,7 +61,7 @@ def test_stage_trains_every_layer_and_records_metrics(demo_run, trained):
         assert m["l0"] <= 8
         assert m["loss_clean"] < m["loss_spliced"] < m["loss_zero"]
         assert 0 < m["frac_loss_recovered"] < 1
-        saved = json.loads((demo_run.out_dir / "sae" / layer / "cfg.json").read_text())
+        saved = json.loads((demo_run.out_dir / "sae" / layer / "default" / "cfg.json").read_text())
         assert saved["metrics"]["frac_loss_recovered"] == m["frac_loss_recovered"]
     metrics = pl.read_parquet(demo_run.out_dir / "tables" / "sae_metrics.parquet")
     assert sorted(metrics["layer"]) == sorted(trained)
@@ -70,7 +70,7 @@ def test_stage_trains_every_layer_and_records_metrics(demo_run, trained):
 
 
 def test_rerun_keeps_finished_saes_and_changed_settings_need_overwrite(demo_run, trained):
-    weights = demo_run.out_dir / "sae" / LAYER / "sae.safetensors"
+    weights = demo_run.out_dir / "sae" / LAYER / "default" / "sae.safetensors"
     before = weights.read_bytes()
     again = train_saes(demo_run.out_dir, small_sae_cfg(), progress=False)
     assert again == trained and weights.read_bytes() == before
@@ -108,7 +108,7 @@ def test_export_sae_cli_writes_a_saelens_directory(demo_run, trained, tmp_path):
                                  "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     theirs = SAELensSAE.load_from_disk(str(tmp_path / LAYER), device="cpu")
-    ours = load_sae(demo_run.out_dir / "sae" / LAYER)
+    ours = load_sae(demo_run.out_dir / "sae" / LAYER / "default")
     x = torch.from_numpy(np.load(sorted((demo_run.out_dir / "activations" / LAYER).glob("*.npy"))[0])[:64]).float()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
@@ -117,7 +117,7 @@ def test_export_sae_cli_writes_a_saelens_directory(demo_run, trained, tmp_path):
 def test_features_pass_records_sparse_feature_activity(demo_run, trained):
     from backend.stages.capture import SAEEncoder
 
-    encoders = {LAYER: SAEEncoder(demo_run.out_dir / "sae" / LAYER)}
+    encoders = {LAYER: SAEEncoder(demo_run.out_dir / "sae" / LAYER / "default")}
     capture(demo_run, encoders=encoders, progress=False)
     feats = pl.read_parquet(demo_run.out_dir / "tables" / "activity" / f"layer={LAYER}" / "kind=feature" / "*.parquet")
     assert len(feats) and (feats["max"] > 0).all()
@@ -144,3 +144,27 @@ def test_train_sae_without_options_uses_the_run_settings(demo_run, trained):
     assert {p: p.read_bytes() for p in (demo_run.out_dir / "sae").rglob("sae.safetensors")} == untouched
     saved = json.loads((demo_run.out_dir / "manifest.json").read_text())["config"]["sae"]
     assert saved["k"] == 8
+
+
+def test_replacing_the_default_sae_of_a_format_2_layer_keeps_its_other_saes(tmp_path):
+    """A format-2 layer keeps its SAE in sae/<layer>/ itself (an export beside it); a new default SAE moves it
+    aside file by file and lands in sae/<layer>/default/, and an SAE added to the layer since stays."""
+    from intervention_runs import random_sae
+
+    from backend.run.store import RunStore
+    from backend.stages.sae import swap_in, work_dir
+    from sae.io import save_sae
+
+    store = RunStore(tmp_path / "run")
+    legacy = store.root / "sae" / LAYER
+    save_sae(random_sae(), legacy)
+    (legacy / "saelens").mkdir()
+    (legacy / "saelens" / "cfg.json").write_text("{}")
+    save_sae(random_sae(), legacy / "k4")
+    k4 = (legacy / "k4" / "sae.safetensors").read_bytes()
+    assert store.saes() == [(LAYER, "default"), (LAYER, "k4")] and store.sae_dir(LAYER) == legacy
+    save_sae(random_sae(), work_dir(store, LAYER))
+    swap_in(store, LAYER)
+    assert store.saes() == [(LAYER, "default"), (LAYER, "k4")] and store.sae_dir(LAYER) == legacy / "default"
+    assert sorted(p.name for p in legacy.iterdir()) == ["default", "k4"]
+    assert (legacy / "k4" / "sae.safetensors").read_bytes() == k4
