@@ -234,6 +234,9 @@ class InterventionsConfig:
     """Run the stage at all."""
     top_units: int = 2
     """Units per (layer, kind) that get a steered prior and a deep dream."""
+    sae_variants: bool = False
+    """Also intervene on the features of a layer's other SAEs (kinds feature.<sae_id>); off: channels and the default
+    SAE's features only (each variant adds its own priors, edits and dreams)."""
     steer_scale: float = 4.0
     """Steering strength as a multiple of the unit's max activation (units table)."""
     steer_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -408,6 +411,8 @@ class AtlasConfig:
     """Layers (empty: every analysed layer)."""
     kinds: list[str] = field(default_factory=list)
     """Kinds (empty: every analysed kind of the layer: channel, feature)."""
+    sae_variants: bool = False
+    """With kinds empty, also the features of a layer's other SAEs (feature.<sae_id>); off: channel and feature."""
     priors: bool = True
     """Make the steered priors."""
     dreams: bool = True

@@ -37,8 +37,10 @@ def atlas_partitions(ctx: RunContext, atlas: AtlasConfig) -> list[tuple[str, str
         if kind not in {p[1] for p in parts if not atlas.layers or p[0] in atlas.layers}:
             raise DifflensError(f"{ctx.root} has no analysed {kind} units in the chosen layers; use channel or "
                                 "feature (features need the layer's SAE and the features pass)")
+    default_kinds = ("channel", "feature")
     return [(layer, kind) for layer, kind in parts
-            if (not atlas.layers or layer in atlas.layers) and (not atlas.kinds or kind in atlas.kinds)]
+            if (not atlas.layers or layer in atlas.layers)
+            and (kind in atlas.kinds if atlas.kinds else atlas.sae_variants or kind in default_kinds)]
 
 
 def run_atlas(run: str | Path | RunContext, atlas: AtlasConfig | None = None, prior: PriorConfig | None = None,

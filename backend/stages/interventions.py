@@ -81,7 +81,8 @@ def planned_parts(store: RunStore, cfg: InterventionsConfig) -> list[tuple[str, 
     enabled and a layer has features; on a run it cannot serve (not the demo, no attributes) it is a skip with a
     note."""
     parts: list[tuple[str, dict]] = []
-    partitions = analysed_partitions(store)
+    partitions = [(layer, kind) for layer, kind in analysed_partitions(store)
+                  if cfg.sae_variants or kind in ("channel", "feature")]
     top = {(layer, kind): chosen_units(store, layer, kind, cfg.top_units) for layer, kind in partitions}
     for (layer, kind), units in top.items():
         for unit in units:
