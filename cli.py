@@ -331,10 +331,10 @@ def compare_saes(
     layer: Annotated[str, typer.Option("--layer", "-l", help="The layer whose SAEs to compare.")] = "",
     saes: Annotated[str, typer.Option(help="SAE ids to compare, comma-separated (at least two). [default: every "
                                            "SAE of the layer]")] = "",
-    samples: Annotated[int, typer.Option(help="Token vectors in the fixed sample the metrics are measured "
-                                              "on.")] = 65536,
-    splice_samples: Annotated[int, typer.Option(help="Generations for the splice test (loss recovered); -1: the "
-                                                     "run's sae.splice_samples, 0: skip it.")] = -1,
+    samples: Annotated[int | None, typer.Option(help="Token vectors in the fixed sample the metrics are measured "
+                                                     "on. [default: 65536]")] = None,
+    splice_samples: Annotated[int | None, typer.Option(help="Generations for the splice test (loss recovered); 0: "
+                                                            "skip it. [default: the run's sae.splice_samples]")] = None,
     device: RunDeviceOpt = None,
 ) -> None:
     """Compare a layer's SAEs: FVU, L0, dead/dense, loss recovered, concept recovery, density, decoder matching."""
@@ -344,9 +344,10 @@ def compare_saes(
 
     if not layer:
         raise DifflensError("compare-saes needs --layer LAYER (see `python cli.py layers --model ...`)")
-    ctx, _ = _model_run_context(run, device, None, loads=splice_samples != 0)
-    cfg = SAECompareConfig(saes=[s.strip() for s in saes.split(",") if s.strip()], samples=samples,
-                           splice_samples=splice_samples)
+    given = {"samples": samples, "splice_samples": splice_samples}
+    cfg = SAECompareConfig(saes=[s.strip() for s in saes.split(",") if s.strip()],
+                           **{k: v for k, v in given.items() if v is not None})
+    ctx, _ = _model_run_context(run, device, None, loads=cfg.splice_samples != 0)
     result = run_compare(ctx, layer, cfg)
     typer.echo(f"{layer}: {result['rows'][0]['tokens']:,} sample tokens")
     typer.echo(f"  {'sae':<12} {'latents':>7} {'k':>4} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6} "

@@ -23,6 +23,8 @@ from backend.errors import DifflensError
 from backend.run.schema import DEFAULT_SAE, feature_kind
 
 TABLES = ("sae_comparison", "sae_density", "sae_matches")
+NO_SPLICE = dict.fromkeys(("loss_clean", "loss_spliced", "loss_zero", "frac_loss_recovered", "splice_samples"))
+"""The splice-test columns of an SAE when the test was skipped."""
 MEDIA = Path("media") / "sae_compare"
 
 
@@ -169,7 +171,7 @@ def compare_saes(run, layer: str, cfg: SAECompareConfig | None = None, progress:
     {(a, b): summary}, "tables": [...], "figure": path}."""
     from backend.run.config import file_digest
     from backend.run.context import as_context
-    from backend.stages.sae import token_width
+    from sae.data import read_meta
 
     cfg = check_config(cfg or SAECompareConfig())
     ctx = as_context(run, require="capture")
@@ -177,7 +179,9 @@ def compare_saes(run, layer: str, cfg: SAECompareConfig | None = None, progress:
     if layer not in ctx.layers:
         raise DifflensError(f"unknown layer {layer!r} in {store.root}; its captured layers: {', '.join(ctx.layers)}")
     chosen = chosen_saes(store.root, layer, list(cfg.saes))
-    d_in = token_width(store, layer)
+    d_in = read_meta(store.activations_dir(layer)).get("d")
+    if d_in is None:
+        raise DifflensError(f"{store.root} has no token shards for {layer}; rerun `python cli.py capture`")
     splice_n = ctx.config.sae.splice_samples if cfg.splice_samples < 0 else cfg.splice_samples
     t0 = time.time()
     device = ctx.device
@@ -199,7 +203,7 @@ def compare_saes(run, layer: str, cfg: SAECompareConfig | None = None, progress:
         density[sae_id] = density_histogram(stats[sae_id].freq, edges)
         rows.append({"sae_id": sae_id, "kind": kind, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
                      "architecture": sae.cfg.architecture, "sae_digest": file_digest(directory / "sae.safetensors")}
-                    | stats[sae_id].metrics() | splice.get(sae_id, {}) | concept_recovery(store, layer, kind))
+                    | stats[sae_id].metrics() | splice.get(sae_id, NO_SPLICE) | concept_recovery(store, layer, kind))
     written = _write(store, layer, rows, edges, density, matches)
     figure = store.write_png(MEDIA / layer / f"{'-vs-'.join(saes)}.png",
                              comparison_figure(layer, edges, density, matches))
