@@ -10,6 +10,7 @@ every time (benchmarks). They are grouped by what they read:
   - unit_examples.py  one unit's top examples with their heat-maps
   - interventions.py  steering, edits, dreams and block ablation
   - compare.py        two prompt groups
+  - sae_compare.py    a layer's SAEs compared (`compare-saes`; imported by its page as a module)
 Underneath: inspector/runs.py (runs, paths, errors), inspector/tables.py (the run format's catalogue as the inspector
 reads it), inspector/db.py (the DuckDB sandbox and its cache), inspector/heatmaps.py (the heat-map cache). This
 package re-exports what pages need of them: Run, the errors, the runs directory and run discovery, run files.

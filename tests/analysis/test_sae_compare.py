@@ -23,6 +23,7 @@ from backend.errors import DifflensError
 from backend.run.config import SAEStageConfig
 from cli import app
 from sae.io import load_sae, save_sae
+from sae.model import SAE, SAEConfig
 
 LAYER, OTHER = "up_blocks.1.attentions.1", "mid_block.attentions.0"
 SPLICE = 2
@@ -235,9 +236,12 @@ def test_bad_input_is_one_line_and_changes_nothing(run, args, message):
 def test_an_sae_of_another_width_is_refused(run, tmp_path):
     copy = tmp_path / "r"
     shutil.copytree(run, copy)
-    shutil.copytree(copy / "sae" / OTHER, copy / "sae" / LAYER / "wrong")
-    with pytest.raises(DifflensError, match="takes 32 channels but up_blocks.1.attentions.1 has 64"):
+    save_sae(SAE(SAEConfig(d_in=32, n_latents=64, k=4)), copy / "sae" / LAYER / "wrong")
+    before = tree_digest(copy)
+    with pytest.raises(DifflensError, match="takes 32 channels but up_blocks.1.attentions.1 has 64; it was trained on "
+                                            "another layer"):
         compare_saes(copy, LAYER, SAECompareConfig(splice_samples=0), progress=False)
+    assert tree_digest(copy) == before
 
 
 def test_cli_prints_the_metrics_and_where_they_went(run, compared):
