@@ -257,7 +257,8 @@ def effect_chart(scores: pl.DataFrame, height: int = 220) -> dict[str, Any]:
 def sae_density_template(height: int):
     return (alt.Chart(alt.Data(name="bins")).mark_line(interpolate="step-after", strokeWidth=2)
             .encode(x=alt.X("lo:Q", title="log10 firing frequency (share of sample tokens)"),
-                    y=alt.Y("count:Q", title="latents"), color=alt.Color("sae_id:N", title="SAE"),
+                    y=alt.Y("count:Q", title="latents"),
+                    color=alt.Color("sae_id:N", title="SAE", scale=alt.Scale(scheme="tableau10")),
                     tooltip=["sae_id:N", alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f"),
                              "count:Q"])
             .properties(height=height))

@@ -37,8 +37,9 @@ with ui.guard("SAE metrics"):
     st.dataframe(metrics, hide_index=True, width="stretch", column_config={
         "fvu": st.column_config.NumberColumn("FVU", format="%.4f"),
         "l0": st.column_config.NumberColumn("L0", format="%.2f"),
-        "dead_frac": st.column_config.NumberColumn("dead", format="percent"),
-        "dense_frac": st.column_config.NumberColumn("dense", format="percent"),
+        "dead": st.column_config.NumberColumn("dead", help="latents never active on the sample"),
+        "dead_frac": st.column_config.NumberColumn("dead %", format="percent"),
+        "dense_frac": st.column_config.NumberColumn("dense %", format="percent"),
         "frac_loss_recovered": st.column_config.NumberColumn("loss recovered", format="percent"),
         "mean_best_auroc": st.column_config.NumberColumn("concept AUROC", format="%.3f")})
     tokens = int(metrics["tokens"].max()) if metrics.height else 0
