@@ -169,12 +169,34 @@ def _matches(saes: dict, progress: bool) -> dict[tuple[str, str], tuple[np.ndarr
 def compare_saes(run, layer: str, cfg: SAECompareConfig | None = None, progress: bool = True) -> dict:
     """Compare the SAEs of a layer (see the module docstring); returns {"rows": [sae_comparison rows], "matches":
     {(a, b): summary}, "tables": [...], "figure": path}."""
-    from backend.run.config import file_digest
     from backend.run.context import as_context
-    from sae.data import read_meta
 
     cfg = check_config(cfg or SAECompareConfig())
     ctx = as_context(run, require="capture")
+    store = ctx.store
+    t0 = time.time()
+    chosen, saes = _checked_saes(ctx, layer, cfg)
+    splice_n = ctx.config.sae.splice_samples if cfg.splice_samples < 0 else cfg.splice_samples
+    stats = _measure(ctx, layer, saes, cfg, progress)
+    splice = _splice_all(ctx, layer, saes, splice_n, progress) if splice_n else {}
+    matches = _matches(saes, progress)
+    rows, edges, density = _rows(store, layer, chosen, saes, stats, splice, cfg)
+    store.remove_stale_temporaries()
+    written = _write(store, layer, rows, edges, density, matches)
+    figure = store.write_png(MEDIA / layer / f"{'-vs-'.join(saes)}.png",
+                             comparison_figure(layer, edges, density, matches))
+    summary = {"layer": layer, "saes": list(saes), "tokens": rows[0]["tokens"], "splice_samples": splice_n,
+               "seconds": round(time.time() - t0, 2), "figure": figure, "config": asdict(cfg)}
+    store.update_stage("sae_compare", status="done", finished=time.time(), last=summary)
+    return {"rows": rows, "matches": {pair: match_summary(cos) for pair, (_, cos) in matches.items()},
+            "tables": written, "figure": store.root / figure}
+
+
+def _checked_saes(ctx, layer: str, cfg: SAECompareConfig) -> tuple[list[tuple[str, Path]], dict]:
+    """The chosen (sae_id, directory) pairs and their SAEs loaded on the run's device, or a one-line error: an
+    unknown layer, too few SAEs, an unknown id, an SAE that does not load or does not fit the layer's width."""
+    from sae.data import read_meta
+
     store = ctx.store
     if layer not in ctx.layers:
         raise DifflensError(f"unknown layer {layer!r} in {store.root}; its captured layers: {', '.join(ctx.layers)}")
@@ -182,36 +204,32 @@ def compare_saes(run, layer: str, cfg: SAECompareConfig | None = None, progress:
     d_in = read_meta(store.activations_dir(layer)).get("d")
     if d_in is None:
         raise DifflensError(f"{store.root} has no token shards for {layer}; rerun `python cli.py capture`")
-    splice_n = ctx.config.sae.splice_samples if cfg.splice_samples < 0 else cfg.splice_samples
-    t0 = time.time()
-    device = ctx.device
-    saes = {i: _load(d, d_in, layer, device) for i, d in chosen}
-    stats = _measure(ctx, layer, saes, cfg, progress)
-    splice = {}
-    if splice_n:
-        gens = ctx.generations().head(splice_n)
-        splice = {i: splice_metrics(ctx.model, layer, sae, gens) for i, sae in saes.items()}
-    matches = _matches(saes, progress)
+    return chosen, {i: _load(d, d_in, layer, ctx.device) for i, d in chosen}
 
+
+def _splice_all(ctx, layer: str, saes: dict, n: int, progress: bool) -> dict:
+    """splice_metrics of every SAE on the run's first n generations."""
+    from tqdm.auto import tqdm
+
+    gens = ctx.generations().head(n)
+    return {i: splice_metrics(ctx.model, layer, sae, gens)
+            for i, sae in tqdm(saes.items(), desc="splice test", unit="SAE", disable=not progress)}
+
+
+def _rows(store, layer: str, chosen: list, saes: dict, stats: dict, splice: dict, cfg: SAECompareConfig):
+    """(sae_comparison rows, density bin edges, {sae_id: (counts, dead)})."""
     from backend.analysis.sae_stats import density_edges, density_histogram
+    from backend.run.config import file_digest
 
-    tokens = next(iter(stats.values())).tokens
-    edges = density_edges(tokens, cfg.bins_per_decade)
+    edges = density_edges(next(iter(stats.values())).tokens, cfg.bins_per_decade)
     rows, density = [], {}
-    for (sae_id, directory), sae in zip(chosen, saes.values(), strict=True):
-        kind = feature_kind(sae_id)
+    for sae_id, directory in chosen:
+        sae, kind = saes[sae_id], feature_kind(sae_id)
         density[sae_id] = density_histogram(stats[sae_id].freq, edges)
         rows.append({"sae_id": sae_id, "kind": kind, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
                      "architecture": sae.cfg.architecture, "sae_digest": file_digest(directory / "sae.safetensors")}
                     | stats[sae_id].metrics() | splice.get(sae_id, NO_SPLICE) | concept_recovery(store, layer, kind))
-    written = _write(store, layer, rows, edges, density, matches)
-    figure = store.write_png(MEDIA / layer / f"{'-vs-'.join(saes)}.png",
-                             comparison_figure(layer, edges, density, matches))
-    summary = {"layer": layer, "saes": list(saes), "tokens": tokens, "splice_samples": splice_n,
-               "seconds": round(time.time() - t0, 2), "figure": figure, "config": asdict(cfg)}
-    store.update_stage("sae_compare", status="done", finished=time.time(), last=summary)
-    return {"rows": rows, "matches": {pair: match_summary(cos) for pair, (_, cos) in matches.items()},
-            "tables": written, "figure": store.root / figure}
+    return rows, edges, density
 
 
 def match_summary(cosine: np.ndarray) -> dict:
