@@ -295,6 +295,7 @@ class SAEEncoder:
     """A FeatureEncoder from a trained (folded) SAE: its sparse codes of raw activations."""
 
     def __init__(self, path: str | Path, device="cpu"):
+        from sae.formats import weights_file
         from sae.io import SAELoadError, load_sae
 
         try:
@@ -305,7 +306,7 @@ class SAEEncoder:
         self.n_latents = int(self.sae.cfg.n_latents)
         """Width of its dense pre-activations (encode_in_chunks sizes its row chunks by it)."""
         self.path = str(path)
-        self.identity = file_digest(Path(path) / "sae.safetensors")
+        self.identity = file_digest(weights_file(path))
 
     @torch.no_grad()
     def __call__(self, x_NC: torch.Tensor):

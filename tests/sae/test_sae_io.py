@@ -1,12 +1,12 @@
-"""SAE checkpoints: our format round-trips; SAELens loads our export and reconstructs identically; imports."""
+"""SAE checkpoints: our format round-trips; SAELens loads our export and reconstructs identically; load_sae reads
+the export back (format detection; the format readers are tested in tests/sae/test_formats_*.py)."""
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from sae.io import SAELoadError, export_saelens, import_saelens, import_sparsify, load_sae, save_sae
+from sae.io import SAELoadError, export_saelens, load_sae, save_sae
 from sae.model import SAE, SAEConfig
 
 
@@ -36,38 +36,29 @@ def test_saelens_loads_our_export_and_reconstructs_identically(tmp_path, archite
 
 
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
-def test_saelens_export_imports_back(tmp_path, architecture):
+def test_saelens_export_loads_back(tmp_path, architecture):
     ours = random_sae(architecture)
-    back = import_saelens(export_saelens(ours, tmp_path / "e"))
+    back = load_sae(export_saelens(ours, tmp_path / "e"))
     x = torch.randn(32, 12)
     with torch.no_grad():
         torch.testing.assert_close(back(x), ours(x))
 
 
-def test_import_saelens_without_b_dec_on_input(tmp_path):
-    ours = random_sae()
-    export_saelens(ours, tmp_path)
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"apply_b_dec_to_input": False}))
-    back = import_saelens(tmp_path)
-    x = torch.randn(8, 12)
-    # SAELens then encodes x itself: pre = x @ W_enc + b_enc
-    expected = (x @ ours.W_enc_T.T + ours.b_enc).topk(4, dim=-1).values.relu()
-    with torch.no_grad():
-        torch.testing.assert_close(back.encode(x).values.sort(-1).values, expected.sort(-1).values)
+def test_jumprelu_and_layernorm_export_to_saelens(tmp_path):
+    from sae_lens import SAE as SAELensSAE
 
-
-def test_import_sparsify_checkpoint(tmp_path):
-    ours = random_sae()
-    save_file({"encoder.weight": ours.W_enc_T.detach().clone(), "encoder.bias": ours.b_enc.detach().clone(),
-               "W_dec": ours.W_dec.detach().clone(), "b_dec": ours.b_dec.detach().clone()},
-              str(tmp_path / "sae.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 4, "normalize_decoder": True,
-                                                   "num_latents": 48, "k": 4, "d_in": 12}))
-    back = import_sparsify(tmp_path)
-    x = torch.randn(8, 12)
+    ours = SAE(SAEConfig(d_in=12, n_latents=48, architecture="jumprelu", normalize="layernorm"))
+    ours.reset_parameters(torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(back(x), ours(x))
+        ours.b_dec.normal_(0, 0.3)
+        ours.threshold.uniform_(0, 0.2)
+    export_saelens(ours.eval(), tmp_path)
+    theirs = SAELensSAE.load_from_disk(str(tmp_path), device="cpu")
+    x = torch.randn(16, 12) * 2
+    with torch.no_grad():
+        acts = theirs.encode(x)
+        torch.testing.assert_close(acts, ours.encode(x, dense=True), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(acts), ours(x), rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_round_trip_and_mismatch_error(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.model import SAE, SAEConfig
+from sae.model import SAE, SAEConfig, fold_input_affine
 from sae.sparse_ops import sparse_decode
 
 
@@ -109,6 +109,54 @@ def test_bad_configs():
         SAE(SAEConfig(d_in=4, n_latents=8, architecture="gated"))
     with pytest.raises(ValueError, match="k must be"):
         SAE(SAEConfig(d_in=4, n_latents=8, k=9))
+    with pytest.raises(ValueError, match="input normalisation .rms."):
+        SAE(SAEConfig(d_in=4, n_latents=8, k=2, normalize="rms"))
+
+
+def test_jumprelu_keeps_positive_values_above_each_latents_threshold():
+    sae = make("jumprelu").eval()
+    assert sae.threshold.shape == (32,)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(-0.2, 0.4, 32))
+    x = torch.randn(16, 8)
+    pre = (x - sae.b_dec) @ sae.W_enc_T.T + sae.b_enc
+    expected = pre.relu() * (pre > sae.threshold)
+    torch.testing.assert_close(sae.encode(x, dense=True), expected)
+
+
+@pytest.mark.parametrize("mode", ["layernorm", "norm_rescale"])
+def test_per_token_normalisation_wraps_encode_and_decode(mode):
+    """layernorm: openai/sparse_autoencoder LN (unbiased std + 1e-5 in, * std + mu out); norm_rescale: SAELens
+    constant_norm_rescale (x * sqrt(D) / ||x||, divided back)."""
+    sae = make("topk")
+    sae.cfg.normalize = mode
+    x = torch.randn(16, 8) * 4 + 2
+    if mode == "layernorm":
+        mu, std = x.mean(-1, keepdim=True), (x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+        x_n, back = (x - mu) / (std + 1e-5), lambda y: y * std + mu
+    else:
+        coeff = 8 ** 0.5 / x.norm(dim=-1, keepdim=True)
+        x_n, back = x * coeff, lambda y: y / coeff
+    dense = reference_codes(sae, x_n)
+    codes = sae.encode(x)
+    torch.testing.assert_close(codes.dense(32), dense)
+    torch.testing.assert_close(sae.encode(x, dense=True), dense)
+    torch.testing.assert_close(sae.pre_acts(x), (x_n - sae.b_dec) @ sae.W_enc_T.T + sae.b_enc)
+    torch.testing.assert_close(sae.decode(codes), back(dense @ sae.W_dec + sae.b_dec), rtol=1e-5, atol=1e-5)
+    new = codes.values * 2
+    edited = codes._replace(values=new)
+    torch.testing.assert_close(sae.decode_change(codes, new), sae.decode(edited) - sae.decode(codes),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fold_input_affine_reads_raw_inputs():
+    sae = make("relu")
+    mean, std = torch.randn(8), torch.rand(8) + 0.5
+    x = torch.randn(16, 8) * std + mean
+    z = (x - mean) / std
+    folded = fold_input_affine(sae, mean, std)
+    torch.testing.assert_close(folded.encode(x, dense=True), sae.encode(z, dense=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded(x), sae(z) * std + mean, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

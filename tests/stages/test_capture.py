@@ -434,3 +434,21 @@ def test_batches_do_not_depend_on_the_number_of_processes(n, batch, world, other
 
     assert names(world) == names(other) == names(1)
     assert names(1)[1] == list(range(n))
+
+
+def test_sae_option_takes_another_librarys_checkpoint(untrained_demo_dir, prompt_file, tmp_path):
+    """capture --sae LAYER=PATH with a SAELens folder: the format is detected, its weights file identifies it, and
+    the layer's feature activity is recorded."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from sae.io import export_saelens
+    from sae.model import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    export_saelens(SAE(SAEConfig(d_in=64, n_latents=32, k=4)).eval(), tmp_path / "lens")
+    result = CliRunner().invoke(app, ["capture", *cli_args(untrained_demo_dir, prompt_file, tmp_path / "runs", "x"),
+                                      "--sae", f"mid_block.attentions.0={tmp_path / 'lens'}"])
+    assert result.exit_code == 0, result.output
+    feats = pl.read_parquet(f"{tmp_path}/runs/x/tables/activity/layer=mid_block.attentions.0/kind=feature/*.parquet")
+    assert feats["gen_id"].n_unique() == 24 and feats["unit"].max() < 32 and (feats["max"] > 0).all()
