@@ -357,6 +357,45 @@ def plots(overrides: dict, run: RunOpt = Path("runs/demo")) -> None:
     typer.echo(f"wrote {len(paths)} figures to {run}/media/plots/")
 
 
+@app.command("compare-saes")
+@user_errors
+def compare_saes(
+    run: RunOpt = Path("runs/demo"),
+    layer: Annotated[str, typer.Option("--layer", "-l", help="The layer whose SAEs to compare.")] = "",
+    saes: Annotated[str, typer.Option(help="SAE ids to compare, comma-separated (at least two). [default: every "
+                                           "SAE of the layer]")] = "",
+    samples: Annotated[int | None, typer.Option(help="Token vectors in the fixed sample the metrics are measured "
+                                                     "on. [default: 65536]")] = None,
+    splice_samples: Annotated[int | None, typer.Option(help="Generations for the splice test (loss recovered); 0: "
+                                                            "skip it. [default: the run's sae.splice_samples]")] = None,
+    device: RunDeviceOpt = None,
+) -> None:
+    """Compare a layer's SAEs: FVU, L0, dead/dense, loss recovered, concept recovery, density, decoder matching."""
+    from backend.analysis.sae_compare import SAECompareConfig
+    from backend.analysis.sae_compare import compare_saes as run_compare
+    from backend.errors import DifflensError
+
+    if not layer:
+        raise DifflensError("compare-saes needs --layer LAYER (see `python cli.py layers --model ...`)")
+    given = {"samples": samples, "splice_samples": splice_samples}
+    cfg = SAECompareConfig(saes=[s.strip() for s in saes.split(",") if s.strip()],
+                           **{k: v for k, v in given.items() if v is not None})
+    ctx, _ = _model_run_context(run, device, None, loads=cfg.splice_samples != 0)
+    result = run_compare(ctx, layer, cfg)
+    typer.echo(f"{layer}: {result['rows'][0]['tokens']:,} sample tokens")
+    typer.echo(f"  {'sae':<12} {'latents':>7} {'k':>4} {'FVU':>7} {'L0':>6} {'dead':>6} {'dense':>6} "
+               f"{'loss rec.':>9} {'concept AUROC':>13}")
+    for r in result["rows"]:
+        loss = "-" if r.get("frac_loss_recovered") is None else f"{r['frac_loss_recovered']:.1%}"
+        auroc = "-" if r.get("mean_best_auroc") is None else f"{r['mean_best_auroc']:.3f}"
+        typer.echo(f"  {r['sae_id']:<12} {r['n_latents']:>7} {r['k']:>4} {r['fvu']:>7.3f} {r['l0']:>6.1f} "
+                   f"{r['dead_frac']:>6.1%} {r['dense_frac']:>6.1%} {loss:>9} {auroc:>13}")
+    for (a, b), m in result["matches"].items():
+        typer.echo(f"  {a} -> {b}: best decoder cosine median {m['median']:.3f}, {m['above_0.9']:.0%} of {a}'s "
+                   f"latents above 0.9")
+    typer.echo(f"tables: {run}/tables (sae_comparison, sae_density, sae_matches); figure: {result['figure']}")
+
+
 DREAM_KNOBS = [f for f in DreamConfig.__dataclass_fields__ if f not in ("opt_steps", "seeds")]
 """The [dream] settings the dream command takes as options (its iterations and seeds are --iterations / --seeds)."""
 

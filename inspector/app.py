@@ -42,6 +42,7 @@ def main() -> None:
         st.Page("views/unit.py", title="Unit", icon=":material/scatter_plot:"),
         st.Page("views/atlas.py", title="Atlas", icon=":material/apps:"),
         st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
+        st.Page("views/sae_compare.py", title="SAEs", icon=":material/join_inner:"),
         st.Page("views/ablation.py", title="Ablation", icon=":material/grid_view:"),
         st.Page("views/lab.py", title="Lab", icon=":material/science:"),
         st.Page("views/sweep.py", title="Sweep", icon=":material/tune:"),

@@ -250,3 +250,36 @@ def effect_template(height: int):
 def effect_chart(scores: pl.DataFrame, height: int = 220) -> dict[str, Any]:
     """Effect score per ablated block (mean pixel change), largest first."""
     return _fill(effect_template(height), scores=scores.select("layer", "effect"))
+
+
+# ------------------------------------------------------------------------------------------------ SAE comparison
+
+
+@_template
+def sae_density_template(height: int):
+    return (alt.Chart(alt.Data(name="bins")).mark_line(interpolate="step-after", strokeWidth=2)
+            .encode(x=alt.X("lo:Q", title="log10 firing frequency (share of sample tokens)"),
+                    y=alt.Y("count:Q", title="latents"),
+                    color=alt.Color("sae_id:N", title="SAE", scale=alt.Scale(scheme="tableau10")),
+                    tooltip=["sae_id:N", alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f"),
+                             "count:Q"])
+            .properties(height=height))
+
+
+def sae_density_chart(density: pl.DataFrame, height: int = 240) -> dict[str, Any]:
+    """The activation-density histograms of several SAEs overlaid (sae_id, lo, hi, count), one line per SAE."""
+    return _fill(sae_density_template(height), bins=density.select("sae_id", "lo", "hi", "count"))
+
+
+@_template
+def cosine_histogram_template(height: int):
+    return (alt.Chart(alt.Data(name="bins")).mark_bar(color="#4c78a8")
+            .encode(x=alt.X("lo:Q", bin="binned", title="best decoder cosine"), x2="hi:Q",
+                    y=alt.Y("count:Q", title="latents of A"),
+                    tooltip=[alt.Tooltip("lo:Q", format=".3f"), alt.Tooltip("hi:Q", format=".3f"), "count:Q"])
+            .properties(height=height))
+
+
+def cosine_histogram_chart(hist: pl.DataFrame, height: int = 220) -> dict[str, Any]:
+    """Histogram of each latent of A's best cosine with B's decoder rows (lo, hi, count)."""
+    return _fill(cosine_histogram_template(height), bins=hist.select("lo", "hi", "count"))

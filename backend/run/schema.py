@@ -310,6 +310,44 @@ ABLATIONS = pa.schema([
 ])
 
 
+SAE_COMPARISON = pa.schema([
+    ("sae_id", pa.string()),
+    ("kind", pa.string()),            # the unit kind of its latents: feature | feature.<sae_id>
+    ("n_latents", pa.int32()),
+    ("k", pa.int32()),
+    ("architecture", pa.string()),
+    ("sae_digest", pa.string()),      # sha256 of its sae.safetensors, 16 hex (tells a replaced SAE's rows apart)
+    ("tokens", pa.int64()),           # token vectors in the sample
+    ("fvu", pa.float64()),
+    ("l0", pa.float64()),
+    ("dead", pa.int32()),             # latents never active on the sample
+    ("dead_frac", pa.float64()),
+    ("dense_frac", pa.float64()),
+    ("loss_clean", pa.float64()),     # splice test (null when skipped)
+    ("loss_spliced", pa.float64()),
+    ("loss_zero", pa.float64()),
+    ("frac_loss_recovered", pa.float64()),
+    ("splice_samples", pa.int64()),
+    ("concepts", pa.int32()),         # concept recovery from concept_summary (null when not scored)
+    ("mean_best_auroc", pa.float64()),
+])
+
+SAE_DENSITY = pa.schema([
+    ("sae_id", pa.string()),
+    ("lo", pa.float32()),             # bin edges, log10 of the firing frequency
+    ("hi", pa.float32()),
+    ("count", pa.int64()),            # live latents in the bin (dead ones: sae_comparison.dead)
+])
+
+SAE_MATCHES = pa.schema([
+    ("sae_a", pa.string()),
+    ("sae_b", pa.string()),
+    ("feature_a", pa.int32()),
+    ("feature_b", pa.int32()),        # A's latent's best match in B
+    ("cosine", pa.float32()),         # cosine of their decoder rows
+])
+
+
 # Files that are not tables but have a fixed schema too.
 
 TOKEN_INDEX = pa.schema([
@@ -432,6 +470,15 @@ _SPECS = [
               "<mode>-<digest of prompts, seeds, steps, guidance>.parquet (layer = the ablated block)", (),
               "one image with one block ablated, beside its baseline", ABLATIONS,
               "per prompt, then per seed, in the order given"),
+    TableSpec("sae_comparison", "sae_compare", "python cli.py compare-saes --run RUN --layer LAYER", "layer",
+              "<sae_id>.parquet, one per SAE of the layer", ("sae_id",), "one SAE's metrics on a fixed token sample "
+              "of its layer, with its loss recovered and concept recovery", SAE_COMPARISON),
+    TableSpec("sae_density", "sae_compare", "python cli.py compare-saes --run RUN --layer LAYER", "layer",
+              "<sae_id>.parquet, one per SAE of the layer", ("lo",),
+              "one bin of an SAE's activation-density histogram (log10 of its latents' firing frequency)", SAE_DENSITY),
+    TableSpec("sae_matches", "sae_compare", "python cli.py compare-saes --run RUN --layer LAYER", "layer",
+              "<sae_a>-vs-<sae_b>.parquet, one per ordered pair of SAEs compared", ("feature_a",),
+              "one latent of SAE A and its best decoder-direction match in SAE B", SAE_MATCHES),
 ]
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}

@@ -11,6 +11,7 @@ every time (benchmarks). They are grouped by what they read:
   - interventions.py  steering, edits, dreams and block ablation
   - compare.py        two prompt groups
   - atlas.py          the unit atlas: every unit's prior and dreams, a grid page at a time
+  - sae_compare.py    a layer's SAEs compared (`compare-saes`; imported by its page as a module)
 Underneath: inspector/runs.py (runs, paths, errors), inspector/tables.py (the run format's catalogue as the inspector
 reads it), inspector/db.py (the DuckDB sandbox and its cache), inspector/heatmaps.py (heat-maps in display form). This
 package re-exports what pages need of them: Run, the errors, the runs directory and run discovery, run files.
