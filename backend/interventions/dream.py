@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 
 from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
+from backend.models.noising import check_noisable, ddpm_see_through
+from backend.models.noising import see_through_weights as noised_weights
 from backend.run.context import check_kind
 
 if TYPE_CHECKING:
@@ -427,19 +429,13 @@ def unit_activation_B(tokens_BTC: torch.Tensor, kind: str, unit: int, sae=None) 
     return pre_N.view(b, t).mean(1), code_N.view(b, t).mean(1)
 
 
-def see_through_weights(alphas_cumprod: torch.Tensor, timesteps: list[int],
-                        see_through: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signal, noise) weights [T] of each target timestep: sqrt(a') and sqrt(1 - a'), a' as in the docstring."""
-    abar = alphas_cumprod[torch.as_tensor(timesteps, dtype=torch.long)].double()
-    a = abar + see_through * (1 - abar)
-    return a.sqrt().float(), (1 - a).sqrt().float()
+see_through_weights = ddpm_see_through
+"""(signal, noise) weights [T] of DDPM timesteps (the flow-matching form: backend/models/noising.py)."""
 
 
 def target_timesteps(model: DiffusionModel, target_steps: list[int], n_steps: int) -> list[int]:
     """Scheduler timesteps of the target denoising steps (from a copy: the model's scheduler is left as is)."""
-    scheduler = copy.deepcopy(model.scheduler)
-    scheduler.set_timesteps(n_steps, device="cpu")
-    ts = scheduler.timesteps
+    ts = model.timesteps_of(n_steps).cpu()
     bad = [s for s in target_steps if not 0 <= s < len(ts)]
     if bad:
         raise DifflensError(f"target step(s) {bad} out of range: a generation of {n_steps} steps has steps "
@@ -553,15 +549,12 @@ class _Dreamer:
 
     def __init__(self, model: DiffusionModel, layer: str, kind: str, unit: int, timesteps: list[int],
                  cfg: DreamConfig, sae, read: str):
-        alphas = getattr(model.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise DifflensError(f"{type(model.scheduler).__name__} has no alphas_cumprod, so dream cannot noise "
-                                "a latent to a timestep; use a DDIM/DDPM/Euler-family scheduler")
+        check_noisable(model.scheduler)
         self.model, self.layer, self.kind, self.unit, self.cfg, self.sae, self.read = (
             model, layer, kind, unit, cfg, sae, read)
         self.n_seeds, self.n_targets = len(cfg.seeds), len(timesteps)
         self.n_rows = b = self.n_seeds * self.n_targets
-        signal_T, noise_T = see_through_weights(alphas.cpu(), timesteps, cfg.see_through)
+        signal_T, noise_T = noised_weights(model.scheduler, timesteps, cfg.see_through)
         self.signal_B = signal_T.repeat_interleave(self.n_seeds).view(-1, 1, 1, 1).to(model.device)
         self.noise_B = noise_T.repeat_interleave(self.n_seeds).view(-1, 1, 1, 1).to(model.device)
         self.timesteps_B = torch.as_tensor(timesteps, device=model.device).repeat_interleave(self.n_seeds)
