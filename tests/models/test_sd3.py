@@ -88,3 +88,25 @@ def test_a_wide_image_has_a_wide_patch_grid(model):
         image = model.generate([PROMPT], [0], n_steps=1, guidance=1.0, height=16, width=32)
     assert image.shape == (1, 3, 16, 32)
     assert events[0].spatial == (4, 8) and events[0].tokens.shape[1] == 32
+
+
+def test_an_edit_of_the_text_stream_leaves_the_image_stream_of_its_block(model):
+    """edit_activations on `transformer_blocks.0:text` replaces that output only (the image stream of the block
+    passes through as computed); the next block sees the edited text."""
+    from backend.models.hooks import edit_activations
+
+    with edit_activations(model, "transformer_blocks.0:text", lambda tok, step: tok * 0):
+        raw = raw_outputs(model, "transformer_blocks.0",
+                          lambda: model.generate([PROMPT], [0], n_steps=1, guidance=1.0))
+        seen = []
+        handle = model.denoiser.get_submodule("transformer_blocks.1").register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+        try:
+            model.generate([PROMPT], [0], n_steps=1, guidance=1.0)
+        finally:
+            handle.remove()
+    plain = raw_outputs(model, "transformer_blocks.0", lambda: model.generate([PROMPT], [0], n_steps=1, guidance=1.0))
+    # the raw hook runs after the edit's, so it sees the edited output: text zeroed, image as computed
+    assert raw[0][0].abs().max() == 0 and plain[0][0].abs().max() > 0
+    torch.testing.assert_close(raw[0][1], plain[0][1])
+    assert seen[0].abs().max() == 0
