@@ -7,7 +7,8 @@ generation of the same prompts, seeds and steps, in one process, on the demo mod
 Layers default to the demo's two for the demo and, for another model, to two of its usual SAE targets (the
 middle and the last top-level one: `transformer_blocks.N` of SD3, FLUX's last single-stream block). Steps and
 guidance default to the model's. Prints the median ratio capture/plain of alternating runs (goal <= 1.10), the
-machine's load average, activity rows per second written and token-shard MB/s.
+machine's load average, the same ratio in process CPU time (steadier on a busy machine), activity rows per second
+written and token-shard MB/s.
 """
 
 from __future__ import annotations
@@ -54,32 +55,36 @@ def main() -> None:
     n_steps, guidance = args.steps or model.default_steps, model.default_guidance
     cfg.capture.steps, cfg.capture.guidance = n_steps, guidance
 
-    def plain() -> float:
-        t0 = time.perf_counter()
+    def plain() -> tuple[float, float]:
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for i in range(0, len(gens), args.batch_size):
             batch = gens[i:i + args.batch_size]
             model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch], n_steps, guidance)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - cpu0
 
     def captured():
         shutil.rmtree(tmp / "bench", ignore_errors=True)
+        cpu0 = time.process_time()
         s = capture(cfg, model=model, progress=False)
-        return s.seconds, s
+        return s.seconds, time.process_time() - cpu0, s
 
     plain()  # warm-up
-    ratios, plains, caps, summary = [], [], [], None
+    ratios, cpu_ratios, plains, caps, summary = [], [], [], [], None
     for _ in range(args.repeats):
-        p = plain()
-        c, summary = captured()
+        p, p_cpu = plain()
+        c, c_cpu, summary = captured()
         plains.append(p)
         caps.append(c)
         ratios.append(c / p)
+        cpu_ratios.append(c_cpu / p_cpu)
     w = summary.writes
     print(f"model {args.model} ({model.family}); generations: {len(gens)} x {n_steps} steps, guidance {guidance}, "
           f"layers {cfg.capture.layers}, batch {args.batch_size}; load average {os.getloadavg()[0]:.1f}")
     p_med, c_med = statistics.median(plains), statistics.median(caps)
     print(f"plain generation: median {p_med:.2f} s; capture: median {c_med:.2f} s")
     print(f"capture / plain: median {statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"capture / plain in process CPU time (all threads; other processes' load does not count): median "
+          f"{statistics.median(cpu_ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in cpu_ratios)})")
     print(f"writes (background thread): {w.seconds:.2f} s, {w.activity_rows / w.seconds:,.0f} activity rows/s, "
           f"{w.token_bytes / w.seconds / 1e6:.1f} MB/s of token shards ({w.token_bytes / 1e6:.1f} MB)")
     shutil.rmtree(tmp, ignore_errors=True)
