@@ -49,6 +49,23 @@ def pixart_dir(tiny_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd3_dir(tiny_root) -> Path:
+    return tiny_pipelines.build_sd3(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tiny_root) -> Path:
+    """FLUX.1-dev flavour: guidance embedding, dynamic shift."""
+    return tiny_pipelines.build_flux(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def flux_schnell_dir(tiny_root) -> Path:
+    """FLUX.1-schnell flavour: no guidance input, fixed shift."""
+    return tiny_pipelines.build_flux(tiny_root, guidance_distilled=False)
+
+
+@pytest.fixture(scope="session")
 def untrained_demo_dir(tiny_root) -> Path:
     """The demo architecture with random weights, saved like the shipped model."""
     from backend.models import demo

@@ -50,12 +50,14 @@ def clip_text(vocab_size: int, hidden: int = 32, projection: bool = False, max_l
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
-def vae():
+def vae(**config):
+    """A two-level VAE (8x8 latents of 16 px images, 4 channels); config adds or overrides AutoencoderKL arguments
+    (SD3 / FLUX: shift_factor, scaling_factor, sample_size)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=8, sample_size=16)
+    return AutoencoderKL(**(dict(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4,
+                                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                 norm_num_groups=8, sample_size=16) | config))
 
 
 def unet(cross_dim: int, sdxl: bool = False):
@@ -106,16 +108,21 @@ def build_sdxl(root: Path, turbo: bool = False) -> Path:
     return out
 
 
+def t5_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
 def build_pixart(root: Path) -> Path:
     """A tiny PixArtAlphaPipeline (DiT denoiser, T5 encoder) saved under root."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     tok = word_tokenizer()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0))
+    t5 = t5_encoder(len(tok))
     transformer = PixArtTransformer2DModel(
         sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3,
         caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
@@ -158,6 +165,54 @@ def control_image(path: Path, size: tuple[int, int] = (16, 16), seed: int = 0) -
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def build_sd3(root: Path) -> Path:
+    """A tiny StableDiffusion3Pipeline (MMDiT denoiser: joint blocks, the last one context-pre-only; two CLIP
+    encoders with projection and a T5; flow-matching Euler with SD3's shift 3) saved under root. Sizes follow
+    diffusers' own SD3 pipeline tests: the CLIP states (2 x 32, concatenated) are cut to the T5 width (32)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tok, tok2 = clip_tokenizer(root / "_tok_sd3_1"), clip_tokenizer(root / "_tok_sd3_2")
+    tok3 = word_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=4)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=clip_text(len(tok), projection=True),
+        tokenizer=tok, text_encoder_2=clip_text(len(tok2), projection=True), tokenizer_2=tok2,
+        text_encoder_3=t5_encoder(len(tok3)), tokenizer_3=tok3,
+    )
+    out = root / "sd3"
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_flux(root: Path, guidance_distilled: bool = True) -> Path:
+    """A tiny FluxPipeline saved under root: double-stream `transformer_blocks.N` and single-stream
+    `single_transformer_blocks.N`, CLIP (pooled) + T5 (sequence), 2x2-packed latents (a 16 px image: 8x8 latents,
+    a 4x4 grid of packed tokens; 32 px: 8x8). guidance_distilled: FLUX.1-dev's guidance embedding and dynamic
+    shift; else FLUX.1-schnell's (no guidance input, fixed shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tok, tok2 = clip_tokenizer(root / "_tok_flux"), word_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_distilled)
+    sched = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                             max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+             if guidance_distilled else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe = FluxPipeline(transformer=transformer, scheduler=sched,
+                        vae=vae(shift_factor=0.1159, scaling_factor=0.3611, sample_size=32),
+                        text_encoder=clip_text(len(tok)), tokenizer=tok,
+                        text_encoder_2=t5_encoder(len(tok2)), tokenizer_2=tok2)
+    out = root / ("flux-dev" if guidance_distilled else "flux-schnell")
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
 
 
 # The schedulers the real checkpoints ship (their scheduler/scheduler_config.json, keys that matter), so the

@@ -34,7 +34,7 @@ from backend.errors import DifflensError
 from backend.interventions.effects import Effect, effects, is_demo
 from backend.interventions.media import digest, safe_name, to_json, write_grid
 from backend.models.base import DiffusionModel, to_uint8
-from backend.models.hooks import main_input, main_output, module, replace_main_output
+from backend.models.hooks import Stream, module
 from backend.models.layers import check_layers, probe
 from backend.run.context import RunContext, as_context
 
@@ -60,15 +60,16 @@ def ablate_block(model: DiffusionModel, block: str, mode: AblationMode = "skip")
     """For the `with` block, replace block's output (see the module docstring); yields a one-item call counter."""
     check_mode(mode)
     mod = module(model, block)
+    stream = Stream.of(model, block)  # a joint-attention block: its image stream, or its text stream (`:text`)
     calls = [0]
 
     def hook(_m, args, kwargs, out):
-        y = main_output(out)
-        x = main_input(args, kwargs)
+        y = stream.output(out)
+        x = stream.input(args, kwargs)
         if x.shape != y.shape:
             raise _shape_error(block, x.shape[1:], y.shape[1:])
         calls[0] += 1
-        return replace_main_output(out, x if mode == "skip" else y - (y - x))
+        return stream.replace(out, x if mode == "skip" else y - (y - x))
 
     handle = mod.register_forward_hook(hook, with_kwargs=True)
     try:

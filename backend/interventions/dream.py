@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 
 from backend.errors import DifflensError
 from backend.models.base import DiffusionModel, to_uint8
+from backend.models.noising import check_noisable, ddpm_see_through
+from backend.models.noising import see_through_weights as noised_weights
 from backend.run.config import (
     KIND_DREAM_DEFAULTS,
     ROBUSTNESS,
@@ -449,19 +451,13 @@ def unit_activation_B(tokens_BTC: torch.Tensor, kind: str, unit: int | torch.Ten
     return pre_BTN[rows_B, :, units_B].mean(1), code_BTN[rows_B, :, units_B].mean(1)
 
 
-def see_through_weights(alphas_cumprod: torch.Tensor, timesteps: list[int],
-                        see_through: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(signal, noise) weights [T] of each target timestep: sqrt(a') and sqrt(1 - a'), a' as in the docstring."""
-    abar = alphas_cumprod[torch.as_tensor(timesteps, dtype=torch.long)].double()
-    a = abar + see_through * (1 - abar)
-    return a.sqrt().float(), (1 - a).sqrt().float()
+see_through_weights = ddpm_see_through
+"""(signal, noise) weights [T] of DDPM timesteps (the flow-matching form: backend/models/noising.py)."""
 
 
 def target_timesteps(model: DiffusionModel, target_steps: list[int], n_steps: int) -> list[int]:
     """Scheduler timesteps of the target denoising steps (from a copy: the model's scheduler is left as is)."""
-    scheduler = copy.deepcopy(model.scheduler)
-    scheduler.set_timesteps(n_steps, device="cpu")
-    ts = scheduler.timesteps
+    ts = model.timesteps_of(n_steps).cpu()
     bad = [s for s in target_steps if not 0 <= s < len(ts)]
     if bad:
         raise DifflensError(f"target step(s) {bad} out of range: a generation of {n_steps} steps has steps "
@@ -612,18 +608,15 @@ class _Dreamer:
 
     def __init__(self, model: DiffusionModel, layer: str, kind: str, samples: list[DreamSample],
                  timestep_of: dict[int, int], cfg: DreamConfig, sae, read: str):
-        alphas = getattr(model.scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise DifflensError(f"{type(model.scheduler).__name__} has no alphas_cumprod, so dream cannot noise "
-                                "a latent to a timestep; use a DDIM/DDPM/Euler-family scheduler")
+        check_noisable(model.scheduler)
         self.model, self.layer, self.kind, self.samples, self.cfg, self.sae, self.read = (
             model, layer, kind, samples, cfg, sae, read)
         rows = [(i, step) for i, sample in enumerate(samples) for step in sample.targets]
         self.n_rows = b = len(rows)
         self.n_targets = [len(sample.targets) for sample in samples]
         dev = model.device
-        signal_R, noise_R = see_through_weights(alphas.cpu(), [timestep_of[s] for _, s in rows],
-                                                cfg.see_through if cfg.noise else 1.0)
+        signal_R, noise_R = noised_weights(model.scheduler, [timestep_of[s] for _, s in rows],
+                                           cfg.see_through if cfg.noise else 1.0)
         self.signal_B = signal_R.view(-1, 1, 1, 1).to(dev)
         self.noise_B = noise_R.view(-1, 1, 1, 1).to(dev)
         self.timesteps_B = torch.as_tensor([timestep_of[s] for _, s in rows], device=dev)

@@ -19,8 +19,11 @@ PIPELINE_ADAPTERS = {
     "StableDiffusionPipeline": ("diffusers", "StableDiffusionPipeline", "StableDiffusionModel"),
     "StableDiffusionXLPipeline": ("diffusers", "StableDiffusionXLPipeline", "StableDiffusionXLModel"),
     "PixArtAlphaPipeline": ("diffusers", "PixArtAlphaPipeline", "PixArtAlphaModel"),
+    "StableDiffusion3Pipeline": ("diffusers", "StableDiffusion3Pipeline", "StableDiffusion3Model"),
+    "FluxPipeline": ("diffusers", "FluxPipeline", "FluxModel"),
 }
-ADAPTER_MODULES = {"DemoModel": "backend.models.demo"}
+ADAPTER_MODULES = {"DemoModel": "backend.models.demo", "StableDiffusion3Model": "backend.models.sd3",
+                   "FluxModel": "backend.models.flux"}
 DIFFUSERS_DTYPE_ARG = "0.40"
 """The first diffusers whose from_pretrained takes `dtype=` (from it on `torch_dtype=` is deprecated); older ones
 ignore it and load float32. pyproject's floor."""

@@ -104,6 +104,10 @@ class DiffusionModel:
         # read by hooks (backend/models/hooks.py): the step being denoised and whether the batch is [uncond; cond]
         self.step_index = 0
         self.cfg_active = False
+        # set by transformer adapters at each denoiser call (hooks.py): (h, w) of the image-token grid, row-major,
+        # and the text length (splits a single-stream block's joint sequence)
+        self.token_grid: tuple[int, int] | None = None
+        self.text_tokens = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -155,6 +159,20 @@ class DiffusionModel:
             self.scheduler.set_begin_index(0)
         return self.scheduler.timesteps
 
+    def timesteps_of(self, n_steps: int) -> torch.Tensor:
+        """The timesteps of a generation of n_steps, from a copy of the scheduler (the model's is left as it was)."""
+        saved = self.scheduler
+        self.scheduler = copy.deepcopy(saved)
+        try:
+            return self.timesteps(n_steps)
+        finally:
+            self.scheduler = saved
+
+    def model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input for latents x at t: the scheduler's scale_model_input (flow matching has none)."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        return x if scale is None else scale(x, t)
+
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.denoiser(x, t, **cond, return_dict=False)[0]
 
@@ -174,7 +192,7 @@ class DiffusionModel:
         """One denoising step; with uncond (CFG) the denoiser sees the batch [uncond; cond]."""
         self.cfg_active = uncond is not None
         x = torch.cat([latents, latents]) if uncond is not None else latents
-        x = self.scheduler.scale_model_input(x, t)
+        x = self.model_input(x, t)
         kwargs = cat_cond(uncond, cond) if uncond is not None else cond
         noise = self.predict_noise(x, t, kwargs)
         if uncond is not None:

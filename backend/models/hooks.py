@@ -7,6 +7,15 @@ manager: nothing stays registered after its block exits, even on error.
 
 Public helpers for other hooks (ablation, the layer probe): `main_output` / `replace_main_output` (a block's
 hidden-state output, whatever container it comes in) and `main_input` (the hidden state it was called with).
+
+Joint-attention blocks (SD3's MMDiT, FLUX's double- and single-stream blocks) return two streams, the image tokens
+and the text tokens, in an order that differs between block classes (and diffusers versions): `BLOCK_STREAMS`
+says per block class which output is which, as diffusers' own hook helpers keep it (TransformerBlockRegistry).
+A hook point is a module path (`transformer_blocks.3`: its image stream) or, on a block with a text stream, the
+path with `:text` (`transformer_blocks.3:text`); `split_layer`, `check_stream` and `Stream` resolve it. Image-stream
+tokens of a transformer are laid out row-major over the model's token grid (`model.token_grid`, set by the adapter
+each denoiser call: FLUX's 2x2-packed latents, SD3's and PixArt's patches), so their events carry that grid as
+`spatial` like a UNet map does.
 """
 
 from __future__ import annotations
@@ -42,6 +51,123 @@ def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         # hand the next block the memory layout it expects: convolutions on a channels-last view run slower
         return out.contiguous() if like.is_contiguous() else out
     return tokens
+
+
+TEXT_SUFFIX = ":text"
+"""Suffix of a hook point naming a joint-attention block's text stream (`transformer_blocks.3:text`)."""
+
+
+@dataclass(frozen=True)
+class BlockStreams:
+    """Where a joint-attention block keeps its two token streams (diffusers' TransformerBlockMetadata)."""
+
+    image: int
+    """Index of the image stream (hidden_states) in the block's output tuple."""
+    text: int
+    """Index of the text stream (encoder_hidden_states) in the block's output tuple."""
+    text_argument: str = "encoder_hidden_states"
+    """The block's argument carrying the text stream in (the delta of the text stream is output - this)."""
+    single_stream: bool = False
+    """The block attends over one joint sequence [text; image] (FLUX single-stream): its text part is not a hook
+    point. Diffusers before the split API return that sequence as one tensor: the image part is its tail."""
+
+
+BLOCK_STREAMS: dict[str, BlockStreams] = {
+    "JointTransformerBlock": BlockStreams(image=1, text=0),  # SD3 / SD3.5 MMDiT (the last one outputs no text)
+    "FluxTransformerBlock": BlockStreams(image=1, text=0),  # FLUX double-stream
+    "FluxSingleTransformerBlock": BlockStreams(image=1, text=0, single_stream=True),  # FLUX single-stream
+}
+
+
+def split_layer(layer: str) -> tuple[str, str]:
+    """(module path, stream) of a hook point: `blocks.3` -> ("blocks.3", "image"), `blocks.3:text` -> "text"."""
+    if layer.endswith(TEXT_SUFFIX):
+        return layer[: -len(TEXT_SUFFIX)], "text"
+    return layer, "image"
+
+
+def block_streams(block: torch.nn.Module) -> BlockStreams | None:
+    return BLOCK_STREAMS.get(type(block).__name__)
+
+
+def check_stream(layer: str, block: torch.nn.Module) -> None:
+    """A one-line DifflensError for a text stream the block does not have (the image stream always exists)."""
+    name, stream = split_layer(layer)
+    if stream == "image":
+        return
+    streams = block_streams(block)
+    kind = type(block).__name__
+    if streams is None:
+        raise DifflensError(f"layer {layer!r}: a {kind} has no text stream (only joint-attention blocks, "
+                            f"{', '.join(BLOCK_STREAMS)}, have one); hook {name!r}")
+    if streams.single_stream:
+        raise DifflensError(f"layer {layer!r}: a {kind} holds one joint [text; image] sequence, and only its image "
+                            f"part is a hook point; hook {name!r}, or the text stream of a double-stream block "
+                            "(transformer_blocks.N:text)")
+    if getattr(block, "context_pre_only", False):
+        raise DifflensError(f"layer {layer!r}: this {kind} is the last joint block and outputs no text stream "
+                            f"(context_pre_only); hook an earlier block's text stream, or {name!r}")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How a hook reads and writes one stream of a block: which output, which input (see BLOCK_STREAMS)."""
+
+    streams: BlockStreams | None = None
+    """The block's stream table; None: a block with one hidden state (main_output's rules)."""
+    stream: str = "image"
+    model: DiffusionModel | None = None
+    """Whose `text_tokens` (the text length of the current denoiser call) split a single-stream block's one
+    [text; image] tensor (older diffusers)."""
+
+    @classmethod
+    def of(cls, model: DiffusionModel, layer: str) -> Stream:
+        name, stream = split_layer(layer)
+        return cls(block_streams(model.denoiser.get_submodule(name)), stream, model)
+
+    @property
+    def text_tokens(self) -> int:
+        return int(getattr(self.model, "text_tokens", 0) or 0)
+
+    def _index(self) -> int:
+        return self.streams.text if self.stream == "text" else self.streams.image
+
+    def _joined(self, x) -> bool:
+        return self.streams.single_stream and isinstance(x, torch.Tensor)
+
+    def output(self, out) -> torch.Tensor:
+        """The stream's tensor in a block's output (a one-line DifflensError when it holds none)."""
+        if self.streams is None:
+            return main_output(out)
+        if self._joined(out):
+            return out[:, self.text_tokens:]
+        y = out[self._index()] if isinstance(out, tuple | list) else None
+        if not isinstance(y, torch.Tensor):
+            raise DifflensError(f"this block's output holds no {self.stream} stream")
+        return y
+
+    def replace(self, out, new: torch.Tensor):
+        """The block's output with the stream replaced by new; the other stream passes through."""
+        if self.streams is None:
+            return replace_main_output(out, new)
+        if self._joined(out):
+            return torch.cat([out[:, :self.text_tokens], new], dim=1)
+        items = list(out)
+        items[self._index()] = new
+        return type(out)(items)
+
+    def input(self, args, kwargs) -> torch.Tensor:
+        """The stream's tensor the block was called with."""
+        if self.streams is None:
+            return main_input(args, kwargs)
+        text = kwargs.get(self.streams.text_argument, args[1] if len(args) > 1 else None)
+        text = text if isinstance(text, torch.Tensor) and text.ndim == 3 else None  # (not the [B, C] temb)
+        if self.stream == "text":
+            if text is None:
+                raise DifflensError("this block was not called with a text stream, so its delta is undefined")
+            return text
+        x = main_input(args, kwargs)
+        return x[:, self.text_tokens:] if self.streams.single_stream and text is None else x
 
 
 def main_output(out):
@@ -96,10 +222,17 @@ class HookEvent:
 
 
 def module(model: DiffusionModel, layer: str) -> torch.nn.Module:
+    """The block a hook point lives on (`blocks.3:text` -> blocks.3), after check_layers."""
     from backend.models.layers import check_layers
 
     check_layers(model, [layer])
-    return model.denoiser.get_submodule(layer)
+    return model.denoiser.get_submodule(split_layer(layer)[0])
+
+
+def token_grid(model: DiffusionModel, n_tokens: int) -> tuple[int, int] | None:
+    """(h, w) of the model's image-token grid when it has n_tokens (the adapter's `token_grid`), else None."""
+    grid = getattr(model, "token_grid", None)
+    return grid if grid is not None and grid[0] * grid[1] == n_tokens else None
 
 
 @contextmanager
@@ -111,12 +244,13 @@ def read_activations(model: DiffusionModel, layers: list[str], callback: Callabl
     check_layers(model, layers)
     with ExitStack() as stack:
         for layer in layers:
-            mod = model.denoiser.get_submodule(layer)
+            mod = model.denoiser.get_submodule(split_layer(layer)[0])
+            stream = Stream.of(model, layer)
 
-            def hook(_m, args, kwargs, out, layer=layer):
-                y = main_output(out)
+            def hook(_m, args, kwargs, out, layer=layer, stream=stream):
+                y = stream.output(out)
                 if read == "delta":
-                    x = main_input(args, kwargs)
+                    x = stream.input(args, kwargs)
                     if x.shape != y.shape:
                         raise DifflensError(
                             f"layer {layer!r} changes shape {tuple(x.shape)} -> {tuple(y.shape)}, so it has no "
@@ -124,7 +258,8 @@ def read_activations(model: DiffusionModel, layers: list[str], callback: Callabl
                         )
                     y = y - x
                 y = select_half(y, model.cfg_active, half)
-                spatial = tuple(y.shape[2:]) if y.ndim == 4 else None
+                spatial = tuple(y.shape[2:]) if y.ndim == 4 else (
+                    token_grid(model, y.shape[1]) if stream.stream == "image" else None)
                 callback(HookEvent(layer, model.step_index, to_tokens(y), spatial))
 
             handle = mod.register_forward_hook(hook, with_kwargs=True)
@@ -140,9 +275,10 @@ def edit_activations(model: DiffusionModel, layer: str,
     half="cond" edits only the conditional half of a CFG batch (the rest passes through unchanged).
     """
     mod = module(model, layer)
+    stream = Stream.of(model, layer)
 
     def hook(_m, _args, out):
-        y = main_output(out)
+        y = stream.output(out)
         tok = to_tokens(y)
         if model.cfg_active and half != "both":
             uncond, cond = tok.chunk(2)
@@ -152,7 +288,7 @@ def edit_activations(model: DiffusionModel, layer: str,
                 tok = torch.cat([edit(uncond, model.step_index), cond])
         else:
             tok = edit(tok, model.step_index)
-        return replace_main_output(out, from_tokens(tok, y))
+        return stream.replace(out, from_tokens(tok, y))
 
     handle = mod.register_forward_hook(hook)
     try:

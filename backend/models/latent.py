@@ -31,6 +31,8 @@ class _VaeDecodeMixin:
             latents = latents * std / cfg.scaling_factor + mean
         else:
             latents = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None) is not None:  # SD3 / FLUX VAEs
+            latents = latents + cfg.shift_factor
         step = self.decode_batch if self.decode_batch and self.decode_batch > 0 else max(len(latents), 1)
         if upcast:
             vae.to(torch.float32)
@@ -154,6 +156,8 @@ class PixArtAlphaModel(_VaeDecodeMixin, DiffusionModel):
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         timestep = (t[None] if t.ndim == 0 else t).to(x.device).expand(x.shape[0])
+        patch = self.denoiser.config.patch_size
+        self.token_grid = (x.shape[-2] // patch, x.shape[-1] // patch)
         out = self.denoiser(x, timestep=timestep, **cond, return_dict=False)[0]
         latent_channels = self.denoiser.config.in_channels
         if self.denoiser.config.out_channels // 2 == latent_channels:  # learned sigma: keep the noise half

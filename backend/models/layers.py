@@ -4,12 +4,13 @@ This module owns the one probe pass: `probe(model)` runs the denoiser once (one 
 with a hook on every submodule and records, per hook point, its module type, input and output shape without batch
 and execution order. The result is cached on the model instance, so every shape question about a model (hook
 points, a layer's channels or token grid, which blocks keep their shape for ablation, dream's unit count) costs
-one denoiser pass per model in all. Shapes are those at the model's default resolution.
+one denoiser pass per model in all. Shapes are those at the model's default resolution. A joint-attention block
+(hooks.BLOCK_STREAMS) is probed per stream: `transformer_blocks.3` is its image stream and, where it has one,
+`transformer_blocks.3:text` its text stream (listed right after it).
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 from dataclasses import dataclass
 
@@ -17,9 +18,10 @@ import torch
 
 from backend.errors import DifflensError, UnknownLayerError
 from backend.models.base import DiffusionModel
-from backend.models.hooks import main_input, main_output
+from backend.models.hooks import TEXT_SUFFIX, Stream, block_streams, check_stream, split_layer
 
-SAE_TARGET_TYPES = {"Transformer2DModel", "BasicTransformerBlock", "PixArtTransformer2DModel"}
+SAE_TARGET_TYPES = {"Transformer2DModel", "BasicTransformerBlock", "PixArtTransformer2DModel", "JointTransformerBlock",
+                    "FluxTransformerBlock", "FluxSingleTransformerBlock"}
 _CACHE = "_difflens_probe"
 """Attribute of a DiffusionModel holding (denoiser, probes of every submodule) once probed."""
 
@@ -35,7 +37,7 @@ class Probe:
     output_shape: tuple[int, ...]
     """Shape of its hidden-state output (hooks.main_output): (C, H, W) for maps, (T, C) for token sequences."""
     order: int
-    """Execution order (first call): a block comes before its parts."""
+    """Execution order (first call): a block comes before its parts, and its text stream right after it."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,12 @@ def probe(model: DiffusionModel, all_modules: bool = False) -> dict[str, Probe]:
     if all_modules:
         return dict(probes)
     names = candidate_modules(model.denoiser)
-    return {name: p for name, p in probes.items() if name in names}
+    return {name: p for name, p in probes.items() if split_layer(name)[0] in names}
 
 
-def _tensor_or_none(read) -> torch.Tensor | None:
+def _tensor_or_none(read, *args) -> torch.Tensor | None:
     try:
-        x = read()
+        x = read(*args)
     except DifflensError:
         return None
     return x if isinstance(x, torch.Tensor) else None
@@ -94,32 +96,33 @@ def _probe_pass(model: DiffusionModel) -> dict[str, Probe]:
         def enter(_m, _args, name=name):
             order.setdefault(name, len(order))
 
-        def record(_m, args, kwargs, out, name=name):
-            if name in shapes:
-                return
-            y = _tensor_or_none(lambda: main_output(out))
-            if y is not None:
-                x = _tensor_or_none(lambda: main_input(args, kwargs))
-                shapes[name] = (None if x is None else tuple(x.shape[1:]), tuple(y.shape[1:]))
+        points = [name]
+        if block_streams(mod) is not None and not block_streams(mod).single_stream:
+            points.append(name + TEXT_SUFFIX)
+
+        def record(_m, args, kwargs, out, points=points):
+            for point in points:
+                stream = Stream.of(model, point)
+                y = None if point in shapes else _tensor_or_none(stream.output, out)
+                if y is not None:
+                    x = _tensor_or_none(stream.input, args, kwargs)
+                    shapes[point] = (None if x is None else tuple(x.shape[1:]), tuple(y.shape[1:]))
         handles.append(mod.register_forward_pre_hook(enter))
         handles.append(mod.register_forward_hook(record, with_kwargs=True))
     saved = model.cfg_active, model.step_index
     try:
         cond, _ = model.encode_prompts([""], cfg=False)
+        t = model.timesteps_of(1)[0]  # the model's own scheduler is left as it was
         latents = model.initial_latents([torch.Generator().manual_seed(0)])
-        scheduler = copy.deepcopy(model.scheduler)  # as model.timesteps(1), without touching the model's scheduler
-        scheduler.set_timesteps(1, device=model.device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        t = scheduler.timesteps[0]
         model.cfg_active = False
-        model.predict_noise(scheduler.scale_model_input(latents, t), t, cond)
+        model.predict_noise(model.model_input(latents, t), t, cond)
     finally:
         model.cfg_active, model.step_index = saved
         for h in handles:
             h.remove()
-    return {name: Probe(name, type(modules[name]).__name__, *shapes[name], order[name])
-            for name in sorted(shapes, key=order.__getitem__)}
+    ranked = sorted(shapes, key=lambda name: (order[split_layer(name)[0]], name.endswith(TEXT_SUFFIX)))
+    return {name: Probe(name, type(modules[split_layer(name)[0]]).__name__, *shapes[name], rank)
+            for rank, name in enumerate(ranked)}
 
 
 def hook_points(model: DiffusionModel, all_modules: bool = False) -> list[HookPoint]:
@@ -128,15 +131,18 @@ def hook_points(model: DiffusionModel, all_modules: bool = False) -> list[HookPo
     for p in probe(model, all_modules).values():
         shape = p.output_shape
         channels = shape[0] if len(shape) == 3 else shape[-1]
-        points.append(HookPoint(p.name, p.module_type, shape, channels, p.module_type in SAE_TARGET_TYPES))
+        target = p.module_type in SAE_TARGET_TYPES and not p.name.endswith(TEXT_SUFFIX)  # image streams
+        points.append(HookPoint(p.name, p.module_type, shape, channels, target))
     return points
 
 
 def check_layers(model: DiffusionModel, layers: list[str]) -> None:
-    """Raise UnknownLayerError for a layer the denoiser lacks, with a did-you-mean and the usual targets."""
+    """Raise UnknownLayerError for a layer the denoiser lacks, with a did-you-mean and the usual targets, and a
+    one-line DifflensError for a text stream (`:text`) of a block without one (hooks.check_stream)."""
     names = [n for n, _ in model.denoiser.named_modules() if n]
     for layer in layers:
-        if layer in names:
+        if split_layer(layer)[0] in names:
+            check_stream(layer, model.denoiser.get_submodule(split_layer(layer)[0]))
             continue
         close = difflib.get_close_matches(layer, names, n=3)
         targets = [n for n, m in model.denoiser.named_modules() if type(m).__name__ in SAE_TARGET_TYPES]

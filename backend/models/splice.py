@@ -2,7 +2,8 @@
 
 For clean samples x0 (final latents of the run's own generations), random training timesteps t and noise eps:
     loss(edit) = E || eps_theta(add_noise(x0, eps, t), t, prompt; layer <- edit(layer)) - target ||^2
-with edit = identity (clean), the SAE reconstruction (spliced) or zero (ablated), and
+with edit = identity (clean), the SAE reconstruction (spliced) or zero (ablated) (noising and target as the model
+was trained: backend/models/noising.py), and
     fraction recovered = (loss_zero - loss_spliced) / (loss_zero - loss_clean)   (1 = perfect, 0 = no better than 0).
 """
 
@@ -14,6 +15,7 @@ import torch
 
 from backend.models.base import DiffusionModel
 from backend.models.hooks import edit_activations
+from backend.models.noising import noised_and_target
 
 
 @dataclass
@@ -40,21 +42,6 @@ def clean_latents(model: DiffusionModel, prompts: list[str], seeds: list[int], n
     return model.generate(prompts, seeds, n_steps, guidance, output="latent")
 
 
-def noised_and_target(model: DiffusionModel, x0, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, training target) in the DDPM form every supported denoiser was trained on (any sampler)."""
-    abar = model.scheduler.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, *[1] * (x0.ndim - 1))
-    a, s = abar.sqrt().to(x0.dtype), (1 - abar).sqrt().to(x0.dtype)
-    x_t = a * x0 + s * noise
-    kind = model.scheduler.config.get("prediction_type", "epsilon")
-    if kind == "epsilon":
-        return x_t, noise
-    if kind == "v_prediction":
-        return x_t, a * noise - s * x0
-    if kind == "sample":
-        return x_t, x0
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 @torch.no_grad()
 def splice_test(model: DiffusionModel, layer: str, reconstruct, prompts: list[str], seeds: list[int],
                 n_steps: int, guidance: float, timesteps_per_sample: int = 4, seed: int = 0,
@@ -74,7 +61,7 @@ def splice_test(model: DiffusionModel, layer: str, reconstruct, prompts: list[st
             t = torch.randint(0, n_train, (len(p),), generator=gen)
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             t_in = t.to(x0.device)
-            x_t, target = noised_and_target(model, x0, noise, t_in)
+            x_t, target = noised_and_target(model.scheduler, x0, noise, t_in)
             edits = {"clean": None, "spliced": lambda tok, _s: _apply(reconstruct, tok),
                      "zero": lambda tok, _s: torch.zeros_like(tok)}
             for name, edit in edits.items():

@@ -111,3 +111,46 @@ def test_unknown_layer(model):
     with pytest.raises(UnknownLayerError, match="did you mean"):
         with read_activations(model, ["up_blocks.1.attention.1"], lambda e: None):
             pass
+
+
+def test_the_stream_table_agrees_with_diffusers_own_block_metadata():
+    """BLOCK_STREAMS is what diffusers' hook helpers say of each joint block class in the installed version."""
+    import diffusers
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    from backend.models.hooks import BLOCK_STREAMS
+
+    classes = {"JointTransformerBlock": diffusers.models.attention.JointTransformerBlock,
+               "FluxTransformerBlock": diffusers.models.transformers.transformer_flux.FluxTransformerBlock,
+               "FluxSingleTransformerBlock": diffusers.models.transformers.transformer_flux.FluxSingleTransformerBlock}
+    assert set(classes) == set(BLOCK_STREAMS)
+    for name, cls in classes.items():
+        meta = TransformerBlockRegistry.get(cls)
+        assert (BLOCK_STREAMS[name].image, BLOCK_STREAMS[name].text) == (
+            meta.return_hidden_states_index, meta.return_encoder_hidden_states_index), name
+
+
+def test_a_single_stream_block_returning_one_joint_sequence_is_split_by_the_text_length():
+    """Diffusers before the split single-stream API returned [text; image] as one tensor: the image part is read and
+    replaced, the text part passes through."""
+    from types import SimpleNamespace
+
+    from backend.models.hooks import BLOCK_STREAMS, Stream
+
+    stream = Stream(BLOCK_STREAMS["FluxSingleTransformerBlock"], "image", SimpleNamespace(text_tokens=3))
+    joint = torch.randn(2, 3 + 8, 4)
+    torch.testing.assert_close(stream.output(joint), joint[:, 3:])
+    torch.testing.assert_close(stream.input((joint, torch.randn(2, 4)), {}), joint[:, 3:])  # (hidden, temb)
+    new = torch.zeros(2, 8, 4)
+    replaced = stream.replace(joint, new)
+    torch.testing.assert_close(replaced[:, :3], joint[:, :3])
+    assert replaced[:, 3:].abs().max() == 0
+    split = (torch.randn(2, 3, 4), torch.randn(2, 8, 4))  # the split API: (text, image)
+    assert stream.output(split) is split[1] and stream.replace(split, new)[0] is split[0]
+
+
+def test_a_text_stream_on_a_block_without_one_is_a_one_line_error(model):
+    with pytest.raises(DifflensError, match="has no text stream") as exc:
+        with read_activations(model, [LAYER + ":text"], lambda e: None):
+            pass
+    assert "\n" not in str(exc.value)

@@ -62,3 +62,26 @@ def test_one_probe_pass_per_model_answers_every_shape_question(untrained_demo_di
     finally:
         handle.remove()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name, blocks", [
+    ("sd3_dir", ["transformer_blocks.0", "transformer_blocks.0:text", "transformer_blocks.2"]),
+    ("flux_dir", ["transformer_blocks.1", "transformer_blocks.1:text", "single_transformer_blocks.0",
+                  "single_transformer_blocks.1"]),
+])
+def test_layers_lists_the_joint_blocks_and_their_text_streams(request, name, blocks):
+    """`layers --model DIR`: every joint block (image stream, a usual SAE target) with its text stream right after
+    it; no text stream for the last SD3 block (context_pre_only) nor for FLUX's single-stream blocks."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["layers", "--model", str(request.getfixturevalue(name))])
+    assert result.exit_code == 0, result.output
+    rows = {line[2:].split()[0]: line for line in result.output.splitlines()[1:-1]}
+    for block in blocks:
+        assert block in rows
+        assert rows[block].startswith("*") == (not block.endswith(":text"))
+    names = list(rows)
+    assert names.index("transformer_blocks.0:text") == names.index("transformer_blocks.0") + 1
+    assert {n for n in names if n.endswith(":text")} == {"transformer_blocks.0:text", "transformer_blocks.1:text"}

@@ -23,7 +23,21 @@ FAMILIES = {
     "sdxl_turbo_dir": ("sdxl", 0.0),
     "pixart_dir": ("pixart-alpha", 4.5),
     "untrained_demo_dir": ("demo", 3.0),
+    "sd3_dir": ("sd3", 5.0),
+    "flux_dir": ("flux", 3.5),
+    "flux_schnell_dir": ("flux", 0.0),
 }
+CFG_FAMILIES = [name for name in FAMILIES if not name.startswith("flux")]  # FLUX has no CFG batch (test_flux.py)
+
+
+def pipeline_kwargs(name: str, model) -> dict:
+    """What the pipeline's __call__ needs beyond the prompt to run as our loop does."""
+    if name == "pixart_dir":
+        return {"use_resolution_binning": False, "clean_caption": False}
+    if name in ("sd3_dir", "flux_dir", "flux_schnell_dir"):
+        h, w = model.default_resolution  # FluxPipeline's own default is 128 x vae_scale_factor, not the VAE's
+        return {"max_sequence_length": model.max_sequence_length, "height": h, "width": w}
+    return {}
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -50,8 +64,9 @@ def test_generation_is_deterministic(family, guidance_on):
     torch.testing.assert_close(alone[0], a[1], atol=1e-5, rtol=0)  # an image depends on its seed, not its batch
 
 
-def test_cfg_batch_is_uncond_then_cond(family):
-    name, _, model = family
+@pytest.mark.parametrize("name", CFG_FAMILIES)
+def test_cfg_batch_is_uncond_then_cond(request, name):
+    model = load_model(str(request.getfixturevalue(name)))
     prompt = "a large red circle on the left, gray background" if model.family == "demo" else PROMPT
     seen = []
     handle = model.denoiser.register_forward_pre_hook(
@@ -69,18 +84,19 @@ def test_cfg_batch_is_uncond_then_cond(family):
     assert not torch.allclose(states[0], states[1])
 
 
-@pytest.mark.parametrize("name", ["sd_dir", "sd2_dir", "sdxl_dir", "sdxl_turbo_dir", "pixart_dir"])
+@pytest.mark.parametrize("name", ["sd_dir", "sd2_dir", "sdxl_dir", "sdxl_turbo_dir", "pixart_dir", "sd3_dir",
+                                  "flux_dir", "flux_schnell_dir"])
 @pytest.mark.parametrize("cfg_on", [True, False])
 def test_our_loop_matches_the_diffusers_pipeline(request, name, cfg_on):
+    """cfg_on: the family's guidance (FLUX.1-dev: the guidance embedding's value; schnell ignores it)."""
     path = request.getfixturevalue(name)
     model = load_model(str(path))
     guidance = FAMILIES[name][1] if cfg_on else 1.0
-    if name == "sdxl_turbo_dir" and cfg_on:
+    if name in ("sdxl_turbo_dir", "flux_schnell_dir") and cfg_on:
         guidance = 2.0
     ours = model.generate([PROMPT], [7], n_steps=4, guidance=guidance)
-    extra = {"use_resolution_binning": False, "clean_caption": False} if name == "pixart_dir" else {}
     ref = model.pipe(PROMPT, generator=torch.Generator().manual_seed(7), num_inference_steps=4,
-                     guidance_scale=guidance, output_type="pt", **extra).images
+                     guidance_scale=guidance, output_type="pt", **pipeline_kwargs(name, model)).images
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=1e-5)
 
 
@@ -148,7 +164,7 @@ def test_pndm_calls_the_denoiser_once_per_timestep(sd_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["sd_dir", "sdxl_dir", "pixart_dir", "untrained_demo_dir"])
+@pytest.mark.parametrize("name", ["sd_dir", "sdxl_dir", "pixart_dir", "untrained_demo_dir", "sd3_dir", "flux_dir"])
 def test_loads_in_the_requested_dtype(request, name, dtype):
     model = load_model(str(request.getfixturevalue(name)), dtype=dtype)
     assert model.dtype == dtype
@@ -223,8 +239,19 @@ def test_seed_generators_are_independent():
 def test_bad_model_specs_give_one_line_errors(tmp_path, spec, message):
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (bad / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
     spec = spec.format(tmp=tmp_path, bad=bad)
     with pytest.raises(ModelLoadError, match=message) as exc:
         load_model(spec)
     assert "\n" not in str(exc.value)
+
+
+def test_an_unsupported_pipeline_class_names_it_and_the_supported_ones(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    with pytest.raises(ModelLoadError) as exc:
+        load_model(str(tmp_path))
+    msg = str(exc.value)
+    assert "KandinskyV22Pipeline" in msg and "\n" not in msg
+    for supported in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline",
+                      "StableDiffusion3Pipeline", "FluxPipeline"):
+        assert supported in msg

@@ -1,6 +1,8 @@
 """run-all end to end on every model family, through the CLI as a researcher runs it: a tiny random SD 1.x pipeline
 with the documented SD config (configs/sd15.toml, only the model, prompts, layers and sizes changed) and a .txt prompt
-file, a tiny PixArt pipeline (transformer denoiser, DPM-Solver) with prompts that carry attributes, and the demo.
+file, a tiny PixArt pipeline (transformer denoiser, DPM-Solver) with prompts that carry attributes, SD3 (joint blocks,
+a text stream, CFG; in bfloat16) and FLUX (double- and single-stream blocks, packed latents, guidance embedding),
+each with its documented config (configs/sd3.toml, configs/flux.toml), and the demo.
 Every stage finishes; the interventions tables are written; off the demo the demo-only parts are skipped with their
 notes (manifest, results, output) and dreams run at the model's own latent scale; the demo still gets its concept
 report; a rerun of the stage loads no model."""
@@ -10,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from cli import app
@@ -36,9 +39,10 @@ PIXART_PROMPTS = [
 ]
 
 
-def run_all(tmp_path: Path, name: str, *options: str) -> tuple[Path, str]:
+def run_all(tmp_path: Path, name: str, *options: str, dtype: str = "float32") -> tuple[Path, str]:
+    small = [dtype if a == "float32" else a for a in SMALL]
     result = CliRunner().invoke(app, ["run-all", "--runs-dir", str(tmp_path / "runs"), "--name", name, *options,
-                                      *SMALL])
+                                      *small])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return tmp_path / "runs" / name, result.output
 
@@ -164,3 +168,70 @@ def test_the_sd15_config_is_valid_and_its_layers_are_sd15_hook_points():
     assert widths == {1280} and cfg.sae.expansion * 1280 == 5120  # "1280 channels -> 5120 latents"
     raw = tomllib.loads((ROOT / "configs" / "sd15.toml").read_text())
     assert raw["model"].startswith("models/") and raw["prompts"]  # only the model path is the researcher's
+
+
+def heatmap_grids(run_dir: Path) -> dict[str, tuple[int, int]]:
+    examples = rows(run_dir, "examples")
+    return {layer: (int(g["height"][0]), int(g["width"][0]))
+            for (layer,), g in examples.group_by("layer")}
+
+
+@pytest.mark.slow
+def test_run_all_on_sd3_in_bfloat16_with_its_config(sd3_dir, tmp_path):
+    """SD3 with configs/sd3.toml in bfloat16 on the CPU (model, prompts, layers and sizes changed): a joint block's
+    image stream and an earlier block's text stream (`:text`), CFG on; heat-maps on the 4x4 patch grid, the text
+    stream's as one row."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PIXART_PROMPTS))
+    layers = ["transformer_blocks.1", "transformer_blocks.0:text"]
+    run_dir, output = run_all(tmp_path, "sd3", "--config", str(ROOT / "configs" / "sd3.toml"), "--model",
+                              str(sd3_dir), "--prompts", str(prompts), *[a for lyr in layers for a in ("--layer", lyr)],
+                              dtype="bfloat16")
+    check_every_part(run_dir, layers)
+    check_demo_only_parts_skipped(run_dir, output)
+    assert manifest(run_dir)["config"]["capture"]["guidance"] > 1  # sd3.toml's CFG
+    assert manifest(run_dir)["config"]["dtype"] == "bfloat16"
+    assert heatmap_grids(run_dir) == {"transformer_blocks.1": (4, 4), "transformer_blocks.0:text": (1, 32)}
+    steps = pl.read_parquet(run_dir / "tables" / "steps.parquet").sort("step")  # flow matching: 1000 x sigma
+    assert steps["timestep"][0] == 1000.0 and (steps["timestep"].diff().drop_nulls() < 0).all()
+
+
+@pytest.mark.slow
+def test_run_all_on_flux_with_its_config(flux_dir, tmp_path):
+    """FLUX.1-dev (guidance-distilled) with configs/flux.toml (in float32: bfloat16 matmuls are slow on CPUs): a
+    double- and a single-stream block; heat-maps on the 8x8 grid of packed tokens (a 32 px image, 16x16 latents)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PIXART_PROMPTS))
+    layers = ["transformer_blocks.1", "single_transformer_blocks.0"]
+    layer_options = [a for lyr in layers for a in ("--layer", lyr)]
+    run_dir, output = run_all(tmp_path, "flux", "--config", str(ROOT / "configs" / "flux.toml"), "--model",
+                              str(flux_dir), "--prompts", str(prompts), *layer_options)
+    check_every_part(run_dir, layers)
+    check_demo_only_parts_skipped(run_dir, output)
+    assert manifest(run_dir)["config"]["capture"]["guidance"] == 3.5  # flux.toml's guidance embedding value
+    assert heatmap_grids(run_dir) == dict.fromkeys(layers, (8, 8))
+
+
+def test_the_sd3_and_flux_configs_are_valid_and_name_hook_points_of_the_real_layouts():
+    """configs/sd3.toml and configs/flux.toml as written: every key known and valid, and their layers are image
+    streams of joint blocks in transformers of SD3 Medium's (24 joint blocks) and FLUX.1's (19 double-, 38
+    single-stream blocks) layout (tiny widths; no weights needed), with the channel counts their [sae] comments
+    assume (SD3 Medium: 24 heads x 64; FLUX.1: 24 x 128)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from backend.models.hooks import BLOCK_STREAMS, split_layer
+    from backend.run.config import load_config, validate
+
+    sd3 = SD3Transformer2DModel(num_layers=24, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=8,
+                                caption_projection_dim=16, pooled_projection_dim=8, sample_size=8)
+    flux = FluxTransformer2DModel(num_layers=19, num_single_layers=38, attention_head_dim=16, num_attention_heads=1,
+                                  joint_attention_dim=8, pooled_projection_dim=8, axes_dims_rope=[4, 4, 8],
+                                  guidance_embeds=True)
+    for name, transformer, channels, expected in (("sd3", sd3, 1536, 6144), ("flux", flux, 3072, 12288)):
+        cfg = validate(load_config(ROOT / "configs" / f"{name}.toml"))
+        for layer in cfg.capture.layers:
+            block, stream = split_layer(layer)
+            assert stream == "image" and type(transformer.get_submodule(block)).__name__ in BLOCK_STREAMS
+        assert cfg.sae.expansion * channels == expected and cfg.dtype == "bfloat16" and cfg.device == "cuda"
+        raw = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
+        assert raw["model"].startswith("models/") and raw["prompts"]
