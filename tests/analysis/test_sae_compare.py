@@ -21,6 +21,7 @@ from backend.analysis.sae_match import best_matches
 from backend.analysis.sae_stats import DENSE_FREQ, density_edges, density_histogram
 from backend.errors import DifflensError
 from backend.run.config import SAEStageConfig
+from backend.run.schema import sae_path
 from cli import app
 from sae.io import load_sae, save_sae
 from sae.model import SAE, SAEConfig
@@ -128,7 +129,7 @@ def test_metrics_agree_with_a_direct_computation(run, compared):
 
 def test_loss_recovered_is_the_sae_stage_splice_test(run, compared):
     """The default SAE's splice test on the same generations gives the number the sae stage recorded."""
-    stage = json.loads((run / "sae" / LAYER / "cfg.json").read_text())["metrics"]
+    stage = json.loads((sae_path(run, LAYER) / "cfg.json").read_text())["metrics"]
     rows = {r["sae_id"]: r for r in compared["rows"]}
     assert rows["default"]["splice_samples"] == stage["splice_samples"] > 0
     assert rows["default"]["frac_loss_recovered"] == pytest.approx(stage["frac_loss_recovered"], rel=1e-5)
@@ -190,7 +191,7 @@ def test_a_permuted_copy_is_matched_back_in_small_blocks():
 def test_a_permuted_copy_in_the_run_matches_back_with_equal_metrics(run, tmp_path):
     copy = tmp_path / "r"
     shutil.copytree(run, copy)
-    sae = load_sae(copy / "sae" / LAYER)
+    sae = load_sae(sae_path(copy, LAYER))
     perm = torch.randperm(sae.cfg.n_latents, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for name in ("W_dec", "W_enc_T", "b_enc"):
