@@ -6,6 +6,7 @@ the decoder and both gradients touch only the K gathered rows per token (embeddi
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -167,6 +168,13 @@ class Trainer:
             aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
             loss = loss + self.cfg.aux_alpha * aux
         return loss, codes, x_hat, aux
+
+    def release(self) -> None:
+        """Free the DistributedDataParallel wrapper now, while the process group lives. It and the loss module
+        reference each other, so otherwise the garbage collector frees them at interpreter exit, after
+        destroy_process_group, and gloo then aborts the process (SIGABRT: a finished torchrun job that fails)."""
+        self.loss = None
+        gc.collect()
 
     def train_step(self, x: torch.Tensor) -> None:
         sae = self.sae
@@ -335,8 +343,10 @@ def train(reader: ShardReader, cfg: SAETrainConfig, checkpoint_dir: str | Path |
                 dist.barrier()
         if stop:
             bar.close()
+            trainer.release()
             return None
     bar.close()
+    trainer.release()
     sae.eval()
     return TrainResult(sae.folded(), log, time.perf_counter() - t0)
 
