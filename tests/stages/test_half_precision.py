@@ -178,8 +178,8 @@ def test_the_features_pass_encodes_in_row_chunks_with_identical_results(tmp_path
     tokens = torch.randn(5, 37, 16, generator=torch.Generator().manual_seed(1))  # 5 generations x 37 positions
     whole = capture.feature_stats(encoder, tokens, max_bytes=1 << 40)
     shapes = []
-    real = encoder.sae.pre_acts
-    monkeypatch.setattr(encoder.sae, "pre_acts", lambda x: shapes.append(tuple(x.shape)) or real(x))
+    real = encoder.sae._pre_acts_normalised  # the one dense product of encode
+    monkeypatch.setattr(encoder.sae, "_pre_acts_normalised", lambda x: shapes.append(tuple(x.shape)) or real(x))
     budget = 10 * 96 * 4  # 10 rows of dense pre-activations
     chunked = capture.feature_stats(encoder, tokens, max_bytes=budget)
     assert max(r for r, _ in shapes) * 96 * 4 <= budget and sum(r for r, _ in shapes) == 5 * 37

@@ -145,7 +145,7 @@ def test_import_errors_leave_the_run_unchanged(run, imported, tmp_path):
          "already has an SAE 'b' for up_blocks.1.attentions.1; pass --overwrite"),
         (["import-sae", str(narrow), "--layer", LAYER, "--name", "n"], "takes width 32, but the layer has 64"),
         (["import-sae", str(tmp_path / "missing"), "--layer", LAYER, "--name", "m"], "does not exist"),
-        (["import-sae", str(nan_dir), "--layer", LAYER, "--name", "m"], "NaN or infinite"),
+        (["import-sae", str(nan_dir), "--layer", LAYER, "--name", "m"], "NaN or inf"),
         (["import-sae", str(narrow), "--layer", LAYER, "--name", "Bad Id"], "is not valid"),
         (["import-sae", str(narrow), "--layer", "mid_block.attentions.0"], "no captured layer"),
         (["import-sae", str(tmp_path), "--layer", LAYER, "--name", "m"], "is not an SAE directory"),
