@@ -114,6 +114,17 @@ def map_size(ctx: RunContext, layer: str) -> tuple[int, int]:
     return side, side
 
 
+def has_heatmaps(ctx: RunContext, layer: str) -> bool:
+    """Whether the layer's tokens form a spatial grid (a text stream, `<block>:text`, does not)."""
+    from backend.errors import DifflensError
+
+    try:
+        map_size(ctx, layer)
+    except DifflensError:
+        return False
+    return True
+
+
 def heatmap_gif_path(layer: str, kind: str, unit: int) -> str:
     """Where the atlas keeps a unit's heat-map animation (its top example), relative to the run."""
     return f"media/atlas/{layer}/{kind}/heatmaps/unit-{unit:05d}.gif"

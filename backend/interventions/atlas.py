@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from backend.errors import DifflensError
 from backend.interventions import dream as dreams
 from backend.interventions import priors
-from backend.interventions.animations import heatmap_frames, heatmap_gif_path, map_size, unit_maps_SHW, write_gif
+from backend.interventions.animations import (
+    has_heatmaps,
+    heatmap_frames,
+    heatmap_gif_path,
+    map_size,
+    unit_maps_SHW,
+    write_gif,
+)
 from backend.interventions.media import digest
 from backend.run.config import AtlasConfig, DreamConfig, PriorConfig, check_finite_settings
 from backend.run.context import RunContext
@@ -185,7 +192,8 @@ def plan_atlas(ctx: RunContext, layer: str, kind: str, atlas: AtlasConfig, prior
                              prior.seeds if atlas.priors else None)
     key = stage_key({"prior": prior.to_dict(), "dream": {n: c.to_dict() for n, c in resolved.items()},
                      "analysis": ctx.stage("analysis").get("key"), "n_steps": n_steps})
-    return AtlasPlan(layer, kind, units, prior, wanted, atlas.priors, atlas.heatmap_animations, atlas.batch_units,
+    heatmaps = atlas.heatmap_animations and has_heatmaps(ctx, layer)  # a text stream has no spatial grid
+    return AtlasPlan(layer, kind, units, prior, wanted, atlas.priors, heatmaps, atlas.batch_units,
                      atlas.frame_ms, n_steps, prior_steps, key)
 
 
