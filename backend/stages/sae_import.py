@@ -48,7 +48,6 @@ def import_sae(run: str | Path, path: str | Path, layer: str, sae_id: str = DEFA
                             "(its feature activity and analysis are then redone), or give another --name")
     ckpt = read_checkpoint(path)
     check_sae_width(layer, int(ckpt.sae.cfg.d_in), token_width(store, layer), "the imported SAE")
-    check_finite_weights(ckpt.sae, path)
     store.remove_stale_temporaries()
     work = store.root / "_work" / "sae-import" / layer / sae_id
     shutil.rmtree(work, ignore_errors=True)
@@ -65,13 +64,3 @@ def import_sae(run: str | Path, path: str | Path, layer: str, sae_id: str = DEFA
     return {"layer": layer, "sae_id": sae_id, "kind": feature_kind(sae_id), "dir": store.sae_dir(layer, sae_id),
             "source_format": ckpt.source_format, "d_in": int(ckpt.sae.cfg.d_in),
             "n_latents": int(ckpt.sae.cfg.n_latents), "replaced": existing}
-
-
-def check_finite_weights(sae, path) -> None:
-    """A one-line error naming the first tensor with NaN or infinite values."""
-    import torch
-
-    for name, tensor in sae.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DifflensError(f"{path}: its {name} holds NaN or infinite values; import a checkpoint with finite "
-                                "weights")

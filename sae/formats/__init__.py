@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sae.formats import dictionary_learning, difflens, saelens, sdxl_unbox, sparsify
-from sae.formats.common import SAELoadError, one_line
+from sae.formats.common import SAELoadError, finite, one_line
 from sae.model import SAE
 
 FORMATS = {m.NAME: m for m in (difflens, saelens, sparsify, sdxl_unbox, dictionary_learning)}
@@ -64,6 +64,9 @@ def read_sae(path: str | Path, device: str | torch.device = "cpu") -> ImportedSA
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise SAELoadError(f"{directory} is not a readable {name} checkpoint ({type(exc).__name__}: "
                            f"{one_line(exc)})") from exc
+    for key, value in sae.state_dict().items():  # what folding the format's normalisation in made of its tensors
+        if value.is_floating_point():
+            finite(value, key, directory)
     return ImportedSAE(sae=sae.to(device).eval(), source_format=name, original_config=original,
                        source=str(directory.resolve()))
 
