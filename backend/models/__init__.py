@@ -1,6 +1,8 @@
-"""Model loading: `load_model(spec)` turns `demo` or a local diffusers directory into a DiffusionModel.
+"""Model loading: `load_model(spec)` turns `demo` or a local diffusers directory into a DiffusionModel, and a local
+transformers image-classification directory into a ClassifierModel (backend/models/classifier.py).
 
-The directory's `model_index.json` names the pipeline class, which picks the adapter. Nothing is downloaded:
+The directory's `model_index.json` names the pipeline class, which picks the adapter (a classifier directory is
+recognised by its config.json instead: `model_kind`). Nothing is downloaded:
 loading is `local_files_only`, and weights must be safetensors.
 """
 
@@ -47,7 +49,9 @@ def resolve_spec(spec: str) -> Path:
             "(weights are never downloaded)"
         )
     if not (path / "model_index.json").is_file():
-        raise ModelLoadError(f"{path} has no model_index.json; point --model at a diffusers pipeline directory")
+        raise ModelLoadError(f"{path} has no model_index.json; point --model at a diffusers pipeline directory (or a "
+                             "transformers image-classification directory: config.json with a "
+                             "...ForImageClassification architecture)")
     return path
 
 
@@ -61,11 +65,23 @@ def pipeline_class_name(path: Path) -> str:
     return name
 
 
+def model_kind(spec: str) -> str:
+    """"classifier" for a local image-classification directory, else "diffusion" (without loading anything)."""
+    from backend.models.classifier import is_image_classifier
+
+    return "classifier" if spec != "demo" and is_image_classifier(Path(spec).expanduser()) else "diffusion"
+
+
 def load_model(spec: str = "demo", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                ) -> DiffusionModel:
-    """Load `demo` or a local diffusers directory as a DiffusionModel on device in dtype."""
+    """Load `demo` or a local diffusers directory as a DiffusionModel on device in dtype (a local image-classification
+    directory as a ClassifierModel)."""
     import importlib
 
+    if model_kind(spec) == "classifier":
+        from backend.models.classifier import load_classifier
+
+        return load_classifier(Path(spec).expanduser(), spec, device=device, dtype=dtype)
     path = resolve_spec(spec)
     name = pipeline_class_name(path)
     module_name, pipe_cls_name, adapter_name = PIPELINE_ADAPTERS[name]

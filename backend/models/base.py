@@ -89,6 +89,8 @@ class DiffusionModel:
     """Base adapter. Subclasses set `family` and implement encode_prompts, initial_latents and decode."""
 
     family = "base"
+    model_kind = "diffusion"
+    """"diffusion" (prompts in, images out) or "classifier" (images in: backend/models/classifier.py)."""
     default_steps = 30
     default_guidance = 7.5
     decode_batch = 4

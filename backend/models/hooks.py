@@ -79,6 +79,17 @@ BLOCK_STREAMS: dict[str, BlockStreams] = {
 }
 
 
+HIDDEN_OUTPUT: dict[str, int] = {
+    # image-classifier encoders (backend/models/classifier.py): blocks, their attention and MLP parts. transformers
+    # 5 returns a tensor from a ViTLayer and (hidden state, attention weights) from a ViTAttention; transformers 4
+    # returned tuples from both. A tensor output is the hidden state itself.
+    **{f"{family}{part}": 0 for family in ("ViT", "DeiT", "Dinov2", "Beit", "Data2VecVision", "Siglip")
+       for part in ("Layer", "EncoderLayer", "Attention", "MLP", "Output", "Intermediate")},
+}
+"""Per block class with one hidden state: the index of that hidden state when the block returns a tuple (the block
+metadata for blocks that are not joint-attention blocks; classes not listed use main_output's rules)."""
+
+
 def split_layer(layer: str) -> tuple[str, str]:
     """(module path, stream) of a hook point: `blocks.3` -> ("blocks.3", "image"), `blocks.3:text` -> "text"."""
     if layer.endswith(TEXT_SUFFIX):
@@ -120,10 +131,14 @@ class Stream:
     """Whose `text_tokens` (the text length of the current denoiser call) split a single-stream block's one
     [text; image] tensor (older diffusers)."""
 
+    hidden: int | None = None
+    """The block's HIDDEN_OUTPUT index (None: a class not listed there, read by main_output's rules)."""
+
     @classmethod
     def of(cls, model: DiffusionModel, layer: str) -> Stream:
         name, stream = split_layer(layer)
-        return cls(block_streams(model.denoiser.get_submodule(name)), stream, model)
+        block = model.denoiser.get_submodule(name)
+        return cls(block_streams(block), stream, model, HIDDEN_OUTPUT.get(type(block).__name__))
 
     @property
     def text_tokens(self) -> int:
@@ -137,6 +152,8 @@ class Stream:
 
     def output(self, out) -> torch.Tensor:
         """The stream's tensor in a block's output (a one-line DifflensError when it holds none)."""
+        if self.streams is None and self.hidden is not None and isinstance(out, tuple | list):
+            return out[self.hidden]
         if self.streams is None:
             return main_output(out)
         if self._joined(out):
@@ -148,6 +165,10 @@ class Stream:
 
     def replace(self, out, new: torch.Tensor):
         """The block's output with the stream replaced by new; the other stream passes through."""
+        if self.streams is None and self.hidden is not None and isinstance(out, tuple | list):
+            items = list(out)
+            items[self.hidden] = new
+            return type(out)(items)
         if self.streams is None:
             return replace_main_output(out, new)
         if self._joined(out):
@@ -219,6 +240,9 @@ class HookEvent:
     step: int
     tokens: torch.Tensor  # [B, T, C], the selected CFG half
     spatial: tuple[int, int] | None  # (H, W) of a map, None for sequences
+    prefix: int = 0
+    """Tokens before the spatial grid (an image classifier's CLS token when reading all tokens): tokens[:, prefix:]
+    is the (H, W) grid, row-major."""
 
 
 def module(model: DiffusionModel, layer: str) -> torch.nn.Module:
@@ -260,6 +284,10 @@ def read_activations(model: DiffusionModel, layers: list[str], callback: Callabl
                 y = select_half(y, model.cfg_active, half)
                 spatial = tuple(y.shape[2:]) if y.ndim == 4 else (
                     token_grid(model, y.shape[1]) if stream.stream == "image" else None)
+                chosen = getattr(model, "chosen_tokens", None)  # an image classifier's token choice (cls, patch, all)
+                if chosen is not None:
+                    callback(HookEvent(layer, model.step_index, *chosen(to_tokens(y))))
+                    return
                 callback(HookEvent(layer, model.step_index, to_tokens(y), spatial))
 
             handle = mod.register_forward_hook(hook, with_kwargs=True)

@@ -21,7 +21,8 @@ from backend.models.base import DiffusionModel
 from backend.models.hooks import TEXT_SUFFIX, Stream, block_streams, check_stream, split_layer
 
 SAE_TARGET_TYPES = {"Transformer2DModel", "BasicTransformerBlock", "PixArtTransformer2DModel", "JointTransformerBlock",
-                    "FluxTransformerBlock", "FluxSingleTransformerBlock"}
+                    "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                    "ViTLayer", "DeiTLayer", "Dinov2Layer", "BeitLayer", "Data2VecVisionLayer", "SiglipEncoderLayer"}
 _CACHE = "_difflens_probe"
 """Attribute of a DiffusionModel holding (denoiser, probes of every submodule) once probed."""
 
@@ -73,7 +74,8 @@ def probe(model: DiffusionModel, all_modules: bool = False) -> dict[str, Probe]:
     probes = cached[1]
     if all_modules:
         return dict(probes)
-    names = candidate_modules(model.denoiser)
+    own = getattr(model, "hook_point_names", None)  # an image classifier lists its blocks and their parts
+    names = own() if own is not None else candidate_modules(model.denoiser)
     return {name: p for name, p in probes.items() if split_layer(name)[0] in names}
 
 
