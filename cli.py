@@ -95,7 +95,7 @@ SAENameOpt = Annotated[str | None, typer.Option(
                    "changed by [sae.variants.<id>] if configured. [default: every configured SAE: default and the "
                    "variants]")]
 
-RUN_OPTIONS = (Opt("", ["name", "runs_dir", "model", "prompts", "device", "dtype"]),
+RUN_OPTIONS = (Opt("", ["name", "runs_dir", "model", "prompts", "device", "dtype", "images"]),
                Opt("capture", rename={"layers": "layer"}))
 
 

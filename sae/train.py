@@ -56,6 +56,10 @@ class SAETrainConfig:
     grad_clip: float = 1.0
     b_dec_init: str = "mean"
     """mean or geometric_median of a data sample."""
+    normalize: str = "none"
+    """Per-token input normalisation: none (the folded mean / scale normalisation only) or layernorm (each token
+    centred and divided by its std before the encoder, the reconstruction mapped back; saved in the SAE's cfg.json,
+    so the SAE takes raw activations). Training then reconstructs the layer-normed tokens (FVU in that space)."""
     seed: int = 0
     checkpoint_every: int = 500
     """Steps between checkpoints."""
@@ -138,10 +142,11 @@ class Trainer:
         return self.lr * warm * decay
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCodes, torch.Tensor, torch.Tensor]:
-        """(loss, codes, x_hat, aux_loss) with sparse gradients for TopK / BatchTopK."""
+        """(loss, codes, x_hat, aux_loss) with sparse gradients for TopK / BatchTopK; with a per-token normalisation
+        (SAEConfig.normalize) x arrives normalised (train_step) and is reconstructed in that space."""
         sae = self.sae
         if sae.cfg.architecture == "relu":
-            pre = sae.pre_acts(x)
+            pre = sae._pre_acts_normalised(x)
             z = pre.relu()
             x_hat = z @ sae.W_dec + sae.b_dec
             mse = (x_hat - x).pow(2).sum(-1).mean()
@@ -149,7 +154,7 @@ class Trainer:
             codes = sae.select(pre.detach())
             return mse + sae.cfg.l1_coeff * l1, codes, x_hat, torch.zeros((), device=x.device)
         with torch.no_grad():
-            pre = sae.pre_acts(x)
+            pre = sae._pre_acts_normalised(x)
             sel = sae.select(pre)
         codes = sel
         x_hat = sparse_decode(sel.values, sel.indices, x, sae.W_enc_T, sae.b_enc, sae.W_dec, sae.b_dec) + sae.b_dec
@@ -182,6 +187,7 @@ class Trainer:
             g["lr"] = self.lr_at(self.step)
         if self.world > 1:
             x = x.chunk(self.world)[self.rank]
+        x = sae.token_normalised(x)[0]  # a per-token normalisation (layernorm): the space the SAE reconstructs
         loss, codes, x_hat, aux = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,14 +274,18 @@ def init_sae(reader: ShardReader, cfg: SAETrainConfig, layer: str = "", device="
     """A new SAE for the reader's data: normalisation stats, b_dec from the data, encoder = decoder^T."""
     mean, scale = reader.estimate_stats()
     d = reader.d
+    if cfg.normalize not in ("none", "layernorm"):
+        raise ValueError(f"normalize must be none or layernorm, got {cfg.normalize!r}")
+    per_token = cfg.normalize != "none"  # a per-token normalisation replaces the folded mean / scale one
     scfg = SAEConfig(d_in=d, n_latents=cfg.latents(d), k=cfg.k, architecture=cfg.architecture,
-                     l1_coeff=cfg.l1_coeff, layer=layer, normalized=True, input_mean=mean.tolist(),
-                     input_scale=scale)
+                     l1_coeff=cfg.l1_coeff, layer=layer, normalized=not per_token,
+                     input_mean=[] if per_token else mean.tolist(), input_scale=1.0 if per_token else scale,
+                     normalize=cfg.normalize)
     gen = torch.Generator().manual_seed(cfg.seed)
     sae = SAE(scfg, device=device)
     sae.reset_parameters(gen)
     sample = next(iter(ShardReader(reader.shards, min(8192, reader.n_rows), seed=cfg.seed + 1)))
-    sample = sae.normalise(sample.to(device))
+    sample = sae.token_normalised(sae.normalise(sample.to(device)))[0]
     with torch.no_grad():
         if cfg.b_dec_init == "geometric_median":
             sae.b_dec.copy_(geometric_median(sample))
@@ -296,8 +306,8 @@ def scale_encoder_to_data(sae: SAE, sample_ND: torch.Tensor) -> float:
     """
     if sae.cfg.architecture == "relu":
         return 1.0
-    centred = sample_ND - sae.b_dec
-    x_hat = sae.decode(sae.select(sae.pre_acts(sample_ND))) - sae.b_dec
+    centred = sample_ND - sae.b_dec  # sample_ND: in the space the encoder reads (after any per-token normalisation)
+    x_hat = sae.decode(sae.select(sae._pre_acts_normalised(sample_ND))) - sae.b_dec
     factor = float(centred.norm(dim=1).mean() / x_hat.norm(dim=1).mean().clamp_min(1e-12))
     sae.W_enc_T.mul_(factor)
     return factor

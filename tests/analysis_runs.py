@@ -29,6 +29,7 @@ def make_run(root, gens: list[dict], n_steps: int, activity: dict[tuple[str, str
         "n_steps": np.full(len(gens), n_steps, np.int16),
         "guidance": np.full(len(gens), 1.0, np.float32),
         "negative_prompt": pa.nulls(len(gens), pa.string()), "control_image": pa.nulls(len(gens), pa.string()),
+        "image_path": pa.nulls(len(gens), pa.string()), "class_label": pa.nulls(len(gens), pa.string()),
     }))
     store.write_table("steps", pa.table({"step": np.arange(n_steps, dtype=np.int16),
                                          "timestep": np.linspace(999, 0, n_steps).astype(np.float32)}))

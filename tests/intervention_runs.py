@@ -93,7 +93,8 @@ def make_intervention_run(root, sae: SAE | None, n_steps: int = STEPS) -> RunSto
         "gen_id": np.arange(2, dtype=np.int32), "prompt": prompts, "seed": np.zeros(2, np.int64),
         "group": ["blue", "red"], "attributes": ["{}", "{}"], "image": ["images/000000.png", "images/000001.png"],
         "n_steps": np.full(2, n_steps, np.int16), "guidance": np.full(2, GUIDANCE, np.float32),
-        "negative_prompt": pa.nulls(2, pa.string()), "control_image": pa.nulls(2, pa.string())}))
+        "negative_prompt": pa.nulls(2, pa.string()), "control_image": pa.nulls(2, pa.string()),
+        "image_path": pa.nulls(2, pa.string()), "class_label": pa.nulls(2, pa.string())}))
     rng = np.random.default_rng(0)
     for kind, n in (("channel", 64), ("feature", N_LATENTS)):
         density = rng.uniform(0, 1, n).astype(np.float32)

@@ -83,9 +83,12 @@ class _Keeper:
         self.wanted = wanted
         self.tokens: dict[tuple[str, int, int], torch.Tensor] = {}
         self.spatial: dict[str, tuple[int, int] | None] = {}
+        self.prefix: dict[str, int] = {}
+        """Per layer, the tokens before its grid (an image classifier's CLS when reading all tokens)."""
 
     def __call__(self, ev: HookEvent) -> None:
         self.spatial[ev.layer] = ev.spatial
+        self.prefix[ev.layer] = ev.prefix
         for b in self.wanted.get((ev.layer, ev.step), ()):
             self.tokens[(ev.layer, b, ev.step)] = ev.tokens[b].float().cpu()
 
@@ -143,6 +146,14 @@ def generation_conditions(rows: pl.DataFrame) -> dict:
     return out
 
 
+def generation_inputs(rows: pl.DataFrame) -> list[str]:
+    """What generate() takes to replay these generations rows: their prompts, or an image classifier's image paths
+    (`image_path`; runs captured before the column existed have none)."""
+    if "image_path" in rows.columns and rows["image_path"].null_count() < len(rows):
+        return [path or prompt for path, prompt in zip(rows["image_path"], rows["prompt"], strict=True)]
+    return rows["prompt"].to_list()
+
+
 def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConfig, progress: bool = True) -> int:
     """Replay the generations of requests (layer, kind, unit, gen_id, heatmap_step, activation) and write their
     heat-maps as work shards; returns the number of batches replayed (0 when all were done)."""
@@ -174,7 +185,7 @@ def replay_heatmaps(inputs: RunInputs, requests: pl.DataFrame, cfg: AnalysisConf
                 wanted.setdefault((layer, int(step)), []).append(int(b))
             keeper = _Keeper(wanted)
             with read_activations(model, layers, keeper, read=ctx.read, half=ctx.half):
-                model.generate(batch["prompt"].to_list(), batch["seed"].to_list(), int(batch["n_steps"][0]),
+                model.generate(generation_inputs(batch), batch["seed"].to_list(), int(batch["n_steps"][0]),
                                float(batch["guidance"][0]), **generation_conditions(batch))
             table = _maps_table(mine, keeper, saes, cfg, tolerance)
             name = shard_name(int(batch["gen_id"][0]))
@@ -234,6 +245,8 @@ def _maps_table(mine: pl.DataFrame, keeper: _Keeper, saes: dict, cfg: AnalysisCo
                 f"activity (unit {rows['unit'][worst]}: {pooled[worst]:.5g} vs {recorded[worst]:.5g}, relative "
                 f"tolerance {tolerance:.3g}); generation is not deterministic here: run analyze on the capture's "
                 "device and dtype with analysis.replay_batches = 'capture', or raise analysis.replay_tolerance")
+        prefix = keeper.prefix.get(layer, 0)  # checked over every token above; shown: the grid only
+        maps = maps[:, prefix:]
         h, w = grid_shape(keeper.spatial[layer], maps.shape[1])
         n = len(rows)
         cols["layer"] += [layer] * n

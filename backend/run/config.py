@@ -91,6 +91,9 @@ class CaptureConfig:
     """Control image of every prompt (a JSONL prompt's `control_image` field replaces it for that prompt)."""
     controlnet_scale: float = 1.0
     """ControlNet conditioning scale (the pipeline's controlnet_conditioning_scale)."""
+    tokens: str = "all"
+    """Image classifiers: the tokens each layer is read at: cls (the CLS token), patch (the patch grid: heat-maps) or
+    all (CLS, then the patch grid)."""
 
 
 @dataclass
@@ -456,6 +459,9 @@ class RunConfig:
     """torch device: cpu, cuda, cuda:1 ..."""
     dtype: str = "float32"
     """float32, float16 or bfloat16."""
+    images: str = ""
+    """Image classifiers: the images instead of prompts: a folder with one sub-folder of images per class, or a CSV /
+    JSONL labels file (columns path, class; paths relative to the file)."""
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
@@ -662,6 +668,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise DifflensError(f"capture.{name} must be at least 1 (got {getattr(c, name)})")
     if c.steps < 0:
         raise DifflensError(f"capture.steps must be >= 0 (got {c.steps})")
+    if c.tokens not in ("cls", "patch", "all"):
+        raise DifflensError(f"capture.tokens is {c.tokens!r}; use cls, patch or all")
     if not c.layers:
         if cfg.model != "demo":
             raise DifflensError("no layers given: pass --layer (see `python cli.py layers --model ...`)")

@@ -134,7 +134,14 @@ class RunContext:
                 from backend.models.controlnet import with_controlnet
 
                 self._model = with_controlnet(self._model, c.controlnet, c.controlnet_scale)
+            if self._model.model_kind == "classifier":  # read the tokens the run captured
+                self._model.check_tokens(c.tokens)
         return self._model
+
+    @property
+    def model_kind(self) -> str:
+        """"diffusion" or "classifier" (the manifest's `model_kind`; runs made before it are diffusion runs)."""
+        return self.manifest.get("model_kind") or "diffusion"
 
     def saes(self) -> list[tuple[str, str]]:
         """Every (layer, sae_id) with a trained or imported SAE in sae/<layer>/<sae_id>/."""

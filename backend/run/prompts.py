@@ -27,6 +27,9 @@ class PromptRecord:
     """The prompt's own negative prompt (None: the run's, else none)."""
     control_image: str | None = None
     """The prompt's ControlNet control image: a path resolved against the prompt file's directory (None: the run's)."""
+    image: str | None = None
+    """An image classifier's input image (absolute path; backend/run/images.py): the prompt is then its path relative
+    to the dataset and the group its class."""
 
 
 JSONL_KEYS = ("prompt", "group", "attributes", "negative", "control_image")

@@ -110,6 +110,8 @@ GENERATIONS = pa.schema([
     ("guidance", pa.float32()),
     ("negative_prompt", pa.string()),  # the negative prompt CFG used in place of the empty prompt (null: none)
     ("control_image", pa.string()),   # the ControlNet control image's path (null: no ControlNet)
+    ("image_path", pa.string()),      # an image classifier's input image, absolute (null: a diffusion run)
+    ("class_label", pa.string()),     # that image's class (null: a diffusion run)
 ])
 
 STEPS = pa.schema([

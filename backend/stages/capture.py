@@ -68,7 +68,7 @@ def plan_batches(gens: list[Generation], batch_size: int, rank: int = 0, world: 
     return batches[rank::world]
 
 
-CONDITIONING_FIELDS = ("negative_prompt", "controlnet", "control_image", "controlnet_scale")
+CONDITIONING_FIELDS = ("negative_prompt", "controlnet", "control_image", "controlnet_scale", "tokens")
 """Capture settings added after run format 2 first shipped: in the run identity only when set, so the identity of a
 run made without them (and so its resuming) is unchanged."""
 
@@ -87,6 +87,11 @@ def run_identity(cfg: RunConfig) -> dict:
         images = sorted({g.control_image for g in with_run_conditions(load_prompts(cfg.prompts), cfg.capture)
                          if g.control_image})
         identity["control_images_digest"] = {path: file_digest(path) for path in images}
+    if cfg.images:
+        from backend.run.images import images_digest, load_images
+
+        identity["images"] = cfg.images
+        identity["images_digest"] = images_digest(load_images(cfg.images))
     return identity
 
 
@@ -145,7 +150,7 @@ def versions() -> dict:
             "transformers": transformers.__version__, "difflens": __version__}
 
 
-def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
+def prepare_run_dir(cfg: RunConfig, overwrite: bool, model_kind: str = "diffusion") -> RunStore:
     """Create or reopen the run directory; refuse one holding a run of another config unless overwrite.
 
     Call only after everything the capture needs has been validated (see `plan`): a refused or failed command must
@@ -171,7 +176,8 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool) -> RunStore:
     else:
         root.mkdir(parents=True, exist_ok=True)
         store.write_manifest({"identity": run_identity(cfg), "config": cfg.to_dict(), "versions": versions(),
-                              "created": time.time(), "stages": {}})
+                              "created": time.time(), "stages": {}, "model_kind": model_kind,
+                              "tokens": cfg.capture.tokens if model_kind == "classifier" else None})
     return store
 
 
@@ -213,12 +219,15 @@ class CapturePlan:
 def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str, FeatureEncoder] | None = None,
          device: str | None = None) -> CapturePlan:
     """Validate the config, the prompts (against the model's tokenizer), the layers and the SAEs; touches no file."""
-    from backend.models import load_model, parse_dtype
+    from backend.models import load_model, model_kind, parse_dtype
     from backend.models.layers import check_layers, layer_channels
+    from backend.run.images import run_inputs
 
     cfg = validate(cfg)
-    prompts = load_prompts(cfg.prompts)
+    prompts = run_inputs(cfg, model.model_kind if model is not None else model_kind(cfg.model))
     model = model or load_model(cfg.model, device=device or cfg.device, dtype=parse_dtype(cfg.dtype))
+    if model.model_kind == "classifier":
+        cfg = classifier_settings(cfg, model, prompts)
     c = cfg.capture
     check_layers(model, c.layers)
     model.check_prompts([p.prompt for p in prompts])
@@ -238,6 +247,24 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     prompts = with_run_conditions(prompts, c)
     model = check_conditions(prompts, c, guidance, model)
     return CapturePlan(cfg, prompts, model, encoders, n_steps, guidance, len(model.timesteps(n_steps)))
+
+
+def classifier_settings(cfg: RunConfig, model: DiffusionModel, images: list[PromptRecord]) -> RunConfig:
+    """An image-classifier run's config: one image per input, one step, no CFG (whatever was given), after one-line
+    errors for a token choice the model lacks and unreadable images."""
+    import dataclasses
+
+    from backend.run.images import check_images
+
+    model.check_tokens(cfg.capture.tokens)
+    check_images(images)
+    capture = dataclasses.replace(cfg.capture, images_per_prompt=1, steps=1, guidance=1.0)
+    return dataclasses.replace(cfg, capture=capture)
+
+
+def inputs_of(batch: list[Generation]) -> list[str]:
+    """What generate() takes for a batch: the prompts, or an image classifier's image paths."""
+    return [g.prompt.image or g.prompt.prompt for g in batch]
 
 
 def check_sae_width(layer: str, width: int, channels: int, what: str = "the SAE given") -> None:
@@ -482,6 +509,8 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
         "guidance": np.full(len(gens), guidance, dtype=np.float32),
         "negative_prompt": pa.array([g.prompt.negative for g in gens], pa.string()),
         "control_image": pa.array([g.prompt.control_image for g in gens], pa.string()),
+        "image_path": pa.array([g.prompt.image for g in gens], pa.string()),
+        "class_label": pa.array([g.prompt.group if g.prompt.image else None for g in gens], pa.string()),
     }))
     store.mark_batch_done(STAGE, name, n=len(gens))
     stats.seconds += time.perf_counter() - t0
@@ -544,7 +573,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         cfg, model, encoders, c = p.cfg, p.model, p.encoders, p.cfg.capture
         check_feature_replacement(cfg, encoders, overwrite)
         if dist.is_main:
-            store = prepare_run_dir(cfg, overwrite)
+            store = prepare_run_dir(cfg, overwrite, model.model_kind)
         dist.barrier()
         store = RunStore(cfg.out_dir)
         manifest = store.read_manifest() or {}
@@ -590,7 +619,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                     continue
                 rec = _Recorder(batch, p.denoiser_steps, c.tokens_per_step, encoders or {})
                 with read_activations(model, hooked, rec, read=c.read, half=c.half):
-                    images = to_uint8(model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch],
+                    images = to_uint8(model.generate(inputs_of(batch), [g.seed for g in batch],
                                                      n_steps, guidance, **conditions_of(batch)))
                 # writes overlap the next batch's generation; at most one batch waits
                 for f in pending:

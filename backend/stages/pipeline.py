@@ -6,6 +6,8 @@ activity of every SAE of the run the run does not hold yet: trained, configured 
 -> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
 -> atlas (steered priors and dreams of the [atlas] units, batched across units; rank 0 only: spread a large atlas
    over ranks with `torchrun ... cli.py atlas`)
+On an image-classifier run (backend/models/classifier.py) the interventions and atlas stages, which steer image
+generation, are skipped with one note.
 """
 
 from __future__ import annotations
@@ -59,9 +61,15 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
             from backend.stages.interventions import run_interventions
 
             summary.stages["analysis"] = analyze(run_now(), cfg.analysis, progress=progress)
-            if cfg.interventions.enabled:
+            generative = checked.model.model_kind != "classifier"
+            if not generative and (cfg.interventions.enabled or cfg.atlas.enabled):
+                from tqdm.auto import tqdm
+
+                tqdm.write("note: interventions and atlas skipped: they steer image generation, and this run's model "
+                           "is an image classifier")
+            if cfg.interventions.enabled and generative:
                 summary.stages["interventions"] = run_interventions(run_now(), cfg.interventions, progress=progress)
-            if cfg.atlas.enabled:
+            if cfg.atlas.enabled and generative:
                 from backend.stages.atlas import run_atlas
 
                 summary.stages["atlas"] = run_atlas(run_now(), cfg.atlas, cfg.prior, cfg.dream, progress=progress,

@@ -56,7 +56,7 @@ def train_saes(run, cfg: SAEStageConfig, overwrite: bool = False, progress: bool
         for train_cfg in train_cfgs.values():
             check_train_config(train_cfg, token_width(store, layer), layer)
     capture_key = ctx.stage("capture").get("key")
-    keys = {i: stage_key({"train": asdict(c), "capture": capture_key}) for i, c in train_cfgs.items()}
+    keys = {i: stage_key({"train": key_settings(c), "capture": capture_key}) for i, c in train_cfgs.items()}
     jobs = [(layer, i) for layer in layers for i in ids]
     replaced = {job: saved for job in jobs if (saved := _saved_cfg(store, *job)) and saved.get("key") != keys[job[1]]}
     if replaced and not overwrite:
@@ -81,7 +81,7 @@ def train_saes(run, cfg: SAEStageConfig, overwrite: bool = False, progress: bool
                 if dist.is_main and (layer, sae_id) in replaced:
                     mark_downstream_stale(store, layer, sae_id)
             if dist.is_main:
-                if cfg.splice_samples and "frac_loss_recovered" not in metrics:
+                if cfg.splice_samples and "frac_loss_recovered" not in metrics and ctx.model_kind == "diffusion":
                     metrics |= _splice(ctx, layer, cfg.splice_samples, sae_id)
                     save_sae(ctx.sae(layer, sae_id), store.sae_dir(layer, sae_id),
                              extra={"train": asdict(train_cfg), "metrics": metrics, "key": key})
@@ -93,6 +93,15 @@ def train_saes(run, cfg: SAEStageConfig, overwrite: bool = False, progress: bool
             store.update_stage("sae", status="done", finished=time.time())
         dist.barrier()
     return {sae_label(*job): m for job, m in results.items()}
+
+
+def key_settings(cfg: SAETrainConfig) -> dict:
+    """The training settings an SAE's key covers: every field, but `normalize` only when set (so the keys of SAEs
+    trained before it existed are unchanged)."""
+    settings = asdict(cfg)
+    if settings.get("normalize") == "none":
+        del settings["normalize"]
+    return settings
 
 
 def _nested(by_job: dict, layers: list[str] | None = None) -> dict:

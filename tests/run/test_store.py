@@ -139,7 +139,8 @@ def test_tables_are_cast_to_their_schema(store):
     assert conform("steps", data).schema.equals(schema.STEPS)
     gens = pa.table({"gen_id": [0], "prompt": pa.array(["a"], pa.large_string()), "seed": [1], "group": ["g"],
                      "attributes": ["{}"], "image": ["images/000000.png"], "n_steps": [3], "guidance": [1.0],
-                     "negative_prompt": pa.nulls(1, pa.string()), "control_image": ["c.png"]})
+                     "negative_prompt": pa.nulls(1, pa.string()), "control_image": ["c.png"],
+                     "image_path": pa.nulls(1, pa.string()), "class_label": pa.nulls(1, pa.string())})
     path = store.write_table_shard("generations", "part-0000000", gens)
     assert pq.read_schema(path).equals(schema.GENERATIONS)
     empty = pa.table({k: np.array([], np.float32) for k in schema.ACTIVITY.names})  # an empty feature shard
