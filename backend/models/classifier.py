@@ -63,8 +63,8 @@ def read_image(path: str | Path):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DifflensError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                            "replace or remove the file") from exc
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DifflensError(f"cannot read image {path}: {why}; replace or remove the file") from exc
 
 
 def load_classifier(path: Path, spec: str, device: str | torch.device = "cpu",
