@@ -298,8 +298,18 @@ def _print_analysis(summary: dict) -> None:
         best = ("-" if r.get("best_localisation") is None
                 else f"{r['best_localisation']:.1%} (#{r['best_localising_unit']})")
         typer.echo(f"  {r['layer']:<28} {r['kind']:<8} {r['mean_best_auroc']:>16.3f} {loc:>24} {best:>21}")
+    _print_classes(summary.get("classes") or {})
     typer.echo(f"tables: {summary['out_dir']}/tables (units, profiles, peaks, examples, frequencies, comparisons, "
                f"concepts, localisation, concept_summary); figures: {summary['out_dir']}/media/")
+
+
+def _print_classes(classes: dict) -> None:
+    """An image-classifier run's best unit per class, scored out of sample (class_best)."""
+    for name, c in classes.items():
+        if isinstance(c, dict) and "mean_best_auroc_test" in c:
+            typer.echo(f"  {name}: best unit per class (chosen on half the images), held-out AUROC mean "
+                       f"{c['mean_best_auroc_test']:.3f}, min {c['min_best_auroc_test']:.3f} over {c['classes']} "
+                       "classes (tables class_scores, class_best)")
 
 
 @app.command()

@@ -114,6 +114,26 @@ GENERATIONS = pa.schema([
     ("class_label", pa.string()),     # that image's class (null: a diffusion run)
 ])
 
+CLASS_SCORES = pa.schema([
+    ("unit", pa.int32()),
+    ("rank", pa.int16()),             # 1 = the class with the unit's highest AUROC
+    ("class", pa.string()),           # an image class (generations.class_label)
+    ("images", pa.int32()),           # images of the class
+    ("freq", pa.float32()),           # share of the class's images in which the unit is active (frequencies)
+    ("mean", pa.float32()),           # mean pooled activity over the class's images (frequencies)
+    ("auroc", pa.float32()),          # AUROC of the unit's pooled activation for this class vs the rest, all images
+    ("auroc_select", pa.float32()),   # the same on the selection half (even index within each class; NaN: no split)
+    ("auroc_test", pa.float32()),     # the same on the held-out half (odd index within each class)
+])
+
+CLASS_BEST = pa.schema([
+    ("class", pa.string()),
+    ("images", pa.int32()),           # images of the class
+    ("unit", pa.int32()),             # the unit with the best auroc_select for the class
+    ("auroc_select", pa.float32()),   # its AUROC on the selection half
+    ("auroc_test", pa.float32()),     # its AUROC on the held-out half: out-of-sample
+])
+
 STEPS = pa.schema([
     ("step", pa.int16()),             # 0 .. n_steps - 1, in denoising order
     ("timestep", pa.float32()),       # the scheduler's timestep at that step
@@ -452,6 +472,11 @@ _SPECS = [
               "by share descending, then examples descending, then unit"),
     TableSpec("concept_summary", "analysis", _ANALYZE, "file", "concept_summary.parquet", ("layer", "kind"),
               "concept recovery of one (layer, kind)", CONCEPT_SUMMARY),
+    TableSpec("class_scores", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "rank"),
+              "how well one unit tells one image class (image-classifier runs)", CLASS_SCORES),
+    TableSpec("class_best", "analysis", _ANALYZE, "layer/kind", _PART, ("class",),
+              "one image class's best unit, chosen on half the images and scored on the other half "
+              "(image-classifier runs)", CLASS_BEST),
     TableSpec("interventions", "interventions", "python cli.py steer --run RUN --layer LAYER --kind KIND --unit UNIT",
               "layer/kind", "steer-<kind>-<unit:05d>-<spec>.parquet (steering) or edit-<spec>.parquet "
               "(feature edits, a feature kind)", (), "one steered or edited image beside its baseline",

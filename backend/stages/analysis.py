@@ -9,6 +9,8 @@ concept recovery and figures (the analysis tables of docs/run-format.md, per (la
   4. comparisons              every ordered pair of prompt groups, when there are few (compare.py)
   5. concepts                 AUROC per attribute value, heat-map localisation of position (concepts.py)
                               -> concepts, localisation, concept_summary
+     classes                  image-classifier runs: classes per unit, best unit per class out of sample
+                              (classes.py) -> class_scores, class_best
   6. plots                    profile figures of top units (plots.py)
 Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; the
 stage key (docs/run-format.md) covers the inputs (activity and generations files) and the config. When it changes,
@@ -24,6 +26,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import polars as pl
 
 from backend.analysis.inputs import SHARD, Partition, RunInputs, connect, fingerprint, load_inputs, read_part
@@ -68,7 +71,7 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     inputs.partitions = [p for p in inputs.partitions if p.name in todo]
     con = connect(cfg)
     steps = [("profiles", _profiles_part), ("examples", _examples_part), ("comparisons", _comparisons_part),
-             ("concepts", _concepts_part), ("plots", _plots_part)]
+             ("concepts", _concepts_part), ("classes", _classes_part), ("plots", _plots_part)]
     results: dict = {}
     for name, part_fn in steps:
         if store.batch_done(STAGE, name):
@@ -239,6 +242,27 @@ def _concepts_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) 
     rows.sort(key=lambda r: (r["layer"], r["kind"]))
     inputs.store.write_table("concept_summary", inputs.store.table_from_rows("concept_summary", rows))
     return {"summary": rows}
+
+
+def _classes_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    """Image-classifier runs: per unit its classes ranked (class_scores), per class its best unit chosen on half the
+    images and scored on the other half (class_best)."""
+    from backend.analysis.classes import class_best_table, class_labels, class_scores_table, has_classes, unit_aurocs
+
+    if not has_classes(inputs.gens):
+        return {"skipped": "not an image-classifier run with two or more classes"}
+    classes, positive_NC, select_N = class_labels(inputs.gens)
+    out = {}
+    for part in inputs.partitions:
+        aurocs = unit_aurocs(con, inputs, part, positive_NC, select_N, cfg)
+        _write_part(inputs.store, "class_scores", part,
+                    class_scores_table(classes, aurocs, read_part(inputs.store, "frequencies", part)))
+        best = class_best_table(classes, positive_NC, aurocs)
+        _write_part(inputs.store, "class_best", part, best)
+        test = best["auroc_test"].to_numpy()
+        out[part.name] = {"classes": len(classes), "mean_best_auroc_test": float(np.nanmean(test)),
+                          "min_best_auroc_test": float(np.nanmin(test))}
+    return out
 
 
 def _kept_summary_rows(inputs: RunInputs, computed: set[tuple[str, str]]) -> list[dict]:
