@@ -91,3 +91,19 @@ def model():
     from backend.models import load_model
 
     return load_model("demo")
+
+
+@pytest.fixture(scope="session")
+def vit_dir(tiny_root) -> Path:
+    """A tiny random ViTForImageClassification (16x16 images, 4x4 patches + CLS, width 16) with a preprocessor."""
+    from tiny_classifiers import build_tiny_vit
+
+    return build_tiny_vit(tiny_root / "tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tiny_root) -> Path:
+    """Two classes (red, blue) of 4 images each, one sub-folder per class."""
+    from tiny_classifiers import write_image_folder
+
+    return write_image_folder(tiny_root / "images", per_class=4)

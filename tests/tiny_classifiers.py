@@ -40,3 +40,20 @@ def write_image_folder(root: Path, classes=CLASSES, per_class: int = 3, size: in
             pixels = np.clip(np.array(COLOURS.get(c, (128, 128, 128)))[None, None] + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / c / f"{c}-{i}.png")
     return Path(root)
+
+
+def build_tiny_siglip(path: Path, classes=CLASSES, image_size: int = 16, patch_size: int = 4, hidden: int = 16,
+                      seed: int = 0) -> Path:
+    """A random SiglipForImageClassification: a ViT-style encoder without a CLS token (mean-pooled head)."""
+    import torch
+    from transformers import SiglipConfig, SiglipForImageClassification
+
+    torch.manual_seed(seed)
+    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden, num_hidden_layers=2,
+                  num_attention_heads=2, intermediate_size=2 * hidden)
+    text = dict(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * hidden,
+                vocab_size=16, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = SiglipConfig(vision_config=vision, text_config=text, num_labels=len(classes),
+                       id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
+    SiglipForImageClassification(cfg).eval().save_pretrained(path, safe_serialization=True)
+    return Path(path)

@@ -89,6 +89,11 @@ def load_classifier(path: Path, spec: str, device: str | torch.device = "cpu",
     return model
 
 
+def vision_config(config):
+    """The config holding image_size / patch_size / num_channels: the model's own, or its vision_config (SigLIP)."""
+    return getattr(config, "vision_config", None) or config
+
+
 def _hidden_output() -> dict[str, int]:
     from backend.models.hooks import HIDDEN_OUTPUT
 
@@ -101,7 +106,7 @@ class Preprocessor:
     maps pixel_values back to [0, 1] images (the input as the model saw it)."""
 
     def __init__(self, path: Path, config):
-        size = config.image_size
+        size = vision_config(config).image_size
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.processor = None
         self.mean, self.std = [0.5] * 3, [0.5] * 3
@@ -155,7 +160,7 @@ class ClassifierModel(DiffusionModel):
         self.step_index = 0
         self.cfg_active = False
         self.text_tokens = 0
-        patch = self.config.patch_size
+        patch = vision_config(self.config).patch_size
         ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
         self.preprocess = Preprocessor(self.path, self.config)
         h, w = self.preprocess.size
@@ -271,7 +276,8 @@ class ClassifierModel(DiffusionModel):
                         width: int | None = None) -> torch.Tensor:
         """Seeded random pixel_values [B, C, H, W] (the probe pass's input)."""
         h, w = self.preprocess.size
-        x = torch.stack([torch.randn(self.config.num_channels, h, w, generator=g) for g in generators])
+        channels = getattr(vision_config(self.config), "num_channels", 3)
+        x = torch.stack([torch.randn(channels, h, w, generator=g) for g in generators])
         return x.to(self.device, self.dtype)
 
     def model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
