@@ -110,3 +110,55 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     logged = json.loads((tmp_path / "ddp" / "cfg.json").read_text())["log"]
     assert [r["tokens"] for r in logged] == [r["tokens"] for r in single.log]  # tokens summed over ranks
     assert logged[-1]["fvu"] == pytest.approx(single.log[-1]["fvu"], rel=0.05)
+
+
+def scaled_tokens(tmp_path, n=12000, d=16, seed=0):
+    """sparse_data with every token multiplied by its own scale (1 to 20) and shifted by its own offset: what a
+    per-token LayerNorm removes."""
+    data = sparse_data(tmp_path, n=n, d=d, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for path in sorted(data.glob("part-*.npy")):
+        x = np.load(path).astype(np.float32)
+        x = x * rng.uniform(1, 20, (len(x), 1)) + rng.normal(0, 3, (len(x), 1))
+        np.save(path, x.astype(np.float16))
+    return data
+
+
+def test_layernorm_training_normalises_each_token_and_reloads_equal(tmp_path):
+    data = scaled_tokens(tmp_path / "d" if (tmp_path / "d").mkdir() is None else tmp_path)
+    c = cfg(total_tokens=100_000, normalize="layernorm")
+    result = train(ShardReader.from_dir(data, 512), c, progress=False)
+    sae = result.sae.requires_grad_(False)
+    assert sae.cfg.normalize == "layernorm" and not sae.cfg.normalized
+    assert sae.cfg.input_mean == [] and sae.cfg.input_scale == 1.0  # no folded affine on top of the LayerNorm
+    x = next(iter(ShardReader.from_dir(data, 256, seed=5)))
+    # codes are invariant to each token's scale and offset: the encoder reads the layer-normed token
+    a, b = sae.encode(x, dense=True), sae.encode(x * 3.0 + 1.5, dense=True)
+    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+    # the reconstruction comes back in the token's own space
+    x_hat = sae(x)
+    rel = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert rel < 0.5
+    assert result.log[-1]["fvu"] < result.log[0]["fvu"]  # training FVU: in the layer-normed space
+    save_sae(sae, tmp_path / "saved")
+    loaded = load_sae(tmp_path / "saved")
+    assert loaded.cfg.normalize == "layernorm"
+    assert torch.equal(loaded.encode(x, dense=True), sae.encode(x, dense=True))
+    assert torch.equal(loaded(x), sae(x))
+
+
+def test_layernorm_training_reconstructs_normed_tokens_in_the_loss(tmp_path):
+    """One training step's loss is the squared error of the layer-normed tokens (not of the raw ones)."""
+    from sae.train import init_sae
+
+    data = scaled_tokens(tmp_path / "d" if (tmp_path / "d").mkdir() is None else tmp_path, n=2000)
+    reader = ShardReader.from_dir(data, 256)
+    sae = init_sae(reader, cfg(normalize="layernorm"))
+    trainer = Trainer(sae, cfg(normalize="layernorm"), total_steps=10)
+    x = next(iter(reader))
+    normed = sae.token_normalised(x)[0]
+    loss, codes, x_hat, _ = trainer._forward(normed)
+    assert torch.allclose(loss, (x_hat - normed).pow(2).sum(-1).mean())
+    assert torch.allclose(normed.mean(-1), torch.zeros(len(x)), atol=1e-4)
+    trainer.train_step(x)
+    assert trainer.win["sst"] < float((x.double() - x.double().mean(0)).pow(2).sum())  # accounted in normed space
