@@ -81,8 +81,9 @@ def run_identity(cfg: RunConfig) -> dict:
     defaults = CaptureConfig()
     capture = {k: v for k, v in dataclasses.asdict(cfg.capture).items()
                if k not in CONDITIONING_FIELDS or v != getattr(defaults, k)}
-    identity = {"model": cfg.model, "prompts_digest": file_digest(cfg.prompts), "dtype": cfg.dtype,
-                "capture": capture}
+    identity = {"model": cfg.model, "dtype": cfg.dtype, "capture": capture}
+    if not cfg.images:  # an image-classifier run's inputs are its images (below), not a prompt file
+        identity["prompts_digest"] = file_digest(cfg.prompts)
     if cfg.capture.controlnet:
         images = sorted({g.control_image for g in with_run_conditions(load_prompts(cfg.prompts), cfg.capture)
                          if g.control_image})
