@@ -79,6 +79,16 @@ def unit_frequencies(db: Database, layer: str, kind: str, unit: int) -> pl.DataF
 
 
 @query
+def unit_classes(db: Database, layer: str, kind: str, unit: int) -> pl.DataFrame:
+    """An image-classifier run's classes for one unit, best first: class, auroc, auroc_test (held out), freq,
+    mean, images (class_scores)."""
+    db.require("class_scores")
+    return db.sql('SELECT "class", CAST(rank AS INTEGER) AS rank, auroc, auroc_test, freq, mean, images '
+                  "FROM class_scores WHERE layer = ? AND kind = ? AND unit = ? ORDER BY rank",
+                  [layer, kind, unit], tables=("class_scores",))
+
+
+@query
 def activity_bytes(db: Database, layer: str, kind: str) -> int:
     """Size on disk of one activity partition (what a histogram scan reads at most)."""
     return int(sum(os.path.getsize(f) for f in db.partition_files("activity", layer, kind)))
@@ -134,7 +144,8 @@ def activation_histogram(db: Database, layer: str, kind: str, unit: int, stat: s
 def unit_page(db: Database, layer: str, kind: str, unit: int) -> dict:
     """Everything the unit page shows about one unit except its examples' rows and histogram, in one cached
     result (one cache lookup per page run instead of a dozen): row, concepts, profile, peaks, frequencies,
-    localisation, example_counts ({step: n}), interventions, steering, dreams, activity_bytes, tables. An item
+    localisation, example_counts ({step: n}), interventions, steering, dreams, activity_bytes, classes (image-classifier
+    runs), tables. An item
     whose table is missing is None with its command in `missing`; one that fails to read is None with its message
     in `errors`."""
     out: dict = {"tables": sorted(db.sources), "missing": {}, "errors": {}}
@@ -150,6 +161,7 @@ def unit_page(db: Database, layer: str, kind: str, unit: int) -> dict:
         "steering": ("steering_success", unit_steering_success.on, (layer, kind, unit)),
         "dreams": ("dreams", unit_dreams.on, (layer, kind, unit)),
         "activity_bytes": ("activity", activity_bytes.on, (layer, kind)),
+        "classes": ("class_scores", unit_classes.on, (layer, kind, unit)),  # image-classifier runs only
     }
     for name, (table, fn, args) in items.items():
         out[name] = None

@@ -225,6 +225,12 @@ if loc is not None and loc.get("examples"):
 if concepts.height:
     with st.expander(f"Concepts this {kind} detects ({concepts.height})"):
         st.dataframe(concepts, hide_index=True, width="stretch")
+classes = data.get("classes")
+if classes is not None and classes.height:  # an image-classifier run: the classes this unit tells, best first
+    st.subheader(f"Classes this {kind} fires for")
+    st.caption("AUROC of its pooled activation for the class's images against the others (auroc_test: on the held-out "
+               "half of the images); freq: share of the class's images in which it is active")
+    st.dataframe(classes.head(20), hide_index=True, width="stretch")
 
 # ------------------------------------------------------------------------------------------------ examples
 
