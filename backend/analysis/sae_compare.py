@@ -168,6 +168,8 @@ def compare_saes(run, layer: str, cfg: SAECompareConfig | None = None, progress:
     t0 = time.time()
     chosen, saes = _checked_saes(ctx, layer, cfg)
     splice_n = ctx.config.sae.splice_samples if cfg.splice_samples < 0 else cfg.splice_samples
+    if ctx.model_kind == "classifier":  # the splice test measures a denoiser's loss: none on an image classifier
+        splice_n = 0
     stats = _measure(ctx, layer, saes, cfg, progress)
     splice = _splice_all(ctx, layer, saes, splice_n, progress) if splice_n else {}
     matches = _matches(saes, progress)

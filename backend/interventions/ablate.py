@@ -185,7 +185,7 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
     """Ablate each block (default: candidate_blocks) on prompts x seeds (default: the run's first 4 prompts,
     seed 0) with the run's steps and guidance; write `ablations` rows, images and a grid. Returns (per-block
     summary, grid path)."""
-    ctx = as_context(run_dir, model=model)
+    ctx = as_context(run_dir, model=model).require_generator("ablate")
     ctx.store.remove_stale_temporaries()
     model = ctx.model
     blocks = list(blocks) if blocks else candidate_blocks(model)

@@ -108,7 +108,7 @@ def concept_steering_report(run_dir: str | Path, layer: str | None = None, kind:
     other attribute changed; baseline_hits: unsteered images that already show it (should be 0).
     The demo model only: other models have no attribute scorer.
     """
-    ctx = as_context(run_dir, model=model)
+    ctx = as_context(run_dir, model=model).require_generator("steer-report")
     ctx.store.remove_stale_temporaries()
     if not is_demo(ctx.model):
         raise DifflensError("the concept steering report needs the demo model (its attributes are scored from pixels)")

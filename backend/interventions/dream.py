@@ -882,7 +882,7 @@ def dream_run(run: str | Path | RunContext, layer: str, kind: str, unit: int, cf
     if seeds is not None:
         cfg.seeds = [int(s) for s in seeds]
     cfg = validate_config(cfg)
-    ctx = as_context(run, model=model)
+    ctx = as_context(run, model=model).require_generator("dream")
     store = ctx.store
     notes = []
     peaks = peak_steps(store, layer, kind, unit)

@@ -110,7 +110,7 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     when `scale` lists features, scaling them by `factor` (negative too). Samples are prompts x seeds (default
     prompts: the run's first prompt). Writes media/edit/... and `interventions` rows (method zero or scale).
     """
-    ctx = as_context(run_dir, model=model)
+    ctx = as_context(run_dir, model=model).require_generator("edit")
     ctx.store.remove_stale_temporaries()
     model = ctx.model
     if not is_feature(ctx.check_kind(layer, kind)):

@@ -243,6 +243,6 @@ def steer_run(run_dir: str | Path, layer: str, kind: Kind, unit: int, scale: flo
     spec = SteerSpec(layer=layer, kind=kind, unit=int(unit), scale=float(scale), strength=strength,
                      steps=parse_steps(steps), mask=mask, mode=mode, prompt=prompt,
                      seeds=tuple(int(s) for s in seeds), n_steps=n_steps, guidance=guidance, half=half)
-    ctx = as_context(run_dir, model=model)
+    ctx = as_context(run_dir, model=model).require_generator("steer")
     ctx.store.remove_stale_temporaries()
     return steer(ctx, spec)

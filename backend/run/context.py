@@ -79,6 +79,13 @@ class RunContext:
                 "analysis": "not been analysed"}.get(stage, f"no finished {stage} stage")
         raise DifflensError(f"{self.root} has {what}; {fix}")
 
+    def require_generator(self, what: str) -> RunContext:
+        """A one-line error on an image-classifier run for a command that generates images (`what` names it)."""
+        if self.manifest.get("model_kind") == "classifier":
+            raise DifflensError(f"{self.root} is an image-classifier run: {what} works on image generation, and its "
+                                "model classifies images instead (steer its classes: `python cli.py steer-classes`)")
+        return self
+
     def resolve(self, file=None, overrides: dict | None = None) -> RunConfig:
         """This run's config under the one config rule: defaults < saved config < --config FILE < overrides."""
         return resolve(saved=self.manifest.get("config") or {}, file=file, overrides=overrides)

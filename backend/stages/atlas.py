@@ -52,7 +52,7 @@ def run_atlas(run: str | Path | RunContext, atlas: AtlasConfig | None = None, pr
 
     atlas, prior, dream = atlas or AtlasConfig(), prior or PriorConfig(), dream or DreamConfig()
     dist = dist or distributed.from_env()
-    ctx = as_context(run, model=model).require("analysis")
+    ctx = as_context(run, model=model).require("analysis").require_generator("the atlas")
     from backend.stages.interventions import chosen_units
 
     plans = [plan_atlas(ctx, layer, kind, atlas, prior, dream, dist,

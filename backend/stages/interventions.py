@@ -117,7 +117,7 @@ def run_interventions(run: str | Path | RunContext, cfg: InterventionsConfig | N
     from backend.run.context import as_context
 
     cfg = validate_interventions(cfg or InterventionsConfig())
-    ctx = as_context(run, model=model).require("analysis")
+    ctx = as_context(run, model=model).require("analysis").require_generator("intervene")
     if not cfg.enabled:
         return {"skipped": "interventions.enabled = false"}
     store = ctx.store

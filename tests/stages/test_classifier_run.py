@@ -57,6 +57,12 @@ def test_run_all_on_an_image_classifier(vit_dir, image_folder, tmp_path, one_thr
     assert best.height == 4 and set(best["images"]) == {4}
     assert ((best["auroc_test"] >= 0) & (best["auroc_test"] <= 1)).all()
 
+    for command in (["steer", "--layer", "vit.layers.1", "--unit", "0"], ["intervene"], ["dream", "--layer",
+                                                                                       "vit.layers.1", "--unit", "0"]):
+        refused = CliRunner().invoke(app, [*command, "--run", str(store.root)])
+        assert refused.exit_code == 1 and "is an image-classifier run" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1
+
     again = CliRunner().invoke(app, args)  # a finished run is a no-op
     assert again.exit_code == 0, again.output
     assert "0 batches run" in again.output
