@@ -16,6 +16,11 @@ path with `:text` (`transformer_blocks.3:text`); `split_layer`, `check_stream` a
 tokens of a transformer are laid out row-major over the model's token grid (`model.token_grid`, set by the adapter
 each denoiser call: FLUX's 2x2-packed latents, SD3's and PixArt's patches), so their events carry that grid as
 `spatial` like a UNet map does.
+
+Blocks with one hidden state that return a tuple (image-classifier encoder blocks, their attention) say which item
+it is in `HIDDEN_OUTPUT`, per block class. An image classifier (backend/models/classifier.py) picks the tokens a
+reader sees (`chosen_tokens`: its CLS token, its patch grid, or both, the grid's leading tokens counted in the
+event's `prefix`).
 """
 
 from __future__ import annotations
