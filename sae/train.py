@@ -2,6 +2,8 @@
 
 A TopK step does one dense product (the encoder pre-activations, to choose the K latents); the chosen values,
 the decoder and both gradients touch only the K gathered rows per token (embedding / embedding_bag).
+With `normalize = "layernorm"` each token is layer-normed (SAE.token_normalised) before the step and the SAE
+reconstructs the normed token; the saved SAE keeps the LayerNorm in its cfg, so it takes raw activations.
 """
 
 from __future__ import annotations
