@@ -59,3 +59,10 @@ def test_unit_page_shows_top_images_with_heatmaps_and_the_class_table(vit_runs, 
 def test_compare_page_compares_classes(vit_runs, monkeypatch):
     at = _page(vit_runs, monkeypatch, "compare", run="vit", layer=LAYER, kind="channel", a="red", b="blue")
     assert at.selectbox(key="compare.a").value == "red" and at.selectbox(key="compare.b").value == "blue"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["overview", "units"])
+def test_the_other_pages_open_on_a_classifier_run(vit_runs, monkeypatch, page):
+    at = _page(vit_runs, monkeypatch, page, run="vit")
+    assert at.title
