@@ -288,3 +288,51 @@ class ClassifierModel(DiffusionModel):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise DifflensError(f"{self.spec} is an image classifier: it classifies images and generates none")
+
+
+def read_part(model: ClassifierModel, tokens_BTC: torch.Tensor) -> slice:
+    """The positions of a layer's sequence the token choice reads (what an SAE of the run was trained on)."""
+    h, w = model.patch_grid
+    prefix = max(tokens_BTC.shape[1] - h * w, 0)
+    return {"cls": slice(0, 1), "patch": slice(prefix, None)}.get(model.tokens, slice(None))
+
+
+@torch.no_grad()
+def splice_test(model: ClassifierModel, layer: str, reconstruct, paths: list[str], classes: list[str],
+                batch_size: int = 32):
+    """The splice test of an image classifier: cross-entropy of the images' classes (by the model's label2id when
+    every class is one of its labels, else the clean model's own predictions) clean / with reconstruct(tokens [N, C])
+    spliced into the layer at the tokens the run reads / with those tokens zeroed (backend/models/splice.py's
+    SpliceResult: fraction of the loss recovered)."""
+    import torch.nn.functional as F
+
+    from backend.models.hooks import edit_activations
+    from backend.models.splice import SpliceResult
+
+    label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
+    by_label = all(c in label2id for c in classes)
+
+    def replaced(tok_BTC, new):
+        part = read_part(model, tok_BTC)
+        out = tok_BTC.clone()
+        out[:, part] = new(tok_BTC[:, part])
+        return out
+
+    def spliced(tok_BTC, _step):
+        return replaced(tok_BTC, lambda x: reconstruct(x.reshape(-1, x.shape[-1]).float()).to(x.dtype).reshape(x.shape))
+
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    for start in range(0, len(paths), batch_size):
+        pixels = model.pixel_values(paths[start:start + batch_size])
+        clean = model.classify(pixels)
+        target = (torch.tensor([label2id[c] for c in classes[start:start + batch_size]], device=clean.device)
+                  if by_label else clean.argmax(-1))
+        logits = {"clean": clean}
+        with edit_activations(model, layer, spliced):
+            logits["spliced"] = model.classify(pixels)
+        with edit_activations(model, layer, lambda tok, _s: replaced(tok, torch.zeros_like)):
+            logits["zero"] = model.classify(pixels)
+        for name, value in logits.items():
+            sums[name] += float(F.cross_entropy(value.float(), target, reduction="sum"))
+    n = max(len(paths), 1)
+    return SpliceResult(sums["clean"] / n, sums["spliced"] / n, sums["zero"] / n, len(paths))

@@ -81,7 +81,7 @@ def train_saes(run, cfg: SAEStageConfig, overwrite: bool = False, progress: bool
                 if dist.is_main and (layer, sae_id) in replaced:
                     mark_downstream_stale(store, layer, sae_id)
             if dist.is_main:
-                if cfg.splice_samples and "frac_loss_recovered" not in metrics and ctx.model_kind == "diffusion":
+                if cfg.splice_samples and "frac_loss_recovered" not in metrics:
                     metrics |= _splice(ctx, layer, cfg.splice_samples, sae_id)
                     save_sae(ctx.sae(layer, sae_id), store.sae_dir(layer, sae_id),
                              extra={"train": asdict(train_cfg), "metrics": metrics, "key": key})
@@ -274,6 +274,13 @@ def _splice(ctx, layer: str, n_samples: int, sae_id: str = DEFAULT_SAE) -> dict:
     gens = ctx.generations().head(n_samples)
     model = ctx.model  # first: the SAE then loads on the model's device
     sae = ctx.sae(layer, sae_id)
+    if ctx.model_kind == "classifier":  # the classes' cross-entropy instead of the noise-prediction loss
+        from backend.models.classifier import splice_test as classifier_splice_test
+
+        every = ctx.generations()  # sorted by class: an even spread over the classes instead of the first ones
+        gens = every.gather_every(max(1, every.height // max(n_samples, 1))).head(n_samples)
+        return classifier_splice_test(model, layer, lambda x: sae(x.to(sae.W_dec.dtype)).to(x.dtype),
+                                      gens["image_path"].to_list(), gens["class_label"].to_list()).to_dict()
     result = splice_test(model, layer, lambda x: sae(x.to(sae.W_dec.dtype)).to(x.dtype), gens["prompt"].to_list(),
                          gens["seed"].to_list(), int(gens["n_steps"][0]), float(gens["guidance"][0]))
     return result.to_dict()

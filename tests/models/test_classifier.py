@@ -108,3 +108,18 @@ def test_an_unreadable_or_missing_weights_directory_is_one_line(vit_dir, tmp_pat
     with pytest.raises(DifflensError) as exc:
         load_model(str(broken))
     assert "could not load" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_splice_test_scores_the_classes(vit_dir, image_folder):
+    from backend.models.classifier import splice_test
+
+    model = load_model(str(vit_dir))
+    paths = images(image_folder, 4)
+    classes = ["blue" if "blue" in p else "red" for p in paths]
+    model.check_tokens("patch")  # the patch tokens of the first block: the last block's reach no logit
+    same = splice_test(model, "vit.layers.0", lambda x: x, paths, classes, batch_size=3)
+    assert same.loss_spliced == pytest.approx(same.loss_clean, rel=1e-5) and same.n_samples == 4
+    zero = splice_test(model, "vit.layers.0", torch.zeros_like, paths, classes)
+    assert zero.loss_spliced == pytest.approx(zero.loss_zero) and zero.loss_zero != pytest.approx(zero.loss_clean)
+    other = splice_test(model, "vit.layers.0", lambda x: x, paths, ["a", "b", "a", "b"])  # not the model's labels
+    assert other.loss_clean < same.loss_clean or other.loss_clean == pytest.approx(same.loss_clean)

@@ -43,7 +43,8 @@ def test_run_all_on_an_image_classifier(vit_dir, image_folder, tmp_path, one_thr
 
     cfg = json.loads((store.sae_dir("vit.layers.1", "default") / "cfg.json").read_text())
     assert cfg["normalize"] == "layernorm" and cfg["input_mean"] == []
-    assert "frac_loss_recovered" not in manifest["stages"]["sae"]["metrics"]["vit.layers.1"]["default"]
+    splice = manifest["stages"]["sae"]["metrics"]["vit.layers.1"]["default"]  # the classes' cross-entropy
+    assert splice["splice_samples"] == 8 and splice["loss_clean"] > 0 and np.isfinite(splice["frac_loss_recovered"])
 
     examples = store.read_table("examples").filter(pl.col("kind") == "feature")
     assert set(examples["height"]) == {4} and set(examples["width"]) == {4}  # the patch grid (CLS not shown)
