@@ -161,8 +161,10 @@ def unit_page(db: Database, layer: str, kind: str, unit: int) -> dict:
         "steering": ("steering_success", unit_steering_success.on, (layer, kind, unit)),
         "dreams": ("dreams", unit_dreams.on, (layer, kind, unit)),
         "activity_bytes": ("activity", activity_bytes.on, (layer, kind)),
-        "classes": ("class_scores", unit_classes.on, (layer, kind, unit)),  # image-classifier runs only
     }
+    out["classes"] = None  # image-classifier runs only: never "missing" elsewhere
+    if db.has("class_scores"):
+        items["classes"] = ("class_scores", unit_classes.on, (layer, kind, unit))
     for name, (table, fn, args) in items.items():
         out[name] = None
         if not db.has(table):

@@ -14,6 +14,9 @@ BINS = 25
 
 st.title("Compare prompt groups")
 run = ui.require_run()
+with ui.guard("manifest"):
+    if queries.manifest(run).get("model_kind") == "classifier":
+        st.caption("an image-classifier run: its groups are the images' classes")
 
 parts, groups = pl.DataFrame(), pl.DataFrame()
 with ui.guard():

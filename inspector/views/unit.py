@@ -271,6 +271,10 @@ with ui.guard("examples"):
 
 # ------------------------------------------------------------------------------------------------ interventions
 
+with ui.guard("manifest"):
+    if queries.manifest(run).get("model_kind") == "classifier":  # images in, no generation to steer or dream
+        st.stop()
+
 st.subheader("Steering and interventions")
 steer_cmd = f"python cli.py steer --run {run.arg} --layer {layer} --kind {kind} --unit {unit}"
 with ui.guard("interventions"):

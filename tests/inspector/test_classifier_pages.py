@@ -53,12 +53,14 @@ def test_unit_page_shows_top_images_with_heatmaps_and_the_class_table(vit_runs, 
     assert sorted(table["class"].tolist()) == ["blue", "red"] and table["rank"].tolist() == [1, 2]
     captions = [c for img in at.image for c in img.captions]
     assert any(c.startswith("#1") for c in captions)  # the top example: the input image with its heat-map
+    assert "Steering and interventions" not in [s.value for s in at.subheader]  # nothing generated to steer
 
 
 @pytest.mark.slow
 def test_compare_page_compares_classes(vit_runs, monkeypatch):
     at = _page(vit_runs, monkeypatch, "compare", run="vit", layer=LAYER, kind="channel", a="red", b="blue")
     assert at.selectbox(key="compare.a").value == "red" and at.selectbox(key="compare.b").value == "blue"
+    assert any("its groups are the images' classes" in str(c.value) for c in at.caption)
 
 
 @pytest.mark.slow
