@@ -141,7 +141,7 @@ class RunContext:
                 from backend.models.controlnet import with_controlnet
 
                 self._model = with_controlnet(self._model, c.controlnet, c.controlnet_scale)
-            if self._model.model_kind == "classifier":  # read the tokens the run captured
+            if getattr(self._model, "model_kind", "diffusion") == "classifier":  # read the tokens the run captured
                 self._model.check_tokens(c.tokens)
         return self._model
 

@@ -225,9 +225,9 @@ def plan(cfg: RunConfig, model: DiffusionModel | None = None, encoders: dict[str
     from backend.run.images import run_inputs
 
     cfg = validate(cfg)
-    prompts = run_inputs(cfg, model.model_kind if model is not None else model_kind(cfg.model))
+    prompts = run_inputs(cfg, kind_of(model) if model is not None else model_kind(cfg.model))
     model = model or load_model(cfg.model, device=device or cfg.device, dtype=parse_dtype(cfg.dtype))
-    if model.model_kind == "classifier":
+    if kind_of(model) == "classifier":
         cfg = classifier_settings(cfg, model, prompts)
     c = cfg.capture
     check_layers(model, c.layers)
@@ -261,6 +261,11 @@ def classifier_settings(cfg: RunConfig, model: DiffusionModel, images: list[Prom
     check_images(images)
     capture = dataclasses.replace(cfg.capture, images_per_prompt=1, steps=1, guidance=1.0)
     return dataclasses.replace(cfg, capture=capture)
+
+
+def kind_of(model) -> str:
+    """A model's kind: "classifier" or "diffusion" (adapters without the attribute are diffusion models)."""
+    return getattr(model, "model_kind", "diffusion")
 
 
 def inputs_of(batch: list[Generation]) -> list[str]:
@@ -574,7 +579,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         cfg, model, encoders, c = p.cfg, p.model, p.encoders, p.cfg.capture
         check_feature_replacement(cfg, encoders, overwrite)
         if dist.is_main:
-            store = prepare_run_dir(cfg, overwrite, model.model_kind)
+            store = prepare_run_dir(cfg, overwrite, kind_of(model))
         dist.barrier()
         store = RunStore(cfg.out_dir)
         manifest = store.read_manifest() or {}

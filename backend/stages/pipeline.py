@@ -30,7 +30,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
     from backend.models.layers import layer_channels
     from backend.run.context import open_run
     from backend.run.store import RunStore
-    from backend.stages.capture import SAEEncoder, capture, plan
+    from backend.stages.capture import SAEEncoder, capture, kind_of, plan
     from backend.stages.sae import check_train_config, train_saes
 
     summary = RunAllSummary(cfg.out_dir)
@@ -61,7 +61,7 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
             from backend.stages.interventions import run_interventions
 
             summary.stages["analysis"] = analyze(run_now(), cfg.analysis, progress=progress)
-            generative = checked.model.model_kind != "classifier"
+            generative = kind_of(checked.model) != "classifier"
             if not generative and (cfg.interventions.enabled or cfg.atlas.enabled):
                 from tqdm.auto import tqdm
 
