@@ -794,7 +794,7 @@ def train_demo_vit(
                                            "preprocessor_config.json, metrics.json).")] = Path("data/demo-vit"),
     classes: Annotated[str, typer.Option(help="shape (3 classes) or shape-colour (12: red-circle, ...).")]
     = "shape-colour",
-    train_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    train_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2400,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the training images.")] = 0,

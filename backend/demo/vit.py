@@ -46,7 +46,7 @@ class DemoViTConfig:
     """Where the trained model goes (config.json, model.safetensors, preprocessor_config.json, metrics.json)."""
     classes: str = "shape-colour"
     """shape (3 classes) or shape-colour (12: 'red-circle', ...)."""
-    steps: int = 1200
+    steps: int = 2400
     """Optimizer steps."""
     batch_size: int = 64
     lr: float = 2e-3

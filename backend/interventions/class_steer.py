@@ -13,7 +13,6 @@ This module owns
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -199,10 +198,13 @@ def summary_rows(result: ClassSteering, target: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ on a run
 def _manifest(run: Path) -> dict:
-    path = run / "manifest.json"
-    if not path.is_file():
-        raise DifflensError(f"{run} is not a run (no manifest.json); give --run a run directory")
-    return json.loads(path.read_text())
+    from backend.run.manifest import not_a_run
+    from backend.run.store import RunStore
+
+    manifest = RunStore(run).read_manifest()
+    if manifest is None:
+        raise not_a_run(run)
+    return manifest
 
 
 def check_classifier_run(run: Path, manifest: dict) -> None:
@@ -292,6 +294,9 @@ def class_steer_run(run_dir: str | Path, layer: str, kind: str, unit: int,
     check_kind(kind)
     if n_images < 1:
         raise DifflensError(f"--images must be at least 1 (got {n_images})")
+    scales = [float(s) for s in scales]
+    if not scales or not all(np.isfinite(scales)):
+        raise DifflensError(f"give finite strengths, e.g. --strengths 1,2,4 (got {scales})")
     model_dir = Path(config.get("model") or "")
     if not (model_dir / "config.json").is_file():
         raise DifflensError(f"the run's model {model_dir} is missing (no config.json); restore it or rerun the run")
@@ -320,7 +325,6 @@ def class_steer_run(run_dir: str | Path, layer: str, kind: str, unit: int,
     paths, _ = run_images(run, manifest, n_images)
     pixels = load_pixels(model_dir, paths).to(device)
     norm = mean_token_norm(model, pixels, layer, tokens)
-    scales = [float(s) for s in scales]
     result = class_steering(model, pixels, layer, direction_D, [s * norm for s in scales], tokens,
                             class_names=names)
     result.scales = scales
