@@ -5,10 +5,11 @@ This module owns
     without and with strength x direction added to the layer's output tokens (CLS, patches or all), by a forward
     hook on the module of that name; `ClassSteering` holds them and `summary_rows` turns them into one row per
     (strength, class): share of predictions changed, mean logit change, flip rate towards a target class;
-  - `class_steer_run` (on an image-classifier run): the unit's direction (directions.unit_direction, a feature's
-    decoder row of the layer's SAE), the run's images (generations.image_path), the strengths as multiples of the
-    layer's mean token norm, the default target (the unit's best class in the run's `concepts` table, else the class
-    whose logit rises most), the `class_steering` table and a figure under media/class-steer/.
+  - on an image-classifier run: `open_classifier_run` (its model and held images, generations.image_path),
+    `steer_unit` / `class_steer_run` (the unit's direction from directions.unit_direction, a feature's decoder row
+    of the layer's SAE; strengths as multiples of the layer's mean token norm; the default target: the unit's best
+    class in the run's `concepts` table, else the class whose logit rises most; the `class_steering` table and a
+    figure under media/class-steer/), and `steer_best_units` (each class's best unit steered towards it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from backend.errors import DifflensError
 from backend.interventions.directions import unit_direction
 from backend.run.context import check_kind, check_unit
-from backend.run.schema import is_feature, sae_id_of
+from backend.run.schema import sae_id_of
 
 Tokens = Literal["cls", "patch", "all"]
 TOKEN_CHOICES = ("cls", "patch", "all")
@@ -252,16 +253,25 @@ def load_pixels(model_dir: Path, paths: list[Path]) -> torch.Tensor:
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def unit_best_class(run: Path, layer: str, kind: str, unit: int) -> str | None:
-    """The class (concept class=NAME) for which the unit has its highest AUROC in the run's concepts table."""
+def class_concepts(run: Path, layer: str, kind: str) -> pl.DataFrame | None:
+    """The rows of the run's concepts table for (layer, kind) whose concept is a class (class=NAME), with the
+    class name as class_label; None without a concepts table."""
     part = run / "tables" / "concepts" / f"layer={layer}" / f"kind={kind}"
     files = sorted(part.glob("*.parquet")) if part.is_dir() else []
     if not files:
         return None
-    rows = (pl.concat([pl.read_parquet(f) for f in files])
-            .filter((pl.col("unit") == unit) & pl.col("concept").str.starts_with("class="))
-            .sort("auroc", descending=True))
-    return rows["concept"][0].split("=", 1)[1] if rows.height else None
+    return (pl.concat([pl.read_parquet(f) for f in files])
+            .filter(pl.col("concept").str.starts_with("class="))
+            .with_columns(class_label=pl.col("concept").str.slice(len("class="))))
+
+
+def unit_best_class(run: Path, layer: str, kind: str, unit: int) -> str | None:
+    """The class for which the unit has its highest AUROC in the run's concepts table (None: not listed there)."""
+    rows = class_concepts(run, layer, kind)
+    if rows is None:
+        return None
+    rows = rows.filter(pl.col("unit") == unit).sort("auroc", descending=True)
+    return rows["class_label"][0] if rows.height else None
 
 
 @dataclass
@@ -274,16 +284,48 @@ class ClassSteerResult:
     """concepts (the unit's best class), rising (the class whose logit rose most) or given."""
 
 
-def class_steer_run(run_dir: str | Path, layer: str, kind: str, unit: int,
-                    scales: Sequence[float] = DEFAULT_SCALES, target: str | None = None, n_images: int = 64,
-                    tokens: str | None = None, device: str = "cpu") -> ClassSteerResult:
-    """Steer a classifier run's unit on its first n_images images (strength = scale x the layer's mean token
-    norm); write the `class_steering` table and a figure."""
-    from transformers import AutoModelForImageClassification
+@dataclass
+class ClassifierRun:
+    """An image-classifier run opened for steering: its model, class names and the pixels of its held images."""
 
-    from backend.fileio import atomic_write_with
-    from backend.interventions.media import digest, safe_name
-    from backend.run.store import RunStore
+    root: Path
+    model: torch.nn.Module
+    class_names: list[str]
+    pixels_NCHW: torch.Tensor
+    image_paths: list[Path]
+    tokens: str
+
+    def check_target(self, target: str | None) -> None:
+        if target is not None and target not in self.class_names:
+            raise DifflensError(f"unknown class {target!r}; the model's classes: {', '.join(self.class_names)}")
+
+    def direction(self, layer: str, kind: str, unit: int) -> torch.Tensor:
+        """The unit's unit-norm direction [D] at layer (a one-line error for a unit the layer lacks)."""
+        from backend.run.store import RunStore
+
+        resolve_module(self.model, layer)
+        n_channels = self.model.config.hidden_size
+        if check_kind(kind) == "channel":
+            check_unit(kind, unit, n_channels, layer)
+            return unit_direction(kind, unit, n_channels)
+        from sae.io import SAELoadError, load_sae
+
+        sae_dir = RunStore(self.root).sae_dir(layer, sae_id_of(kind))
+        if not (sae_dir / "cfg.json").is_file():
+            raise DifflensError(f"{self.root} has no SAE for {layer} (kind {kind}); train one with "
+                                f"`python cli.py train-sae --run {self.root} --layer {layer}`")
+        try:
+            sae = load_sae(sae_dir, device="cpu")
+        except SAELoadError as exc:
+            raise DifflensError(str(exc)) from exc
+        return unit_direction(kind, unit, n_channels, sae)
+
+
+def open_classifier_run(run_dir: str | Path, n_images: int = 64, tokens: str | None = None,
+                        device: str = "cpu") -> ClassifierRun:
+    """A classifier run's model (from its config's model directory) and its first n_images images; tokens
+    defaults to the run's capture.tokens."""
+    from transformers import AutoModelForImageClassification
 
     run = Path(run_dir)
     manifest = _manifest(run)
@@ -291,57 +333,86 @@ def class_steer_run(run_dir: str | Path, layer: str, kind: str, unit: int,
     config = manifest.get("config") or {}
     tokens = tokens or (config.get("capture") or {}).get("tokens") or "all"
     token_slice(tokens)
-    check_kind(kind)
     if n_images < 1:
         raise DifflensError(f"--images must be at least 1 (got {n_images})")
-    scales = [float(s) for s in scales]
-    if not scales or not all(np.isfinite(scales)):
-        raise DifflensError(f"give finite strengths, e.g. --strengths 1,2,4 (got {scales})")
     model_dir = Path(config.get("model") or "")
     if not (model_dir / "config.json").is_file():
         raise DifflensError(f"the run's model {model_dir} is missing (no config.json); restore it or rerun the run")
     model = AutoModelForImageClassification.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if target is not None and target not in names:
-        raise DifflensError(f"unknown class {target!r}; the model's classes: {', '.join(names)}")
-    resolve_module(model, layer)
-    store = RunStore(run)
-    sae = None
-    n_channels = model.config.hidden_size
-    if is_feature(kind):
-        from sae.io import SAELoadError, load_sae
-
-        sae_dir = store.sae_dir(layer, sae_id_of(kind))
-        if not (sae_dir / "cfg.json").is_file():
-            raise DifflensError(f"{run} has no SAE for {layer} (kind {kind}); train one with "
-                                f"`python cli.py train-sae --run {run} --layer {layer}`")
-        try:
-            sae = load_sae(sae_dir, device="cpu")
-        except SAELoadError as exc:
-            raise DifflensError(str(exc)) from exc
-    else:
-        check_unit(kind, unit, n_channels, layer)
-    direction_D = unit_direction(kind, unit, n_channels, sae)
     paths, _ = run_images(run, manifest, n_images)
-    pixels = load_pixels(model_dir, paths).to(device)
-    norm = mean_token_norm(model, pixels, layer, tokens)
-    result = class_steering(model, pixels, layer, direction_D, [s * norm for s in scales], tokens,
-                            class_names=names)
+    return ClassifierRun(run, model, names, load_pixels(model_dir, paths).to(device), paths, tokens)
+
+
+def steer_unit(cr: ClassifierRun, layer: str, kind: str, unit: int, scales: Sequence[float] = DEFAULT_SCALES,
+               target: str | None = None) -> ClassSteerResult:
+    """Steer one unit of an opened classifier run (strength = scale x the layer's mean token norm over the
+    steered tokens); write its `class_steering` shard and figure."""
+    from backend.fileio import atomic_write_with
+    from backend.interventions.media import digest, safe_name
+    from backend.run.store import RunStore
+
+    scales = [float(s) for s in scales]
+    if not scales or not all(np.isfinite(scales)):
+        raise DifflensError(f"give finite strengths, e.g. --strengths 1,2,4 (got {scales})")
+    cr.check_target(target)
+    direction_D = cr.direction(layer, kind, unit)
+    norm = mean_token_norm(cr.model, cr.pixels_NCHW, layer, cr.tokens)
+    result = class_steering(cr.model, cr.pixels_NCHW, layer, direction_D, [s * norm for s in scales], cr.tokens,
+                            class_names=cr.class_names)
     result.scales = scales
     source = "given"
     if target is None:
-        target = unit_best_class(run, layer, kind, unit)
+        target = unit_best_class(cr.root, layer, kind, unit)
         source = "concepts" if target else "rising"
         target = target or result.rising_class()
-    key = digest([layer, kind, unit, scales, target, [str(p) for p in paths], tokens])
+    key = digest([layer, kind, unit, scales, target, [str(p) for p in cr.image_paths], cr.tokens])
     rows = pl.DataFrame([{"unit": unit, **r, "target_source": source, "spec": key}
                          for r in summary_rows(result, target)])
+    store = RunStore(cr.root)
     table = store.write_table_shard("class_steering", f"{kind}-{unit:05d}-{key}",
                                     store.table_from_rows("class_steering", rows.to_dicts()), layer=layer, kind=kind)
-    figure = run / "media" / "class-steer" / safe_name(layer) / f"{kind}-{unit:05d}-{key}.png"
+    figure = cr.root / "media" / "class-steer" / safe_name(layer) / f"{kind}-{unit:05d}-{key}.png"
     atomic_write_with(figure, lambda p: class_steering_figure(result, target, f"{layer} {kind} {unit}").save(p, "PNG"),
                       suffix=".png")
     return ClassSteerResult(rows, table, figure, target, source)
+
+
+def class_steer_run(run_dir: str | Path, layer: str, kind: str, unit: int,
+                    scales: Sequence[float] = DEFAULT_SCALES, target: str | None = None, n_images: int = 64,
+                    tokens: str | None = None, device: str = "cpu") -> ClassSteerResult:
+    """Steer a classifier run's unit on its first n_images images (see steer_unit)."""
+    check_kind(kind)
+    return steer_unit(open_classifier_run(run_dir, n_images, tokens, device), layer, kind, unit, scales, target)
+
+
+def best_units(run: Path, layer: str, kind: str) -> pl.DataFrame:
+    """Each class's best unit (rank 1 of concept class=NAME in the run's concepts table): class_label, unit,
+    auroc."""
+    rows = class_concepts(run, layer, kind)
+    if rows is None:
+        raise DifflensError(f"{run} has no concepts table for {layer}/{kind}; run "
+                            f"`python cli.py analyze --run {run}` first")
+    return rows.filter(pl.col("rank") == 1).select("class_label", "unit", "auroc").sort("class_label")
+
+
+def steer_best_units(run_dir: str | Path, layer: str, kind: str = "feature", scales: Sequence[float] = (2.0,),
+                     n_images: int = 64, tokens: str | None = None, device: str = "cpu") -> pl.DataFrame:
+    """For every class, steer its best unit towards it (one class_steering shard each); one row per (class,
+    scale): unit, auroc, flip_rate, changed. For run-all's interventions on a classifier run."""
+    check_kind(kind)
+    cr = open_classifier_run(run_dir, n_images, tokens, device)
+    best = best_units(cr.root, layer, kind)
+    out = []
+    for row in best.iter_rows(named=True):
+        r = steer_unit(cr, layer, kind, row["unit"], scales, target=row["class_label"])
+        mine = r.rows.filter(pl.col("class_label") == row["class_label"])
+        out.append(mine.select("scale", "flip_rate", "changed", "logit_change")
+                   .with_columns(class_label=pl.lit(row["class_label"]), unit=pl.lit(row["unit"]),
+                                 auroc=pl.lit(row["auroc"])))
+    if not out:
+        raise DifflensError(f"{cr.root}'s concepts table for {layer}/{kind} has no class= concepts")
+    return pl.concat(out).select("class_label", "unit", "auroc", "scale", "flip_rate", "changed", "logit_change")
 
 
 def class_steering_figure(result: ClassSteering, target: str, title: str):

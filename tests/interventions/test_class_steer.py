@@ -20,6 +20,7 @@ from backend.interventions.class_steer import (
     class_steering,
     mean_token_norm,
     resolve_module,
+    steer_best_units,
     summary_rows,
 )
 from cli import app
@@ -161,6 +162,25 @@ def test_a_run_unit_is_steered_on_the_runs_images_into_a_table_and_figure(tmp_pa
     r2 = class_steer_run(run, LAST, "feature", 3, [2.0], n_images=4)
     assert (r2.target, r2.target_source) == ("red-circle", "concepts")
 
+
+
+def test_every_class_best_unit_is_steered_towards_its_class(tmp_path, model_dir):
+    run = make_classifier_run(tmp_path, model_dir)
+    with pytest.raises(DifflensError, match="has no concepts table for vit.encoder.layer.1/channel; run `python cli"):
+        steer_best_units(run, LAST, "channel")
+    concepts = run / "tables" / "concepts" / f"layer={LAST}" / "kind=channel"
+    concepts.mkdir(parents=True)
+    pl.DataFrame({"concept": ["class=blue-square", "class=blue-square", "class=red-circle", "shape=circle"],
+                  "unit": [4, 9, 7, 1], "auroc": [0.9, 0.8, 0.7, 0.99], "step": [0] * 4, "rank": [1, 2, 1, 1]}
+                 ).write_parquet(concepts / "part-0000000.parquet")
+    out = steer_best_units(run, LAST, "channel", scales=[1.0, 3.0], n_images=8)
+    assert out.select("class_label", "unit", "scale").rows() == [
+        ("blue-square", 4, 1.0), ("blue-square", 4, 3.0), ("red-circle", 7, 1.0), ("red-circle", 7, 3.0)]
+    shards = sorted((run / "tables" / "class_steering" / f"layer={LAST}" / "kind=channel").glob("*.parquet"))
+    assert [f.name[:13] for f in shards] == ["channel-00004", "channel-00007"]
+    written = pl.read_parquet(shards[0]).filter(pl.col("class_label") == "blue-square")
+    assert written["flip_rate"].to_list() == out["flip_rate"].to_list()[:2]
+    assert set(written["target_source"]) == {"given"}
 
 def test_the_cli_prints_the_target_row_per_strength(tmp_path, model_dir):
     run = make_classifier_run(tmp_path, model_dir, tokens="cls")
