@@ -817,7 +817,7 @@ def train_demo_vit(
 @user_errors
 def demo_images(
     out: Annotated[Path, typer.Option(help="Directory to write: <class>/<index>-<size>-<position>-<background>.png.")],
-    n: Annotated[int, typer.Option(help="Images, balanced over the classes.")] = 480,
+    n: Annotated[int, typer.Option(help="Images, balanced over the classes.")] = 1200,
     classes: Annotated[str, typer.Option(help="shape or shape-colour (the demo ViT's classes).")] = "shape-colour",
     seed: Annotated[int, typer.Option(help="Seed of the drawn attributes and the pixel noise.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,

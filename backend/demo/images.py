@@ -45,7 +45,7 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise DifflensError(f"--out {out} is not empty; give --overwrite to replace it, or another --out")
 
 
-def write_demo_images(out: str | Path, n: int = 480, classes: str = "shape-colour", seed: int = 0,
+def write_demo_images(out: str | Path, n: int = 1200, classes: str = "shape-colour", seed: int = 0,
                       noise: float = 8.0, overwrite: bool = False, progress: bool = True) -> dict[str, int]:
     """Write n demo images into out/<class>/ (atomically: staged beside out, then renamed); return the count per
     class."""
