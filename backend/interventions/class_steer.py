@@ -415,29 +415,46 @@ def steer_best_units(run_dir: str | Path, layer: str, kind: str = "feature", sca
     return pl.concat(out).select("class_label", "unit", "auroc", "scale", "flip_rate", "changed", "logit_change")
 
 
+def short_label(name: str) -> str:
+    """A class name short enough to stand under a bar: 'red-circle' -> 'Rcir', 'circle' -> 'circle'."""
+    colour, _, shape = name.partition("-")
+    return f"{colour[:1].upper()}{shape[:3]}" if shape else name[:6]
+
+
 def class_steering_figure(result: ClassSteering, target: str, title: str):
     """Left: share of predictions changed and flip rate towards target, by strength; right: each class's mean
     logit change at the largest strength (target in red)."""
-    from backend.analysis.draw import INK, PALETTE, Axes, canvas, font
+    from backend.analysis.draw import GRID, INK, PALETTE, Axes, canvas, fmt, font, nice_ticks
 
-    img = canvas(760, 320)
+    img = canvas(760, 330)
     xs = result.scales or result.strengths
     left = Axes(img, (60, 50, 340, 270), (min(0.0, min(xs)), max(xs)), (0.0, 1.0))
-    left.frame(title=title, xlabel="scale (x mean token norm)" if result.scales else "strength", ylabel="share")
+    left.frame(title=f"{title} -> {target}", xlabel="scale (x mean token norm)" if result.scales else "strength",
+               ylabel="share of images")
     changed = [float((result.logits_SNC[s].argmax(-1) != result.baseline_pred_N).float().mean())
                for s in range(len(xs))]
     flips = [result.flip_rate(target, s) for s in range(len(xs))]
     for ys, colour in ((changed, PALETTE[0]), (flips, PALETTE[3])):
         left.line([0.0, *xs], [0.0, *ys], colour)
         left.points(xs, ys, colour, r=3)
-    left.legend([("changed", PALETTE[0]), (f"-> {target}"[:14], PALETTE[3])])
+    left.legend([("changed", PALETTE[0]), ("flipped", PALETTE[3])])
     gain_C = (result.logits_SNC[-1] - result.baseline_logits_NC).mean(0).tolist()
     n = len(gain_C)
-    right = Axes(img, (420, 50, 740, 270), (-0.5, n - 0.5), (min(0.0, min(gain_C)), max(0.0, max(gain_C))))
-    right.frame(title=f"mean logit change at {xs[-1]:g}")
+    lo, hi = min(0.0, min(gain_C)), max(0.0, max(gain_C))
+    right = Axes(img, (420, 50, 740, 270), (-0.5, n - 0.5), (lo, hi))
+    _, top, _, bottom = right.box
+    for y in nice_ticks(*right.ylim):
+        right.draw.line([(420, right.py(y)), (740, right.py(y))], fill=GRID)
+        right.draw.text((416, right.py(y)), fmt(y), fill=INK, font=font(11), anchor="rm")
+    right.draw.rectangle([420, top, 740, bottom], outline=INK)
+    right.draw.text((580, top - 22), f"mean logit change at {xs[-1]:g}", fill=INK, font=font(13), anchor="mb")
     for c, g in enumerate(gain_C):
         colour = PALETTE[3] if result.class_names[c] == target else PALETTE[0]
         right.draw.rectangle([right.px(c - 0.35), min(right.py(g), right.py(0)), right.px(c + 0.35),
                               max(right.py(g), right.py(0))], fill=colour)
-        right.draw.text((right.px(c), 276), result.class_names[c][:9], fill=INK, font=font(9), anchor="mt")
+        right.draw.text((right.px(c), bottom + 4 + 11 * (c % 2)), short_label(result.class_names[c]), fill=INK,
+                        font=font(9), anchor="mt")
+    if any("-" in name for name in result.class_names):
+        right.draw.text((580, bottom + 32), "R/G/B/Y: red, green, blue, yellow; cir/squ/tri: circle, square, "
+                        "triangle", fill=INK, font=font(9), anchor="mt")
     return img

@@ -152,7 +152,7 @@ def test_a_run_unit_is_steered_on_the_runs_images_into_a_table_and_figure(tmp_pa
     assert table["scale"].unique().sort().to_list() == [1.0, 4.0]
     ratio = table["strength"] / table["scale"]
     assert ratio.max() == pytest.approx(ratio.min(), rel=1e-5) and ratio.min() > 0  # x the mean token norm
-    assert Image.open(r.figure).size == (760, 320)
+    assert Image.open(r.figure).size == (760, 330)
     # a concepts table naming the unit's best class gives the default target
     concepts = run / "tables" / "concepts" / f"layer={LAST}" / "kind=feature"
     concepts.mkdir(parents=True)
