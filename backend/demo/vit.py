@@ -158,9 +158,12 @@ def new_vit(cfg: DemoViTConfig):
 
 def image_processor():
     """The ViT image processor matching pixel_values (resize to RESOLUTION, rescale 1/255, IMAGE_MEAN/STD)."""
-    from transformers import ViTImageProcessorPil
+    try:  # transformers 5: the PIL backend (the default one needs torchvision); transformers 4: the only one
+        from transformers import ViTImageProcessorPil as Processor
+    except ImportError:
+        from transformers import ViTImageProcessor as Processor
 
-    return ViTImageProcessorPil(do_resize=True, size={"height": RESOLUTION, "width": RESOLUTION}, do_rescale=True,
+    return Processor(do_resize=True, size={"height": RESOLUTION, "width": RESOLUTION}, do_rescale=True,
                                 rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGE_MEAN),
                                 image_std=list(IMAGE_STD))
 
