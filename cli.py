@@ -797,6 +797,88 @@ def sweep(
         raise typer.Exit(1)
 
 
+@app.command("train-demo-vit")
+@user_errors
+def train_demo_vit(
+    out: Annotated[Path, typer.Option(help="Where the trained ViT goes (config.json, model.safetensors, "
+                                           "preprocessor_config.json, metrics.json).")] = Path("data/demo-vit"),
+    classes: Annotated[str, typer.Option(help="shape (3 classes) or shape-colour (12: red-circle, ...).")]
+    = "shape-colour",
+    train_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2400,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the training images.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default; 1 is fastest for this small "
+                                               "model on a shared machine).")] = 1,
+) -> None:
+    """Train the demo ViT (a small transformers ViTForImageClassification) on shapes-world images; report its
+    accuracy on held-out attribute combinations."""
+    from backend.demo.vit import DemoViTConfig
+    from backend.demo.vit import train_demo_vit as train
+
+    m = train(DemoViTConfig(out=str(out), classes=classes, steps=train_steps, batch_size=batch_size, lr=lr,
+                            seed=seed, threads=threads))
+    typer.echo(f"demo ViT ({m['n_classes']} classes, {m['parameters']:,} parameters) saved to {out}: held-out "
+               f"accuracy {m['heldout_accuracy']:.1%} on {m['heldout_images']} images, trained in "
+               f"{m['train_seconds']:.0f} s (load {m['load_average']}); metrics: {out}/metrics.json")
+
+
+@app.command("demo-images")
+@user_errors
+def demo_images(
+    out: Annotated[Path, typer.Option(help="Directory to write: <class>/<index>-<size>-<position>-<background>.png.")],
+    n: Annotated[int, typer.Option(help="Images, balanced over the classes.")] = 1200,
+    classes: Annotated[str, typer.Option(help="shape or shape-colour (the demo ViT's classes).")] = "shape-colour",
+    seed: Annotated[int, typer.Option(help="Seed of the drawn attributes and the pixel noise.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Write a shapes-world image dataset in class sub-folders (the layout --images reads), for the demo ViT."""
+    from backend.demo.images import write_demo_images
+
+    counts = write_demo_images(out, n=n, classes=classes, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {sum(counts.values())} images in {len(counts)} classes to {out}/")
+
+
+@app.command("steer-classes")
+@user_errors
+def steer_classes(
+    layer: Annotated[str, typer.Option("--layer", "-l", help="Encoder layer whose output tokens are steered, e.g. "
+                                                             "vit.encoder.layer.2.")],
+    unit: Annotated[int, typer.Option(help="Channel or feature index.")],
+    kind: Annotated[str, typer.Option(help="channel, feature (the layer's default SAE) or feature.<id>.")]
+    = "feature",
+    run: RunOpt = Path("runs/demo-vit"),
+    strengths: Annotated[str, typer.Option(help="Strengths in multiples of the layer's mean token norm, "
+                                                "comma-separated.")] = "1,2,4",
+    target: Annotated[str | None, typer.Option(help="Class the flip rate counts towards. [default: the unit's best "
+                                                    "class in the run's concepts table, else the class whose logit "
+                                                    "rises most]")] = None,
+    images: Annotated[int, typer.Option(help="The run's first N images are steered.")] = 64,
+    tokens: Annotated[str | None, typer.Option(help="cls, patch or all. [default: the run's capture.tokens]")]
+    = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Image classifiers: add a unit's direction at a layer and report the change in predicted class and logits,
+    and the flip rate towards a class; writes the class_steering table and a figure."""
+    from backend.errors import DifflensError
+    from backend.interventions.class_steer import class_steer_run
+
+    try:
+        scales = [float(s) for s in strengths.split(",") if s.strip()]
+    except ValueError:
+        raise DifflensError(f"--strengths {strengths!r} not understood; give numbers, e.g. 1,2,4") from None
+    _check_device(device, "float32")
+    r = class_steer_run(run, layer, kind, unit, scales, target=target, n_images=images, tokens=tokens,
+                        device=device)
+    typer.echo(f"steered {kind} {unit} of {layer} on {r.rows['images'][0]} images ({r.rows['tokens'][0]} tokens); "
+               f"target {r.target} ({r.target_source})")
+    typer.echo(f"  {'scale':>6} {'strength':>9} {'changed':>8} {'flip rate':>9}  logit change of the target")
+    for row in r.rows.filter(r.rows["class_label"] == r.target).iter_rows(named=True):
+        typer.echo(f"  {row['scale']:>6g} {row['strength']:>9.3g} {row['changed']:>8.0%} {row['flip_rate']:>9.0%}  "
+                   f"{row['logit_change']:+.3f}")
+    typer.echo(f"table: {r.table}\nfigure: {r.figure}")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     app()

@@ -22,6 +22,7 @@ SHORTER = {
     ("atlas",): ["--dream-iterations", "4", "--prior-seeds", "0", "--dream-seeds", "0", "--batch-units", "8"],
     ("steer-report",): ["--seeds", "0-1"],
     ("train-sae",): ["--total-tokens", "200000"],
+    ("train-demo-vit",): ["--train-steps", "2", "--batch-size", "4", "--out", "scratch-vit"],
     ("sweep",): ["--set", "capture.steps=3", "--set", "sae.total_tokens=20000", "--set", "sae.splice_samples=2",
                  "--set", "analysis.examples_top_n=1"],
 }

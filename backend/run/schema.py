@@ -331,6 +331,24 @@ ABLATIONS = pa.schema([
     ("spec", pa.string()),
 ])
 
+CLASS_STEERING = pa.schema([
+    ("unit", pa.int32()),
+    ("strength", pa.float32()),       # absolute strength along the unit-norm direction
+    ("scale", pa.float32()),          # the same in multiples of the layer's mean token norm (as given)
+    ("tokens", pa.string()),          # cls | patch | all: the tokens the direction was added to
+    ("images", pa.int32()),           # images steered
+    ("target", pa.string()),          # the class the flip rate counts towards
+    ("target_source", pa.string()),   # given | concepts (the unit's best class) | rising (largest logit gain)
+    ("changed", pa.float32()),        # share of images whose predicted class changed
+    ("flip_rate", pa.float32()),      # share of images not predicted as target unsteered that are now
+    ("target_share", pa.float32()),   # share of images predicted as target when steered
+    ("class_label", pa.string()),     # one class of the model
+    ("logit_change", pa.float32()),   # mean change of its logit
+    ("share", pa.float32()),          # share of images predicted as it when steered
+    ("baseline_share", pa.float32()),  # ... unsteered
+    ("spec", pa.string()),            # digest naming the shard and figure
+])
+
 
 SAE_COMPARISON = pa.schema([
     ("sae_id", pa.string()),
@@ -497,6 +515,11 @@ _SPECS = [
               "<mode>-<digest of prompts, seeds, steps, guidance>.parquet (layer = the ablated block)", (),
               "one image with one block ablated, beside its baseline", ABLATIONS,
               "per prompt, then per seed, in the order given"),
+    TableSpec("class_steering", "interventions",
+              "python cli.py steer-classes --run RUN --layer LAYER --kind KIND --unit UNIT", "layer/kind",
+              "<kind>-<unit:05d>-<spec>.parquet", (), "one class of an image classifier at one steering strength of "
+              "one unit", CLASS_STEERING, "per strength in the order given, then per class in the model's label "
+              "order"),
     TableSpec("sae_comparison", "sae_compare", "python cli.py compare-saes --run RUN --layer LAYER", "layer",
               "<sae_id>.parquet, one per SAE of the layer", ("sae_id",), "one SAE's metrics on a fixed token sample "
               "of its layer, with its loss recovered and concept recovery", SAE_COMPARISON),
