@@ -6,8 +6,9 @@ activity of every SAE of the run the run does not hold yet: trained, configured 
 -> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
 -> atlas (steered priors and dreams of the [atlas] units, batched across units; rank 0 only: spread a large atlas
    over ranks with `torchrun ... cli.py atlas`)
-On an image-classifier run (backend/models/classifier.py) the interventions and atlas stages, which steer image
-generation, are skipped with one note.
+On an image-classifier run (backend/models/classifier.py) the interventions stage is class steering (each class's
+best unit steered towards it: backend/stages/class_steering.py) and the atlas, which steers image generation, is
+skipped with one note.
 """
 
 from __future__ import annotations
@@ -62,11 +63,16 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
 
             summary.stages["analysis"] = analyze(run_now(), cfg.analysis, progress=progress)
             generative = kind_of(checked.model) != "classifier"
-            if not generative and (cfg.interventions.enabled or cfg.atlas.enabled):
+            if not generative and cfg.interventions.enabled:
+                from backend.stages.class_steering import run_class_steering
+
+                summary.stages["class_steering"] = run_class_steering(cfg.out_dir, checked.cfg.capture.layers,
+                                                                      progress=progress)
+            if not generative and cfg.atlas.enabled:
                 from tqdm.auto import tqdm
 
-                tqdm.write("note: interventions and atlas skipped: they steer image generation, and this run's model "
-                           "is an image classifier")
+                tqdm.write("note: the atlas is skipped: its priors and dreams steer image generation, and this run's "
+                           "model is an image classifier")
             if cfg.interventions.enabled and generative:
                 summary.stages["interventions"] = run_interventions(run_now(), cfg.interventions, progress=progress)
             if cfg.atlas.enabled and generative:
