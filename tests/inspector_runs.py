@@ -60,7 +60,7 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
         img[4:12, 4:12, 0 if g["group"] == "red" else 2] = 255
         store.write_image(g["gen_id"], img)
 
-    cfg = AnalysisConfig(top_k_channels=2, peak_min_separation=1.0, examples_top_n=4)
+    cfg = AnalysisConfig(top_k_channels=2, peak_min_separation=1.0, examples_top_n=4, label_top_n=3)
     inputs = load_inputs(run)
     con = connect(cfg)
     freqs = []

@@ -7,13 +7,14 @@ candidate when its prompt does.
 
 Score. A unit's top generations are its cfg.label_top_n generations with the highest activation (the example
 statistic maximised over steps, as the top examples rank them), among those where it is active (> 0). Each
-candidate is scored by the log-odds ratio of being carried, top generations against the rest, with a pseudo-count
-c (cfg.label_pseudo_count) added to every count, as compare.py does:
+candidate is scored by the log-odds ratio of being carried, top generations against all generations, with a
+pseudo-count c (cfg.label_pseudo_count) added to every count, as compare.py does:
 
-    score = log((a + c) / (K - a + c)) - log((r + c) / (R - r + c))
+    score = log((a + c) / (K - a + c)) - log((t + c) / (N - t + c))
 
-(a of the K top generations carry it, r of the R others). The label is the best-scoring candidate (ties: the first
-in sorted order); none when no candidate scores above 0 or the unit is active in fewer than 2 generations.
+(a of the K top generations carry it, t of all N). The label is the best-scoring candidate (ties: the first in
+sorted order); none when no candidate scores above 0 (a unit whose top is every generation, or a candidate every
+generation carries, scores at most 0) or the unit is active in fewer than 2 generations.
 
 Confidence. How far the top generations are from chance towards all carrying the label, with the top share
 shrunk towards the base rate by the same pseudo-count: p_top = (a + c p_all) / (K + c), p_all = the share of all
@@ -94,15 +95,14 @@ def unit_labels(best_UN: np.ndarray, cands: Candidates, top_n: int, pseudo: floa
     k_U = top.sum(1).astype(np.float64)[:, None]
     a_UT = np.asarray((cands.carried_NT.T @ top.T.astype(np.float32)).T, np.float64)
     total_T = np.asarray(cands.carried_NT.sum(0), np.float64)
-    r_UT, rest_U = total_T - a_UT, n_gens - k_U
     score = (np.log(a_UT + pseudo) - np.log(k_U - a_UT + pseudo)
-             - np.log(r_UT + pseudo) + np.log(rest_U - r_UT + pseudo))
+             - np.log(total_T + pseudo) + np.log(n_gens - total_T + pseudo))
     best_U = score.argmax(1)
     rows = np.arange(n_units)
     p_all = total_T[0, best_U] / n_gens
     p_top = (a_UT[rows, best_U] + pseudo * p_all) / (k_U[:, 0] + pseudo)
     with np.errstate(divide="ignore", invalid="ignore"):
         confidence = np.clip(np.where(p_all < 1, (p_top - p_all) / (1 - p_all), 0.0), 0, 1)
-    ok = (k_U[:, 0] >= MIN_ACTIVE) & (score[rows, best_U] > 0)
+    ok = (k_U[:, 0] >= MIN_ACTIVE) & (score[rows, best_U] > 1e-9)  # 0 up to rounding: nothing over-represented
     labels = [cands.names[t] if good else None for t, good in zip(best_U.tolist(), ok.tolist(), strict=True)]
     return labels, np.where(ok, confidence, np.nan).astype(np.float32)

@@ -54,12 +54,12 @@ def test_the_pseudo_count_keeps_zero_counts_finite_and_shrinks_small_evidence():
     one[0, 3] = 1.0  # active in one generation only ("bird ... sea"): too little to label
     labels, conf = unit_labels(one, cands, top_n=4, pseudo=0.5)
     assert labels == [None] and np.isnan(conf[0])
-    cat = np.array([[2.0 if "cat" in p else 0.0 for p in PROMPTS]])  # "cat" never outside the top: r = 0
+    cat = np.array([[2.0 if "cat" in p else 0.0 for p in PROMPTS]])  # "cat": in every top generation, K - a = 0
     small = unit_labels(cat, cands, top_n=4, pseudo=0.1)
     large = unit_labels(cat, cands, top_n=4, pseudo=4.0)
     assert small[0] == large[0] == ["cat"]
     assert np.isfinite(small[1]).all() and large[1][0] < small[1][0] < 1  # more pseudo-count, less confidence
-    # by hand: a = 4 of K = 4, r = 0 of R = 4, p_all = 1/2
+    # by hand: a = 4 of K = 4, t = 4 of N = 8, p_all = 1/2
     p_top = (4 + 0.1 * 0.5) / (4 + 0.1)
     assert small[1][0] == pytest.approx((p_top - 0.5) / 0.5, rel=1e-6)
 
@@ -68,3 +68,11 @@ def test_top_mask_keeps_only_active_generations():
     best = np.array([[0.0, 3.0, 1.0, 0.0, 2.0]])
     assert top_mask_UN(best, 4).tolist() == [[False, True, True, False, True]]
     assert top_mask_UN(best, 2).tolist() == [[False, True, False, False, True]]
+
+
+def test_a_unit_whose_top_is_every_generation_or_a_candidate_every_prompt_has_gets_no_label():
+    cands = candidates(gens_of([p + " today" for p in PROMPTS]))  # "today": in every prompt
+    flat = np.ones((1, 8))
+    assert unit_labels(flat, cands, top_n=8, pseudo=0.5)[0] == [None]
+    cat = np.array([[2.0 if "cat" in p else 0.1 for p in PROMPTS]])
+    assert unit_labels(cat, cands, top_n=4, pseudo=0.5)[0] == ["cat"]
