@@ -5,7 +5,8 @@ analysis stage's labels pass.
 
 Prints, per (layer, kind) and over all of them:
   - labels: among units whose best concept AUROC (every unit scored, as concepts.py scores them) is >= 0.9, the
-    share whose label (units.label, computed without ground truth) names that concept;
+    share whose label (units.label, computed without ground truth) names that concept, and the same for labels
+    recomputed with other label_top_n values (--top-n; a sensitivity check, nothing is written);
   - concept recovery in-sample (concept_summary.mean_best_auroc) beside out-of-sample (auroc_oos, oos_split);
   - the seconds of the analysis stage (manifest) and of the labels pass alone, rerun here on the run's
     activity (nothing is written).
@@ -14,6 +15,7 @@ Prints, per (layer, kind) and over all of them:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -27,25 +29,32 @@ sys.path.insert(0, str(ROOT))
 from backend.analysis.concepts import best_auroc, concept_labels  # noqa: E402
 from backend.analysis.generation_activity import chunks  # noqa: E402
 from backend.analysis.inputs import connect, load_inputs, read_part  # noqa: E402
+from backend.analysis.label_pass import label_activity_UN  # noqa: E402
 from backend.analysis.labels import candidates, unit_labels  # noqa: E402
 from backend.analysis.out_of_sample import OutOfSample  # noqa: E402
 from backend.analysis.range_examples import range_examples  # noqa: E402
 from backend.run.config import AnalysisConfig  # noqa: E402
 
 
-def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float) -> list[dict]:
-    """Per partition: units with best concept AUROC >= threshold, and how many of them are labelled that concept."""
+def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: list[int]) -> list[dict]:
+    """Per partition: units with best concept AUROC >= threshold, and how many of them are labelled that concept
+    (units.label as stored, and recomputed with each label_top_n of top_ns: a sensitivity check)."""
     concepts = concept_labels(inputs.gens, cfg.spatial_attributes)
+    cands = candidates(inputs.gens)
     rows = []
     for part in inputs.partitions:
         best_UC, _ = best_auroc(con, inputs, part, concepts, cfg)
-        units = read_part(inputs.store, "units", part).sort("unit")
-        label_U = np.array(units["label"].to_list(), dtype=object)
         strong = np.flatnonzero(best_UC.max(1) >= threshold)
         named = [concepts.names[c] for c in best_UC[strong].argmax(1)]
-        hits = int(sum(label_U[u] == n for u, n in zip(strong, named, strict=True)))
-        rows.append({"layer": part.layer, "kind": part.kind, "units": len(strong), "labelled_right": hits,
-                     "share": hits / len(strong) if len(strong) else None})
+        stored = read_part(inputs.store, "units", part).sort("unit")["label"].to_list()
+        recomputed = {n: [] for n in top_ns}
+        for chunk in chunks(con, inputs, part, cfg):
+            for n in top_ns:
+                recomputed[n] += unit_labels(label_activity_UN(chunk, cfg), cands, n, cfg.label_pseudo_count)[0]
+        row = {"layer": part.layer, "kind": part.kind, "units": len(strong)}
+        for name, label_U in (("stored", stored), *((f"top_{n}", recomputed[n]) for n in top_ns)):
+            row[name] = int(sum(label_U[u] == c for u, c in zip(strong, named, strict=True)))
+        rows.append(row)
     return rows
 
 
@@ -59,7 +68,7 @@ def time_label_pass(con, inputs, cfg: AnalysisConfig) -> float:
     for part in inputs.partitions:
         scorer = OutOfSample(inputs.gens, concepts) if concepts is not None else None
         for chunk in chunks(con, inputs, part, cfg):
-            unit_labels(chunk.best_UN, cands, cfg.label_top_n, cfg.label_pseudo_count)
+            unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n, cfg.label_pseudo_count)
             range_examples(chunk.best_UN, chunk.step_UN, gen_ids, chunk.lo, cfg.range_bins, cfg.range_per_bin)
             if scorer is not None:
                 scorer.update(chunk.pooled_USN)
@@ -70,16 +79,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--label-stat", default="", help="pool or example (default: the run's analysis.label_stat)")
+    parser.add_argument("--top-n", default="8,16,32", help="label_top_n values to recompute labels with")
     args = parser.parse_args()
     inputs = load_inputs(args.run)
     cfg: AnalysisConfig = inputs.ctx.config.analysis
+    if args.label_stat:
+        cfg = dataclasses.replace(cfg, label_stat=args.label_stat)
     con = connect(cfg)
-    rows = label_agreement(con, inputs, cfg, args.threshold)
-    print(f"labels: units with best concept AUROC >= {args.threshold} whose label names that concept")
-    print(pl.DataFrame(rows))
+    top_ns = [int(n) for n in args.top_n.split(",") if n]
+    rows = label_agreement(con, inputs, cfg, args.threshold, top_ns)
+    print(f"labels: units with best concept AUROC >= {args.threshold} whose label names that concept (stored: "
+          f"units.label, label_top_n = {cfg.label_top_n}; top_N: recomputed with label_top_n = N)")
+    with pl.Config(tbl_cols=-1, tbl_width_chars=200):
+        print(pl.DataFrame(rows))
     total = sum(r["units"] for r in rows)
-    right = sum(r["labelled_right"] for r in rows)
-    print(f"all: {right} of {total} ({right / max(total, 1):.1%})")
+    for name in ("stored", *(f"top_{n}" for n in top_ns)):
+        right = sum(r[name] for r in rows)
+        print(f"all, {name}: {right} of {total} ({right / max(total, 1):.1%})")
     summary = pl.read_parquet(Path(args.run) / "tables" / "concept_summary.parquet")
     print("concept recovery, in-sample (mean_best_auroc) and out-of-sample (auroc_oos):")
     print(summary.select("layer", "kind", "mean_best_auroc", "auroc_choose", "auroc_oos", "oos_split"))

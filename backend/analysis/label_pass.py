@@ -15,7 +15,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from backend.analysis.concepts import concept_labels
-from backend.analysis.generation_activity import chunks
+from backend.analysis.generation_activity import Chunk, chunks
 from backend.analysis.inputs import SHARD, Partition, RunInputs, read_part
 from backend.analysis.labels import candidates, unit_labels
 from backend.analysis.out_of_sample import OutOfSample
@@ -34,7 +34,7 @@ def label_pass(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool = Tru
         labels, confidence, ranges = [], [], []
         scorer = OutOfSample(inputs.gens, concepts) if concepts is not None else None
         for chunk in chunks(con, inputs, part, cfg):
-            got, conf = unit_labels(chunk.best_UN, cands, cfg.label_top_n, cfg.label_pseudo_count)
+            got, conf = unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n, cfg.label_pseudo_count)
             labels += got
             confidence.append(conf)
             ranges.append(range_examples(chunk.best_UN, chunk.step_UN, gen_ids, chunk.lo, cfg.range_bins,
@@ -55,6 +55,11 @@ def label_pass(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool = Tru
     if oos:
         _fill_summary(inputs, oos)
     return {"candidates": len(cands.names), **out}
+
+
+def label_activity_UN(chunk: Chunk, cfg: AnalysisConfig) -> np.ndarray:
+    """[units, generations] the activation that ranks top generations for labels (cfg.label_stat)."""
+    return chunk.pooled_USN.max(1) if cfg.label_stat == "pool" else chunk.best_UN
 
 
 def _write_labels(inputs: RunInputs, part: Partition, labels: list, confidence: list) -> None:

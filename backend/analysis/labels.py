@@ -5,8 +5,9 @@ attribute, spatial ones included); otherwise the prompts' words (lower-cased, st
 dropped) and, when the run has two or more prompt groups, the groups (`group=<name>`). A generation carries a
 candidate when its prompt does.
 
-Score. A unit's top generations are its cfg.label_top_n generations with the highest activation (the example
-statistic maximised over steps, as the top examples rank them), among those where it is active (> 0). Each
+Score. A unit's top generations are its cfg.label_top_n generations with the highest activation (cfg.label_stat:
+the spatial pool concept recovery scores, or the example statistic, maximised over steps), among those where it
+is active (> 0). Each
 candidate is scored by the log-odds ratio of being carried, top generations against all generations, with a
 pseudo-count c (cfg.label_pseudo_count) added to every count, as compare.py does:
 
