@@ -383,3 +383,4 @@ def test_units_page_and_overview_show_labels_and_out_of_sample_recovery(app):
     _ok(at)
     summary = next(d.value for d in at.dataframe if "auroc_oos" in d.value.columns)
     assert summary["oos_split"].str.startswith("seed parity").all()
+    assert "out of sample: auroc_oos" in _texts(at.caption)
