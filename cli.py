@@ -299,6 +299,7 @@ def _print_analysis(summary: dict) -> None:
                 else f"{r['best_localisation']:.1%} (#{r['best_localising_unit']})")
         typer.echo(f"  {r['layer']:<28} {r['kind']:<8} {r['mean_best_auroc']:>16.3f} {loc:>24} {best:>21}")
     _print_classes(summary.get("classes") or {})
+    _print_labels(summary.get("labels") or {})
     typer.echo(f"tables: {summary['out_dir']}/tables (units, profiles, peaks, examples, frequencies, comparisons, "
                f"concepts, localisation, concept_summary); figures: {summary['out_dir']}/media/")
 
@@ -310,6 +311,18 @@ def _print_classes(classes: dict) -> None:
             typer.echo(f"  {name}: best unit per class (chosen on half the images), held-out AUROC mean "
                        f"{c['mean_best_auroc_test']:.3f}, min {c['min_best_auroc_test']:.3f} over {c['classes']} "
                        "classes (tables class_scores, class_best)")
+
+
+def _print_labels(labels: dict) -> None:
+    """The labels pass: units labelled, and out-of-sample concept recovery beside the half it was chosen on."""
+    for name, p in labels.items():
+        if not isinstance(p, dict):
+            continue
+        line = f"  {name}: {p['labelled']} units labelled"
+        if p.get("auroc_oos") is not None:
+            line += (f"; out-of-sample concept recovery {p['auroc_oos']:.3f} (on the choosing half "
+                     f"{p['auroc_choose']:.3f}; split by {p['oos_split']})")
+        typer.echo(line)
 
 
 @app.command()

@@ -29,6 +29,8 @@ def tile_caption(r: dict, kind: str) -> str:
     bits = [f"{kind} {r['unit']}", f"density {ui.format_float(r['density'])}"]
     if r.get("peak_step") is not None:
         bits.append(f"peak step {r['peak_step']}")
+    if r.get("label"):
+        bits.append(f"label {r['label']}")
     if r.get("concept"):
         bits.append(f"{r['concept']} ({ui.format_float(r['auroc'])})")
     if r.get("objective") is not None:

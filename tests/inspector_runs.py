@@ -33,6 +33,7 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
     from backend.analysis.frequencies import frequencies_table
     from backend.analysis.histograms import histograms_table
     from backend.analysis.inputs import connect, load_inputs
+    from backend.analysis.label_pass import label_pass
     from backend.analysis.peaks import peaks_and_units
     from backend.analysis.profiles import count_activity, profile_arrays, profiles_table
     from backend.demo import shapes
@@ -59,7 +60,7 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
         img[4:12, 4:12, 0 if g["group"] == "red" else 2] = 255
         store.write_image(g["gen_id"], img)
 
-    cfg = AnalysisConfig(top_k_channels=2, peak_min_separation=1.0, examples_top_n=4)
+    cfg = AnalysisConfig(top_k_channels=2, peak_min_separation=1.0, examples_top_n=4, label_top_n=3)
     inputs = load_inputs(run)
     con = connect(cfg)
     freqs = []
@@ -99,6 +100,7 @@ def build_run(root: Path, name: str = "tiny", optional: bool = True, histograms:
                         "mean_best_auroc": float(best.max(0).mean()), "localisation": None,
                         "localised_examples": 0, "best_localisation": None, "best_localising_unit": None})
     store.write_table("concept_summary", pa.Table.from_pylist(summary, _schema("concept_summary")))
+    label_pass(con, inputs, cfg, progress=False)  # units.label, range_examples, concept_summary's auroc_oos
     store.write_table_shard("sae_training", "part-0000000", pa.table({
         "step": np.arange(0, 500, 50, dtype=np.int32), "tokens": np.arange(1, 11, dtype=np.int64) * 4096,
         "fvu": np.linspace(1.0, 0.05, 10), "l0": np.full(10, 4.0, np.float32),

@@ -74,5 +74,6 @@ def peaks_and_units(profiles: dict[str, np.ndarray], timesteps: np.ndarray,
         "dead": density <= cfg.dead_density,
         "dense": density > cfg.dense_density,
         "label": pa.nulls(n_units, pa.string()),
+        "label_confidence": pa.nulls(n_units, pa.float32()),
     })
     return peaks, units

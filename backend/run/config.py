@@ -202,6 +202,18 @@ class AnalysisConfig:
     """The best-localising unit is chosen among units whose top examples span at least this many positions."""
     plot_top_units: int = 6
     """Units per (layer, kind) that get a profile figure: best concept units, then the highest peaks."""
+    label_top_n: int = 16
+    """Top generations per unit whose prompts label it (backend/analysis/labels.py)."""
+    label_pseudo_count: float = 0.5
+    """Pseudo-count of the labels' log-odds ratio and of their confidence."""
+    label_stat: str = "pool"
+    """What ranks a unit's top generations for its label, maximised over steps: "pool" (the spatial `pool` that
+    concept recovery scores: what the unit reads over the whole map) or "example" (`example_stat`, as the top
+    examples rank them)."""
+    range_bins: int = 5
+    """Equal-width activation bins over (0, max] per unit for its examples across the range (`range_examples`)."""
+    range_per_bin: int = 3
+    """Generations sampled per bin of the range examples."""
     duckdb_memory_limit: str = "2GB"
     """DuckDB memory_limit (it spills to a temp directory beyond it)."""
     duckdb_threads: int = 2
@@ -224,6 +236,13 @@ def validate_analysis(cfg: AnalysisConfig) -> AnalysisConfig:
                  "concepts_top_n", "duckdb_threads"):
         if getattr(cfg, name) < 1:
             raise DifflensError(f"analysis.{name} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("label_top_n", "range_bins", "range_per_bin"):
+        if getattr(cfg, name) < 1:
+            raise DifflensError(f"analysis.{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.label_stat not in ("pool", "example"):
+        raise DifflensError(f"analysis.label_stat is {cfg.label_stat!r}; use one of pool, example")
+    if cfg.label_pseudo_count <= 0:
+        raise DifflensError(f"analysis.label_pseudo_count must be > 0 (got {cfg.label_pseudo_count})")
     if cfg.compare_pseudo_count <= 0:
         raise DifflensError(f"analysis.compare_pseudo_count must be > 0 (got {cfg.compare_pseudo_count})")
     return cfg

@@ -192,6 +192,7 @@ UNITS = pa.schema([
     ("dead", pa.bool_()),
     ("dense", pa.bool_()),
     ("label", pa.string()),           # reserved (null)
+    ("label_confidence", pa.float32()),  # backend/analysis/labels.py (null: no label)
 ])
 
 PEAKS = pa.schema([
@@ -211,6 +212,16 @@ EXAMPLES = pa.schema([
     ("heatmap", pa.list_(pa.float32())),  # row-major height x width
     ("height", pa.int16()),
     ("width", pa.int16()),
+])
+
+RANGE_EXAMPLES = pa.schema([
+    ("unit", pa.int32()),
+    ("bin", pa.int16()),              # 1 = lowest of analysis.range_bins equal-width bins over (0, max]
+    ("lo", pa.float32()),             # the bin's activation range (lo, hi]
+    ("hi", pa.float32()),
+    ("gen_id", pa.int32()),
+    ("step", pa.int16()),             # the step of the generation's highest activation
+    ("activation", pa.float32()),
 ])
 
 FREQUENCIES = pa.schema([
@@ -266,6 +277,9 @@ CONCEPT_SUMMARY = pa.schema([
     ("localised_examples", pa.int32()),
     ("best_localisation", pa.float64()),
     ("best_localising_unit", pa.int32()),
+    ("auroc_choose", pa.float64()),   # out_of_sample.py: the chosen units' AUROC on the choosing half
+    ("auroc_oos", pa.float64()),      # ... on the other half
+    ("oos_split", pa.string()),
 ])
 
 
@@ -476,6 +490,8 @@ _SPECS = [
               PEAKS),
     TableSpec("examples", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "step", "rank"),
               "one top generation of a unit, overall (step -1) or at a peak step, with its heat-map", EXAMPLES),
+    TableSpec("range_examples", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "bin", "activation"),
+              "one generation sampled from one bin of a unit's activation range", RANGE_EXAMPLES),
     TableSpec("frequencies", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "group"),
               "how often a unit is active for one prompt group", FREQUENCIES),
     TableSpec("histograms", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "stat", "lo"),

@@ -11,7 +11,9 @@ concept recovery and figures (the analysis tables of docs/run-format.md, per (la
                               -> concepts, localisation, concept_summary
      classes                  image-classifier runs: classes per unit, best unit per class out of sample
                               (classes.py) -> class_scores, class_best
-  6. plots                    profile figures of top units (plots.py)
+  6. labels                   unit labels, examples across the activation range, out-of-sample concept
+                              recovery (label_pass.py) -> units.label, range_examples, concept_summary
+  7. plots                    profile figures of top units (plots.py)
 Each finished part leaves a marker under _done/analysis/, so a rerun resumes after the last finished part; the
 stage key (docs/run-format.md) covers the inputs (activity and generations files) and the config. When it changes,
 only the partitions whose own key changed are recomputed (`partition_keys`: the partition's activity files, the
@@ -71,7 +73,8 @@ def analyze(run, cfg: AnalysisConfig | None = None, progress: bool = True) -> di
     inputs.partitions = [p for p in inputs.partitions if p.name in todo]
     con = connect(cfg)
     steps = [("profiles", _profiles_part), ("examples", _examples_part), ("comparisons", _comparisons_part),
-             ("concepts", _concepts_part), ("classes", _classes_part), ("plots", _plots_part)]
+             ("concepts", _concepts_part), ("classes", _classes_part), ("labels", _labels_part),
+             ("plots", _plots_part)]
     results: dict = {}
     for name, part_fn in steps:
         if store.batch_done(STAGE, name):
@@ -272,6 +275,12 @@ def _kept_summary_rows(inputs: RunInputs, computed: set[tuple[str, str]]) -> lis
         return []
     have = {tuple(n.split("/", 1)) for n in inputs.store.read_manifest()["stages"][STAGE].get("partitions") or []}
     return [r for r in pl.read_parquet(path).to_dicts() if (r["layer"], r["kind"]) in have - computed]
+
+
+def _labels_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:
+    from backend.analysis.label_pass import label_pass
+
+    return label_pass(con, inputs, cfg, progress)
 
 
 def _plots_part(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool) -> dict:

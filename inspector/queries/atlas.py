@@ -76,7 +76,7 @@ def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | Non
                page: int = 1, page_size: int = PAGE_SIZE) -> dict:
     """One page of the atlas grid of a partition: the units with the shown prior (variant, seed) or dream (variant,
     seed) (None: not shown), filtered by flag and by concept (units among that concept's best), sorted by a key of
-    SORTS. Returns {"rows": DataFrame(unit, density, max, peak_step, dead, dense, concept, auroc, objective,
+    SORTS. Returns {"rows": DataFrame(unit, density, max, peak_step, dead, dense, label, concept, auroc, objective,
     prior_image, dream_image, dream_animation), "total": units matching, "page": the page shown (clamped), "pages":
     how many}.
 
@@ -114,8 +114,10 @@ def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | Non
                    "CAST(NULL AS VARCHAR) AS concept, CAST(NULL AS FLOAT) AS auroc")
     objective_sql = "d.objective" if dream is not None else "CAST(NULL AS FLOAT) AS objective"
     order = "u.unit" if sort == "dream objective" and dream is None else SORTS[sort]
+    label_sql = "u.label" if "label" in db.load("units") else "CAST(NULL AS VARCHAR) AS label"
     sql = (f"{'WITH ' + ', '.join(ctes) if ctes else ''} SELECT u.unit, u.density, u.max, u.peak_steps[1] AS "
-           f"peak_step, u.dead, u.dense, {concept_sql}, {objective_sql}, count(*) OVER () AS total FROM units u "
+           f"peak_step, u.dead, u.dense, {label_sql}, {concept_sql}, {objective_sql}, count(*) OVER () AS total "
+           "FROM units u "
            f"{' '.join(joins)} WHERE {' AND '.join(where)} ORDER BY {order} {'DESC' if descending else 'ASC'} "
            "NULLS LAST, u.unit LIMIT ? OFFSET ?")
     tables = ("units", "atlas", "concepts") if with_concepts else ("units", "atlas")

@@ -14,7 +14,7 @@ from backend.run.schema import producer
 from inspector.db import Database
 from inspector.queries.interventions import unit_dreams, unit_interventions, unit_steering_success
 from inspector.queries.registry import query
-from inspector.queries.unit_examples import example_counts
+from inspector.queries.unit_examples import example_counts, range_examples
 from inspector.queries.unit_list import unit_row
 from inspector.runs import InspectorError, RunError, read_manifest
 from inspector.tables import TableMissing
@@ -157,6 +157,7 @@ def unit_page(db: Database, layer: str, kind: str, unit: int) -> dict:
         "frequencies": ("frequencies", unit_frequencies.on, (layer, kind, unit)),
         "localisation": ("localisation", unit_localisation.on, (layer, kind, unit)),
         "example_counts": ("examples", example_counts.on, (layer, kind, unit)),
+        "range_examples": ("range_examples", range_examples.on, (layer, kind, unit)),
         "interventions": ("interventions", unit_interventions.on, (layer, kind, unit)),
         "steering": ("steering_success", unit_steering_success.on, (layer, kind, unit)),
         "dreams": ("dreams", unit_dreams.on, (layer, kind, unit)),

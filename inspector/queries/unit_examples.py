@@ -58,3 +58,18 @@ def examples(db: Database, layer: str, kind: str, unit: int, step: int, first_ra
     maps = [by_rank.get(r) for r in rows["rank"].to_list()]
     return rows.with_columns(heatmap=pl.Series("heatmap", [None if m is None else m.tolist() for m in maps],
                                                dtype=pl.List(pl.Float32)))
+
+
+@query
+def range_examples(db: Database, layer: str, kind: str, unit: int) -> pl.DataFrame:
+    """One unit's examples across its activation range (`range_examples`): bin, lo, hi, gen_id, step, activation,
+    prompt, image; top bin first, each bin by activation descending."""
+    db.require("range_examples")
+    have_gens = db.has("generations")
+    gens = ", g.prompt, g.image" if have_gens else ", CAST(NULL AS VARCHAR) AS prompt, CAST(NULL AS VARCHAR) AS image"
+    join = "LEFT JOIN generations g USING (gen_id)" if have_gens else ""
+    return db.sql(f"""SELECT CAST(r.bin AS INTEGER) AS bin, r.lo, r.hi, r.gen_id, CAST(r.step AS INTEGER) AS step,
+                             r.activation{gens}
+                      FROM range_examples r {join} WHERE r.layer = ? AND r.kind = ? AND r.unit = ?
+                      ORDER BY r.bin DESC, r.activation DESC, r.gen_id""", [layer, kind, unit],
+                  tables=("range_examples", "generations") if have_gens else ("range_examples",))

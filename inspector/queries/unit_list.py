@@ -19,6 +19,7 @@ def units(db: Database, layer: str, kind: str) -> pl.DataFrame:
     db.require("units")
     cols = db.load("units")
     extra = ", u.active_steps" if "active_steps" in cols else ""
+    extra += label_confidence_sql(cols)
     if db.has("concepts"):
         sql = f"""
             WITH best AS (SELECT unit, arg_max(concept, auroc) AS concept, max(auroc) AS auroc FROM concepts
@@ -29,6 +30,11 @@ def units(db: Database, layer: str, kind: str) -> pl.DataFrame:
     sql = f"""SELECT {UNIT_COLUMNS}{extra}, u.peak_steps[1] AS peak_step, CAST(NULL AS VARCHAR) AS concept,
               CAST(NULL AS FLOAT) AS auroc FROM units u WHERE u.layer = ? AND u.kind = ? ORDER BY u.unit"""
     return db.sql(sql, [layer, kind], tables=("units",))
+
+
+def label_confidence_sql(cols) -> str:
+    """The select-list tail giving label_confidence (null for a run analysed before labels had one)."""
+    return ", u.label_confidence" if "label_confidence" in cols else ", CAST(NULL AS FLOAT) AS label_confidence"
 
 
 @query
@@ -44,7 +50,8 @@ def unit_range(db: Database, layer: str, kind: str) -> tuple[int, int]:
 def unit_row(db: Database, layer: str, kind: str, unit: int) -> dict | None:
     """One unit's row of `units` (None when the unit does not exist)."""
     db.require("units")
-    df = db.sql(f"SELECT {UNIT_COLUMNS} FROM units u WHERE u.layer = ? AND u.kind = ? AND u.unit = ?",
+    extra = label_confidence_sql(db.load("units"))
+    df = db.sql(f"SELECT {UNIT_COLUMNS}{extra} FROM units u WHERE u.layer = ? AND u.kind = ? AND u.unit = ?",
                 [layer, kind, unit], tables=("units",))
     return df.row(0, named=True) if df.height else None
 

@@ -94,6 +94,10 @@ with ui.guard("concept recovery"):
         charts.show(charts.concept_summary_chart(summary), where=left)
         right.dataframe(summary, hide_index=True, width="stretch")
         st.caption("mean over concepts of the best unit's AUROC (0.5: no better than chance, 1: perfect)")
+        if "auroc_oos" in summary.columns:
+            st.caption("out of sample: auroc_oos scores each concept's unit and step chosen on one half of the "
+                       "generations (auroc_choose) on the other half (oos_split), beside the in-sample "
+                       "mean_best_auroc")
 
 with ui.guard("steering"):
     if "steering_success" in queries.tables(run):

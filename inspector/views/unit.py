@@ -158,7 +158,11 @@ with m[5]:
     else:
         st.markdown("none")  # not "-": alone, markdown makes it an empty list item (a stray dot on the page)
 if row.get("label"):
-    st.markdown(f"**label:** {row['label']}")
+    confidence = row.get("label_confidence")
+    st.markdown(f"**label:** `{row['label']}`" + (f" · confidence {confidence:.2f}" if confidence is not None else ""),
+                help="what this unit's top generations' prompts have in common (an attribute value, a word or a "
+                     "prompt group over-represented among them, by log-odds), with no ground truth; confidence: 0 = "
+                     "no more than chance, 1 = every top generation carries it")
 
 # ------------------------------------------------------------------------------------------------ activity
 
@@ -268,6 +272,31 @@ with ui.guard("examples"):
                     prompt = e.get("prompt") or f"generation {e['gen_id']}"
                     st.image(tile, caption=f"#{e['rank']} · {ui.format_float(e['activation'], 4)} · "
                                           f"step {e['heatmap_step']} · {prompt}")
+
+# ------------------------------------------------------------------------------------------------ activation range
+
+st.subheader("Examples across the activation range")
+with ui.guard("range examples"):
+    ranges = recorded("range_examples", f"python cli.py analyze --run {run.arg}", "range examples")
+    if ranges is not None:
+        st.caption("generations sampled from equal-width bins of this unit's activation over (0, max] (the top bin "
+                   "first; activation: the spatial max or mean over the map at the generation's best step): does "
+                   "the unit mean the same thing at low activation as at the top?")
+        range_bases = ui.thumbs(run, ranges["image"].to_list(), 128)
+        for (b,), in_bin in ranges.group_by(["bin"], maintain_order=True):
+            first_row = in_bin.row(0, named=True)
+            st.markdown(f"bin {b} · activation ({ui.format_float(first_row['lo'], 3)}, "
+                        f"{ui.format_float(first_row['hi'], 3)}] · {in_bin.height} shown")
+            cols = st.columns(max(GRID_COLUMNS, in_bin.height))
+            offset = ranges["bin"].to_list().index(b)
+            for i, e in enumerate(in_bin.iter_rows(named=True)):
+                with cols[i]:
+                    base = range_bases[offset + i]
+                    if base is None:
+                        st.caption(f"(image missing: generation {e['gen_id']})")
+                        continue
+                    st.image(overlay.to_jpeg(base), caption=f"{ui.format_float(e['activation'], 4)} · step "
+                                                            f"{e['step']} · {e.get('prompt') or e['gen_id']}")
 
 # ------------------------------------------------------------------------------------------------ interventions
 

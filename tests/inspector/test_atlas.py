@@ -203,3 +203,9 @@ def test_a_tiles_pictures_side_by_side():
     alone = tile_image([prior, None])  # a unit without a dream: a grey square in its place
     assert alone.shape == both.shape and (alone[:, -16:] == 200).all()
     assert tile_image([None, None]) is None
+
+
+def test_atlas_tiles_carry_the_units_label(runs_dir, monkeypatch):
+    at = _atlas_app(runs_dir, monkeypatch, layer=L_MID, kind="feature")
+    _ok(at)
+    assert any("feature 2 · " in c.value and "label colour=red" in c.value for c in at.caption)

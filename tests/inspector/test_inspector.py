@@ -194,7 +194,7 @@ def test_unit_page_unit_without_a_concept(tmp_path, runs_dir, monkeypatch):
         markdown = [str(m.value).strip() for m in at.markdown]
         assert "none" in markdown, (where, unit)
         assert not [m for m in markdown if m in ("-", "*", "+", ".")], markdown
-        assert "colour=" not in _texts(at.markdown)
+        assert "colour=" not in _texts([m for m in at.markdown if not str(m.value).startswith("**label:**")])
 
 
 def test_unit_page_prev_next_random(app):
@@ -351,3 +351,36 @@ def test_lab_generates_and_steers_with_the_demo_model(app):
     assert "original" in captions and any(c.startswith("steered:") for c in captions)
     effect = float(next(m.value for m in at.metric if m.label.startswith("effect")))
     assert effect > 0
+
+
+# ------------------------------------------------------------------------------------------------ labels, ranges
+
+
+def test_unit_page_shows_the_label_and_examples_across_the_activation_range(app, runs_dir):
+    at = app
+    at.query_params.update({"run": "tiny", "layer": L_MID, "kind": "feature", "unit": "2"})
+    at = _page(at, "unit")
+    _ok(at)
+    assert "**label:** `colour=red` · confidence" in _texts(at.markdown)
+    assert "Examples across the activation range" in [s.value for s in at.subheader]
+    ranges = pl.read_parquet(runs_dir / f"tiny/tables/range_examples/layer={L_MID}/kind=feature")
+    mine = ranges.filter(pl.col("unit") == 2)
+    headers = [str(m.value) for m in at.markdown if str(m.value).startswith("bin ")]
+    assert len(headers) == mine["bin"].n_unique() and headers[0].startswith(f"bin {mine['bin'].max()} · activation (")
+    shown = [c for c in _captions(at) if " · step " in c and not c.startswith("#")]
+    assert len(shown) == mine.height
+
+
+def test_units_page_and_overview_show_labels_and_out_of_sample_recovery(app):
+    at = _page(app, "units")
+    at.selectbox(key="units.kind").set_value("feature").run()
+    _ok(at)
+    shown = at.dataframe[0].value
+    assert {"label", "label_confidence"} <= set(shown.columns)
+    assert shown.loc[shown["unit"] == 2, "label"].item() == "colour=red"
+    at.switch_page("views/overview.py")
+    at.run()
+    _ok(at)
+    summary = next(d.value for d in at.dataframe if "auroc_oos" in d.value.columns)
+    assert summary["oos_split"].str.startswith("seed parity").all()
+    assert "out of sample: auroc_oos" in _texts(at.caption)

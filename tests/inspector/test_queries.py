@@ -159,3 +159,19 @@ def test_the_runs_saes_and_their_kinds(tmp_path, runs_dir):
     assert (L_MID, "feature.k8") in parts.select("layer", "kind").rows()
     assert [kind_label(k) for k in ("channel", "feature", "feature.k8")] == [
         "channel", "feature (SAE default)", "feature.k8 (SAE k8)"]
+
+
+def test_range_examples_and_labels_as_the_backend_wrote_them(runs_dir):
+    from inspector import queries as q
+    from inspector.queries.unit_examples import range_examples
+
+    run = q.open_run(runs_dir, "tiny")
+    got = range_examples.uncached(run, L_MID, "channel", 3)
+    raw = pl.read_parquet(runs_dir / f"tiny/tables/range_examples/layer={L_MID}/kind=channel").filter(
+        pl.col("unit") == 3)
+    assert sorted(got["gen_id"].to_list()) == sorted(raw["gen_id"].to_list()) and got.height
+    assert got["bin"].to_list() == sorted(got["bin"].to_list(), reverse=True)  # top bin first
+    assert got["image"].str.starts_with("images/").all()
+    row = q.unit_row.uncached(run, L_MID, "channel", 3)
+    assert row["label"] == "colour=red" and 0 < row["label_confidence"] <= 1
+    assert q.unit_page.uncached(run, L_MID, "channel", 3)["range_examples"].height == got.height

@@ -135,3 +135,14 @@ def test_sae_variants_from_toml_and_set_with_one_line_errors(tmp_path):
         with pytest.raises(DifflensError, match=message) as err:
             resolve(overrides=parse_set([bad]))
         assert "\n" not in str(err.value)
+
+
+def test_label_and_range_settings_are_checked():
+    from backend.run.config import AnalysisConfig, validate_analysis
+
+    for bad, match in ((dict(label_stat="median"), "analysis.label_stat is 'median'"),
+                       (dict(label_top_n=0), "analysis.label_top_n must be at least 1"),
+                       (dict(range_bins=0), "analysis.range_bins must be at least 1"),
+                       (dict(label_pseudo_count=0.0), "analysis.label_pseudo_count must be > 0")):
+        with pytest.raises(DifflensError, match=match):
+            validate_analysis(AnalysisConfig(**bad))

@@ -19,7 +19,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "run-format.md"
 # covered by test_tables_written_through_the_store_match_their_schemas (RunStore casts every table file to its
 # schema, and tests/interventions/ run the real writers through it).
 RUN_TABLES = {"generations", "steps", "activity", "sae_training", "sae_metrics", "profiles", "units", "peaks",
-              "examples", "frequencies", "histograms", "comparisons", "concepts", "localisation", "concept_summary",
+              "examples", "range_examples", "frequencies", "histograms", "comparisons", "concepts", "localisation",
+              "concept_summary",
               "atlas"}
 
 

@@ -21,8 +21,8 @@ from sae.io import save_sae
 from sae.train import SAETrainConfig, train
 
 FEATURE_LAYER = "up_blocks.1.attentions.1"
-TABLES = ("units", "profiles", "peaks", "examples", "frequencies", "histograms", "comparisons", "concepts",
-          "localisation")
+TABLES = ("units", "profiles", "peaks", "examples", "range_examples", "frequencies", "histograms", "comparisons",
+          "concepts", "localisation")
 SMALL = dict(examples_top_n=3)  # what `python cli.py analyze --examples-top-n 3` runs
 
 
