@@ -91,7 +91,8 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
         "gen_id": gen_id, "prompt": [f"a photo of {GROUPS[g]} #{p}" for p, g in zip(prompt_ix, group_ix, strict=True)],
         "seed": (gen_id % seeds_per_prompt).astype(np.int64), "group": [GROUPS[g] for g in group_ix],
         "attributes": ["{}"] * n_gens, "image": [f"images/{g:06d}.png" for g in gen_id],
-        "n_steps": np.full(n_gens, n_steps, np.int16), "guidance": np.full(n_gens, 7.5, np.float32)}))
+        "n_steps": np.full(n_gens, n_steps, np.int16), "guidance": np.full(n_gens, 7.5, np.float32),
+        "negative_prompt": pa.nulls(n_gens, pa.string()), "control_image": pa.nulls(n_gens, pa.string())}))
     timesteps = np.linspace(981, 1, n_steps).round().astype(np.float32)
     store.write_table("steps", pa.table({"step": np.arange(n_steps, dtype=np.int16), "timestep": timesteps}))
     yy, xx = np.mgrid[0:512, 0:512] / 512.0
@@ -272,11 +273,13 @@ ATLAS_DREAMS = (("default", (0, 1)), ("no-noise", (0, 1)))
 def write_atlas(store, n_units: int, batch: int, rng) -> None:
     """An `atlas` of every unit, as the atlas stage lays it out (docs/run-format.md): priors and dreams as PNGs
     hard-linked from the 48 pictures (each its own file, so the inspector decodes each like a real one), dreams
-    with a GIF each (hard links of 8 distinct 8-frame GIFs), written in batches of units."""
+    with a GIF each (hard links of 8 distinct 8-frame GIFs), each PNG with its thumbnail beside it (hard links of the
+    48 pictures' thumbnails, made by the atlas's own function), written in batches of units."""
     import pyarrow as pa
     from PIL import Image
 
-    from backend.run.schema import TABLES
+    from backend.interventions.media import thumbnail_jpeg
+    from backend.run.schema import TABLES, atlas_thumbnail
 
     base = f"media/atlas/{LAYER}/{KIND}"
     gifs = []
@@ -288,10 +291,18 @@ def write_atlas(store, n_units: int, batch: int, rng) -> None:
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
         gifs.append(path)
 
+    thumbs = []  # each picture's thumbnail, made as the atlas makes them (media.thumbnail_jpeg)
+    for i in range(N_IMAGES):
+        path = store.root / base / f"_thumb-{i}.jpg"
+        path.write_bytes(thumbnail_jpeg(Image.open(store.image_path(i))))
+        thumbs.append(path)
+
     def link(source: Path, rel: str) -> str:
         target = store.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
+        if source.suffix == ".png":  # its thumbnail beside it, as the atlas writes them (schema.atlas_thumbnail)
+            os.link(thumbs[int(source.stem)], store.root / atlas_thumbnail(rel))
         return rel
 
     for first in range(0, n_units, batch):

@@ -2,8 +2,10 @@
 side in one image, its numbers and a link to its page) and the unit page's atlas section (every prior and dream of
 the unit, with the dreams' animations and the heat-map-over-steps animation as GIFs).
 
-Thumbnails are decoded for the visible tiles only (ui.thumbs, in parallel, cached by file and size); GIFs are sent
-as they are (Streamlit keeps a GIF's bytes, so it plays in the browser).
+The grid shows each image's thumbnail, the small JPEG the atlas writes beside it (schema.atlas_thumbnail; the full
+image for a run written before thumbnails), decoded for the visible tiles only (ui.thumbs, in parallel, cached by
+file and size); the unit page shows the full images. GIFs are sent as they are (Streamlit keeps a GIF's bytes, so
+it plays in the browser).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
+from backend.run.schema import ATLAS_THUMB_PX, atlas_thumbnail
 from inspector import overlay, queries, ui
 from inspector.queries import Run
 
@@ -22,6 +25,16 @@ COLUMNS = 6
 
 def _jpegs(run: Run, paths: list[str | None], size: int) -> list[bytes | None]:
     return [None if a is None else overlay.to_jpeg(a) for a in ui.thumbs(run, paths, size)]
+
+
+def tile_pictures(run: Run, images: list[str | None]) -> list[np.ndarray | None]:
+    """The grid pictures of atlas images: their thumbnails (longer side ATLAS_THUMB_PX), or the image itself scaled
+    to that size where a thumbnail is missing (a run written before thumbnails)."""
+    small = ui.thumbs(run, [None if p is None else atlas_thumbnail(p) for p in images], ATLAS_THUMB_PX)
+    missing = [i for i, (p, t) in enumerate(zip(images, small, strict=True)) if p is not None and t is None]
+    for i, full in zip(missing, ui.thumbs(run, [images[i] for i in missing], ATLAS_THUMB_PX), strict=True):
+        small[i] = full
+    return small
 
 
 def tile_caption(r: dict, kind: str) -> str:
@@ -64,7 +77,7 @@ def grid(run: Run, layer: str, kind: str, rows: pl.DataFrame) -> None:
     for i, r in enumerate(rows.iter_rows(named=True)):
         if i % COLUMNS == 0:  # a row of tiles at a time (the DOM runs row by row), decoded just before it is sent:
             cols = st.columns(COLUMNS)  # the first row shows while the next ones decode
-            decoded = {c: ui.thumbs(run, rows[c][i:i + COLUMNS].to_list(), TILE_PX) for c in columns}
+            decoded = {c: tile_pictures(run, rows[c][i:i + COLUMNS].to_list()) for c in columns}
         with cols[i % COLUMNS], st.container(border=True):
             image = tile_image([decoded[c][i % COLUMNS] for c in columns])
             if image is not None:
