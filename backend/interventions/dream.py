@@ -65,6 +65,7 @@ from backend.run.config import (
     ROBUSTNESS,
     DreamConfig,
     check_finite_settings,
+    check_kind_tables,
 )
 from backend.run.context import check_kind
 from backend.run.schema import is_feature
@@ -125,6 +126,7 @@ CHOICES = {"init": ("random", "prior"), "blur_schedule": ("linear", "cosine", "c
 def validate_config(cfg: DreamConfig) -> DreamConfig:
     """Raise a one-line DifflensError for a setting out of range (None fields: not resolved yet, not checked); the
     per-kind tables are checked as their kind's settings."""
+    check_kind_tables(cfg)
     for kind in DREAM_KIND_TABLES:
         if getattr(cfg, kind):
             validate_config(with_kind_table(cfg, kind))

@@ -203,3 +203,29 @@ def test_a_tiles_pictures_side_by_side():
     alone = tile_image([prior, None])  # a unit without a dream: a grey square in its place
     assert alone.shape == both.shape and (alone[:, -16:] == 200).all()
     assert tile_image([None, None]) is None
+
+
+def test_the_grid_shows_thumbnails_and_full_images_where_there_are_none(tmp_path, runs_dir):
+    """A tile's picture is the image's thumbnail (schema.atlas_thumbnail) when the atlas wrote one, else the image
+    itself at the thumbnail size (a run written before thumbnails)."""
+    import numpy as np
+    from PIL import Image
+
+    from backend.run.schema import ATLAS_THUMB_PX, atlas_thumbnail
+    from inspector import atlas_tiles
+    from inspector import queries as q
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir, root)
+    run = q.open_run(root, "tiny")
+    rows = q.atlas_grid.uncached(run, L_MID, "feature", PRIOR, None, "unit", False, "all", None, 1, 3)["rows"]
+    images = rows["prior_image"].to_list()
+    blue = np.zeros((ATLAS_THUMB_PX, ATLAS_THUMB_PX, 3), np.uint8)
+    blue[..., 2] = 255
+    Image.fromarray(blue).save(root / "tiny" / atlas_thumbnail(images[1]), format="JPEG")
+    pictures = atlas_tiles.tile_pictures(run, [*images, None])
+    assert pictures[3] is None and all(p.shape == (ATLAS_THUMB_PX, ATLAS_THUMB_PX, 3) for p in pictures[:3])
+    assert pictures[1][..., 2].min() > 200 and pictures[1][..., 0].max() < 40  # the thumbnail
+    for i in (0, 2):  # no thumbnail: the image, each unit its own red
+        full = np.asarray(Image.open(root / "tiny" / images[i]).convert("RGB"))
+        assert abs(int(pictures[i][..., 0].mean()) - int(full[..., 0].mean())) <= 2
