@@ -529,9 +529,10 @@ def _serve(root: Path):
 ATLAS_SORTS_SHOWN = ("density", "peak step", "best concept (AUROC)", "max activation", "dream objective")
 """Sorts whose first pages the `open` browser timings show, one each (none shown before: new thumbnails)."""
 GRID_IMAGES = 48
-"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side)."""
+"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side; the
+grid is one HTML element, `.atlas-grid`, its tiles' images inline JPEGs)."""
 ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
-                    "[data-testid=\"stImageContainer\"] img')]; return imgs.length >= n && "
+                    "[data-testid=\"stImageContainer\"] img, .atlas-grid img')]; return imgs.length >= n && "
                     "imgs.every(i => i.complete && i.naturalWidth > 0); }")
 
 

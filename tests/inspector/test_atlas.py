@@ -41,8 +41,20 @@ def _ok(at) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def _tiles(at) -> list[dict]:
+    """The grid's tiles (one HTML element, inspector/atlas_tiles.py grid): each one's link, image alt and caption."""
+    import html
+    import re
+
+    body = "".join(h.proto.body for h in at.get("html"))
+    return [{"href": html.unescape(href), "alt": html.unescape(alt), "caption": html.unescape(caption),
+             "image": src} for href, src, alt, caption in re.findall(
+                r'<a class="atlas-tile" href="([^"]*)"[^>]*>(?:<img src="([^"]*)" alt="([^"]*)"[^>]*>)?'
+                r'<div[^>]*>(.*?)</div></a>', body)]
+
+
 def _tile_units(at) -> list[int]:
-    return [int(link.proto.query_string.rsplit("unit=", 1)[1]) for link in at.get("page_link")]
+    return [int(t["href"].rsplit("unit=", 1)[1]) for t in _tiles(at)]
 
 
 # ------------------------------------------------------------------------------------------------ queries
@@ -112,12 +124,15 @@ def test_atlas_page_shows_a_grid_that_links_to_unit_pages(runs_dir, monkeypatch)
     at = _atlas_app(runs_dir, monkeypatch, layer=L_MID, kind="feature")
     assert at.title[0].value == "Atlas"
     assert _tile_units(at) == list(range(N_FEATURES))
-    assert len(at.image) == N_FEATURES  # one image a tile: prior and dream side by side
-    assert all(img.captions == ["prior | dream"] for img in at.image)
+    tiles = _tiles(at)
+    assert len(at.get("html")) == 1 and not at.image  # the whole grid: one element
+    assert all(t["image"].startswith("data:image/jpeg;base64,") for t in tiles)  # one image a tile, inline
+    assert all(t["caption"].startswith("prior | dream<br>feature ") for t in tiles)
+    assert tiles[2]["alt"] == "feature 2: prior | dream"
     assert f"{N_FEATURES} features of `{L_MID}`" in at.caption[0].value
-    link = at.get("page_link")[2]
-    assert link.proto.query_string == f"run=tiny&layer={L_MID}&kind=feature&unit=2"
-    at.query_params.update(dict(p.split("=", 1) for p in link.proto.query_string.split("&")))
+    query = tiles[2]["href"].removeprefix("unit?")
+    assert query == f"run=tiny&layer={L_MID}&kind=feature&unit=2"
+    at.query_params.update(dict(p.split("=", 1) for p in query.split("&")))
     at.switch_page("views/unit.py")
     at.run()
     _ok(at)
@@ -189,7 +204,7 @@ def test_atlas_page_without_an_atlas(tmp_path, runs_dir, monkeypatch):
     shutil.rmtree(root / "tiny/tables/atlas")
     at = _atlas_app(root, monkeypatch)
     assert "python cli.py atlas --run" in "\n".join(i.value for i in at.info)
-    assert not at.get("page_link")
+    assert not _tiles(at)
 
 
 def test_a_tiles_pictures_side_by_side():
