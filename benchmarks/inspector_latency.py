@@ -51,6 +51,9 @@ LAYER, KIND = "up_blocks.1.attentions.1", "feature"
 GROUPS = ["animals", "landscapes", "people", "objects"]
 HEAT = (16, 16)
 N_IMAGES = 48
+BUILD = 2
+"""The synthetic run's layout version (part of its shape: a run built by an older benchmark is rebuilt); 2: atlas
+images have their thumbnails."""
 SHARD_GENS = 32
 
 
@@ -627,7 +630,8 @@ def main() -> None:
 
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     shape = {"features": args.features, "steps": args.steps, "generations": args.generations,
-             "density": args.density, "row_group_size": args.row_group_size}
+             "density": args.density, "row_group_size": args.row_group_size,
+             "build": BUILD}
     name = "sd-synthetic" + (f"-rg{args.row_group_size}" if args.row_group_size else "")
     root = args.out / "runs"
     run_dir = root / name
