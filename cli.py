@@ -534,33 +534,42 @@ def _doc(section: str, name: str) -> str:
     return f"{field_docs(section_class(section)).get(name, '')} [default: the run's {section}.{name}, else {default}]"
 
 
+PriorSeedsOpt = Annotated[str | None, typer.Option(help="One image per seed: a range 0-7 or a list 0,3,5 (the "
+                                                       "[prior] seeds). [default: the run's prior.seeds, else "
+                                                       "0-3]")]
+
+
 @app.command()
 @user_errors
+@config_options(Opt("prior", ["scale", "strength", "steps", "peak_radius", "n_steps"],
+                    rename={"steps": "window", "n_steps": "steps"}))
 def steer(
+    overrides: dict,
     layer: Annotated[str, typer.Option("--layer", "-l", help="Hook point whose output is steered.")],
     unit: Annotated[int, typer.Option(help="Channel or feature index.")],
     kind: Annotated[str, typer.Option(help="channel, feature (a decoder row of the layer's default SAE) or "
                                            "feature.<id> (of another SAE of the layer).")]
     = "feature",
     run: RunOpt = Path("runs/demo"),
-    scale: Annotated[float | None, typer.Option(help=_doc("interventions", "steer_scale"))] = None,
-    strength: Annotated[float | None, typer.Option(help="Absolute strength; overrides --scale.")] = None,
-    window: WindowOpt = "active",
     mask: Annotated[str | None, typer.Option(help="left, right, top, bottom, center, object (demo), or a .npy/.png.")]
     = None,
     prompt: Annotated[str | None, typer.Option(help="Steer this prompt, shown beside the unsteered image; without "
                                                     "it: the steered prior (empty prompt, no guidance).")] = None,
-    seeds: SeedsOpt = None, steps: NStepsOpt = None, guidance: RunGuidanceOpt = None,
+    seeds: PriorSeedsOpt = None, guidance: RunGuidanceOpt = None,
+    config: ConfigOpt = None, set_: SetOpt = None,
     device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
 ) -> None:
-    """Add strength x a unit's direction to a layer's output and compare with the unsteered images."""
+    """Add strength x a unit's direction to a layer's output and compare with the unsteered images. How strongly and
+    where: the [prior] settings, every one an option (--scale, --strength, --window: prior.steps, --peak-radius,
+    --seeds, --steps: prior.n_steps, the denoising steps as everywhere)."""
     from backend.interventions.steer import steer_run
 
-    ctx, cfg = _model_run_context(run, device, dtype)
-    iv = cfg.interventions
-    res = steer_run(ctx, layer, kind, unit, scale=iv.steer_scale if scale is None else scale, strength=strength,
-                    steps=window, mask=mask, mode="prompt" if prompt else "prior", prompt=prompt,
-                    seeds=iv.steer_seeds if seeds is None else _seeds(seeds), n_steps=steps, guidance=guidance)
+    given = {**overrides, "prior.seeds": _seeds(seeds) if seeds is not None else None}
+    ctx, cfg = _model_run_context(run, device, dtype, config, given, set_)
+    p = cfg.prior
+    res = steer_run(ctx, layer, kind, unit, scale=p.scale, strength=p.strength, steps=p.steps, mask=mask,
+                    mode="prompt" if prompt else "prior", prompt=prompt, seeds=p.seeds, n_steps=p.n_steps or None,
+                    guidance=guidance, peak_radius=p.peak_radius)
     rows = res.rows
     typer.echo(f"steered {kind} {unit} of {layer}: strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
     for r in rows.iter_rows(named=True):

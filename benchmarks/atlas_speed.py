@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/atlas_speed.py [--run runs/demo] [--prior-units 32] [--dream-units 16]
                                                [--batch 32] [--threads 2] [--whole | --reduced 32]
+                                               [--what prior|dream|both] [--skip-ratios] [--skip-whole]
 
 One process, the same run and settings for both sides of each ratio (goals: priors >= 5x units/minute, dreams >=
 2x): priors with 4 seeds at the run's 20 steps; dreams with 2 seeds x 50 iterations at step 0 and the unit's top
@@ -54,7 +55,8 @@ def synthetic_run(root: Path) -> Path:
     store.write_table_shard("generations", "part-0000000", pa.table({
         "gen_id": np.zeros(1, np.int32), "prompt": ["a large blue circle on the left, gray background"],
         "seed": np.zeros(1, np.int64), "group": ["blue"], "attributes": ["{}"], "image": ["images/000000.png"],
-        "n_steps": np.full(1, STEPS, np.int16), "guidance": np.full(1, 1.5, np.float32)}))
+        "n_steps": np.full(1, STEPS, np.int16), "guidance": np.full(1, 1.5, np.float32),
+        "negative_prompt": pa.nulls(1, pa.string()), "control_image": pa.nulls(1, pa.string())}))
     rng = np.random.default_rng(0)
     for li, layer in enumerate(LAYERS):
         sae = SAE(SAEConfig(d_in=CHANNELS, n_latents=LATENTS, k=16, layer=layer))
@@ -118,6 +120,8 @@ def main() -> None:
     ap.add_argument("--reduced", type=int, default=32, help="units per (layer, kind) of the reduced atlas")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side of each ratio")
     ap.add_argument("--skip-ratios", action="store_true")
+    ap.add_argument("--skip-whole", action="store_true", help="only the ratios, no whole or reduced atlas")
+    ap.add_argument("--what", choices=["prior", "dream", "both"], default="both", help="the ratios to measure")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -135,10 +139,14 @@ def main() -> None:
         print(f"machine load at start: {load:.2f} (1-minute average), {args.threads} threads")
         if not args.skip_ratios:
             for what, n in (("prior", args.prior_units), ("dream", args.dream_units)):
+                if args.what not in (what, "both"):
+                    continue
                 batched, single = ratio(base, tmp, model, what, n, args.batch, args.repeats)
                 print(f"{what}s of {n} channels: batched {batched:.1f} s ({60 * n / batched:.0f} units/min), one at "
                       f"a time {single:.1f} s ({60 * n / single:.0f} units/min): {single / batched:.2f}x "
                       f"(load {os.getloadavg()[0]:.2f})")
+        if args.skip_whole:
+            return
         total, parts = 0.0, []
         for layer in LAYERS:
             for kind, n_units in (("channel", CHANNELS), ("feature", LATENTS)):

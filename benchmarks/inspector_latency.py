@@ -51,6 +51,9 @@ LAYER, KIND = "up_blocks.1.attentions.1", "feature"
 GROUPS = ["animals", "landscapes", "people", "objects"]
 HEAT = (16, 16)
 N_IMAGES = 48
+BUILD = 2
+"""The synthetic run's layout version (part of its shape: a run built by an older benchmark is rebuilt); 2: atlas
+images have their thumbnails."""
 SHARD_GENS = 32
 
 
@@ -91,7 +94,8 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
         "gen_id": gen_id, "prompt": [f"a photo of {GROUPS[g]} #{p}" for p, g in zip(prompt_ix, group_ix, strict=True)],
         "seed": (gen_id % seeds_per_prompt).astype(np.int64), "group": [GROUPS[g] for g in group_ix],
         "attributes": ["{}"] * n_gens, "image": [f"images/{g:06d}.png" for g in gen_id],
-        "n_steps": np.full(n_gens, n_steps, np.int16), "guidance": np.full(n_gens, 7.5, np.float32)}))
+        "n_steps": np.full(n_gens, n_steps, np.int16), "guidance": np.full(n_gens, 7.5, np.float32),
+        "negative_prompt": pa.nulls(n_gens, pa.string()), "control_image": pa.nulls(n_gens, pa.string())}))
     timesteps = np.linspace(981, 1, n_steps).round().astype(np.float32)
     store.write_table("steps", pa.table({"step": np.arange(n_steps, dtype=np.int16), "timestep": timesteps}))
     yy, xx = np.mgrid[0:512, 0:512] / 512.0
@@ -272,11 +276,13 @@ ATLAS_DREAMS = (("default", (0, 1)), ("no-noise", (0, 1)))
 def write_atlas(store, n_units: int, batch: int, rng) -> None:
     """An `atlas` of every unit, as the atlas stage lays it out (docs/run-format.md): priors and dreams as PNGs
     hard-linked from the 48 pictures (each its own file, so the inspector decodes each like a real one), dreams
-    with a GIF each (hard links of 8 distinct 8-frame GIFs), written in batches of units."""
+    with a GIF each (hard links of 8 distinct 8-frame GIFs), each PNG with its thumbnail beside it (hard links of the
+    48 pictures' thumbnails, made by the atlas's own function), written in batches of units."""
     import pyarrow as pa
     from PIL import Image
 
-    from backend.run.schema import TABLES
+    from backend.interventions.media import thumbnail_jpeg
+    from backend.run.schema import TABLES, atlas_thumbnail
 
     base = f"media/atlas/{LAYER}/{KIND}"
     gifs = []
@@ -288,10 +294,18 @@ def write_atlas(store, n_units: int, batch: int, rng) -> None:
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
         gifs.append(path)
 
+    thumbs = []  # each picture's thumbnail, made as the atlas makes them (media.thumbnail_jpeg)
+    for i in range(N_IMAGES):
+        path = store.root / base / f"_thumb-{i}.jpg"
+        path.write_bytes(thumbnail_jpeg(Image.open(store.image_path(i))))
+        thumbs.append(path)
+
     def link(source: Path, rel: str) -> str:
         target = store.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(source, target)
+        if source.suffix == ".png":  # its thumbnail beside it, as the atlas writes them (schema.atlas_thumbnail)
+            os.link(thumbs[int(source.stem)], store.root / atlas_thumbnail(rel))
         return rel
 
     for first in range(0, n_units, batch):
@@ -442,7 +456,7 @@ def atlas_page_runs(root: Path, name: str, n_runs: int) -> dict:
     """The Atlas page under AppTest: its first run, then n_runs moves to another page of the grid (new units, new
     thumbnails each time) and changes of the sort."""
     at, first = open_page(root, "atlas", {"run": name, "layer": LAYER, "kind": KIND})
-    tiles = len(at.get("page_link"))
+    tiles = sum(h.proto.body.count('class="atlas-tile"') for h in at.get("html"))  # the grid: one HTML element
     pages, sorts = [], []
     for i in range(n_runs):
         t = time.perf_counter()
@@ -518,9 +532,10 @@ def _serve(root: Path):
 ATLAS_SORTS_SHOWN = ("density", "peak step", "best concept (AUROC)", "max activation", "dream objective")
 """Sorts whose first pages the `open` browser timings show, one each (none shown before: new thumbnails)."""
 GRID_IMAGES = 48
-"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side)."""
+"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side; the
+grid is one HTML element, `.atlas-grid`, its tiles' images inline JPEGs)."""
 ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
-                    "[data-testid=\"stImageContainer\"] img')]; return imgs.length >= n && "
+                    "[data-testid=\"stImageContainer\"] img, .atlas-grid img')]; return imgs.length >= n && "
                     "imgs.every(i => i.complete && i.naturalWidth > 0); }")
 
 
@@ -615,7 +630,8 @@ def main() -> None:
 
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     shape = {"features": args.features, "steps": args.steps, "generations": args.generations,
-             "density": args.density, "row_group_size": args.row_group_size}
+             "density": args.density, "row_group_size": args.row_group_size,
+             "build": BUILD}
     name = "sd-synthetic" + (f"-rg{args.row_group_size}" if args.row_group_size else "")
     root = args.out / "runs"
     run_dir = root / name

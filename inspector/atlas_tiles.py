@@ -2,8 +2,10 @@
 side in one image, its numbers and a link to its page) and the unit page's atlas section (every prior and dream of
 the unit, with the dreams' animations and the heat-map-over-steps animation as GIFs).
 
-Thumbnails are decoded for the visible tiles only (ui.thumbs, in parallel, cached by file and size); GIFs are sent
-as they are (Streamlit keeps a GIF's bytes, so it plays in the browser).
+The grid shows each image's thumbnail, the small JPEG the atlas writes beside it (schema.atlas_thumbnail; the full
+image for a run written before thumbnails), decoded for the visible tiles only (ui.thumbs, in parallel, cached by
+file and size); the unit page shows the full images. GIFs are sent as they are (Streamlit keeps a GIF's bytes, so
+it plays in the browser).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
+from backend.run.schema import ATLAS_THUMB_PX, atlas_thumbnail
 from inspector import overlay, queries, ui
 from inspector.queries import Run
 
@@ -22,6 +25,16 @@ COLUMNS = 6
 
 def _jpegs(run: Run, paths: list[str | None], size: int) -> list[bytes | None]:
     return [None if a is None else overlay.to_jpeg(a) for a in ui.thumbs(run, paths, size)]
+
+
+def tile_pictures(run: Run, images: list[str | None]) -> list[np.ndarray | None]:
+    """The grid pictures of atlas images: their thumbnails (longer side ATLAS_THUMB_PX), or the image itself scaled
+    to that size where a thumbnail is missing (a run written before thumbnails)."""
+    small = ui.thumbs(run, [None if p is None else atlas_thumbnail(p) for p in images], ATLAS_THUMB_PX)
+    missing = [i for i, (p, t) in enumerate(zip(images, small, strict=True)) if p is not None and t is None]
+    for i, full in zip(missing, ui.thumbs(run, [images[i] for i in missing], ATLAS_THUMB_PX), strict=True):
+        small[i] = full
+    return small
 
 
 def tile_caption(r: dict, kind: str) -> str:
@@ -58,24 +71,39 @@ def tile_image(pictures: list[np.ndarray | None]) -> np.ndarray | None:
     return np.concatenate(parts, axis=1)
 
 
+TILE_STYLE = ("display:block;border:1px solid rgba(128,128,128,0.3);border-radius:0.5rem;padding:0.4rem;"
+              "text-decoration:none;color:inherit")
+GRID_STYLE = f"display:grid;grid-template-columns:repeat({COLUMNS},minmax(0,1fr));gap:0.75rem"
+CAPTION_STYLE = "font-size:0.8rem;opacity:0.75;margin-top:0.25rem;line-height:1.3"
+
+
+def tile_html(image: np.ndarray | None, label: str, caption: str, href: str, title: str) -> str:
+    """One grid tile: its image (inline JPEG) over its label and caption, the whole tile a link to href."""
+    import base64
+    from html import escape
+
+    picture = (f'<img src="data:image/jpeg;base64,{base64.b64encode(overlay.to_jpeg(image)).decode()}" '
+               f'alt="{escape(title)}: {escape(label)}" style="width:100%;height:auto;display:block">'
+               if image is not None else '<div style="padding:2rem 0;text-align:center">(no image)</div>')
+    return (f'<a class="atlas-tile" href="{escape(href)}" target="_self" title="open {escape(title)}" '
+            f'style="{TILE_STYLE}">{picture}<div style="{CAPTION_STYLE}">{escape(label)}<br>{escape(caption)}</div>'
+            "</a>")
+
+
 def grid(run: Run, layer: str, kind: str, rows: pl.DataFrame) -> None:
-    """One page of the atlas grid: per unit its prior and / or dream (side by side in one image), a caption and a
-    link to its unit page."""
+    """One page of the atlas grid as one HTML element: per unit its prior and / or dream (side by side in one
+    inline JPEG made from their thumbnails), a caption, the tile a link to its unit page. One element rather than
+    five Streamlit elements a tile (container, image, captions, page link) and no media request per picture: the
+    browser lays out the page once."""
+    from urllib.parse import urlencode
+
     columns = [c for c in ("prior_image", "dream_image") if rows[c].null_count() < rows.height]
     label = " | ".join(c.split("_")[0] for c in columns)
-    for i, r in enumerate(rows.iter_rows(named=True)):
-        if i % COLUMNS == 0:  # a row of tiles at a time (the DOM runs row by row), decoded just before it is sent:
-            cols = st.columns(COLUMNS)  # the first row shows while the next ones decode
-            decoded = {c: ui.thumbs(run, rows[c][i:i + COLUMNS].to_list(), TILE_PX) for c in columns}
-        with cols[i % COLUMNS], st.container(border=True):
-            image = tile_image([decoded[c][i % COLUMNS] for c in columns])
-            if image is not None:
-                st.image(overlay.to_jpeg(image), caption=label)
-            else:
-                st.caption("(no image)")
-            st.caption(tile_caption(r, kind))
-            st.page_link(ui.UNIT_PAGE, label=f"unit {r['unit']}", icon=":material/open_in_new:",
-                         help=f"open {kind} {r['unit']}", query_params=ui.unit_params(run, layer, kind, r["unit"]))
+    decoded = {c: tile_pictures(run, rows[c].to_list()) for c in columns}
+    tiles = [tile_html(tile_image([decoded[c][i] for c in columns]), label, tile_caption(r, kind),
+                       f"unit?{urlencode(ui.unit_params(run, layer, kind, r['unit']))}", f"{kind} {r['unit']}")
+             for i, r in enumerate(rows.iter_rows(named=True))]
+    st.html(f'<div class="atlas-grid" style="{GRID_STYLE}">{"".join(tiles)}</div>')
 
 
 def gif_bytes(run: Run, relative: str | None) -> bytes | None:

@@ -41,7 +41,7 @@ from backend.interventions.animations import (
     unit_maps_SHW,
     write_gif,
 )
-from backend.interventions.media import digest
+from backend.interventions.media import digest, write_with_thumbnail
 from backend.run.config import AtlasConfig, DreamConfig, PriorConfig, check_finite_settings
 from backend.run.context import RunContext
 from backend.run.distributed import Dist
@@ -327,8 +327,8 @@ def run_prior_batch(ctx: RunContext, plan: AtlasPlan, batch: Batch) -> None:
             r = ui * len(seeds) + si
             tensors[f"seed-{seed}"] = latents[r].contiguous()
             rows.append({"unit": p.unit, "what": "prior", "variant": "default", "seed": seed,
-                         "image": ctx.store.write_png(image_rel(layer, kind, "prior", "default", p.unit, seed),
-                                                      images[r]),
+                         "image": write_with_thumbnail(ctx.store, image_rel(layer, kind, "prior", "default", p.unit,
+                                                                            seed), images[r]),
                          "target_steps": ",".join(map(str, p.steps))})
         meta = {"format": "difflens-prior-latents", "target_steps": ",".join(map(str, p.steps))}
         atomic_write_with(ctx.root / latents_rel(layer, kind, p.unit),
@@ -364,8 +364,8 @@ def run_dream_batch(ctx: RunContext, plan: AtlasPlan, batch: Batch) -> None:
         step = None if cfg.joint else s.targets[0]
         frames = [res.images[k] for k in sorted(res.images)]
         rows.append({"unit": s.unit, "what": "dream", "variant": batch.variant, "seed": s.seed,
-                     "image": ctx.store.write_png(image_rel(layer, kind, "dream", batch.variant, s.unit, s.seed, step),
-                                                  frames[-1]),
+                     "image": write_with_thumbnail(ctx.store, image_rel(layer, kind, "dream", batch.variant, s.unit,
+                                                                        s.seed, step), frames[-1]),
                      "animation": write_gif(ctx.root, image_rel(layer, kind, "dream", batch.variant, s.unit, s.seed,
                                                                 step, "gif"), frames, plan.frame_ms),
                      "objective": res.objective, "target_steps": ",".join(map(str, s.targets))})

@@ -60,10 +60,12 @@ from backend.models.base import DiffusionModel, to_uint8
 from backend.models.noising import check_noisable, ddpm_see_through
 from backend.models.noising import see_through_weights as noised_weights
 from backend.run.config import (
+    DREAM_KIND_TABLES,
     KIND_DREAM_DEFAULTS,
     ROBUSTNESS,
     DreamConfig,
     check_finite_settings,
+    check_kind_tables,
 )
 from backend.run.context import check_kind
 from backend.run.schema import is_feature
@@ -84,10 +86,19 @@ AUGMENT_FIELDS = ("jitter", "rotate_degrees", "scale_range")
 """DreamConfig fields whose None means the robustness preset's value (ROBUSTNESS)."""
 
 
+def with_kind_table(cfg: DreamConfig, kind: str) -> DreamConfig:
+    """cfg with its per-kind table ([dream.channel] for channels, [dream.feature] for any SAE's features) applied
+    over the [dream] settings; the tables are then empty (the result is one kind's settings)."""
+    table = cfg.feature if is_feature(kind) else cfg.channel
+    return dataclasses.replace(copy.deepcopy(cfg), **copy.deepcopy(table), channel={}, feature={})
+
+
 def for_kind(cfg: DreamConfig, kind: str) -> DreamConfig:
-    """A copy of cfg with the kind-dependent fields (KIND_FIELDS) and the augmentation group (AUGMENT_FIELDS) that
-    are None filled from the kind's defaults and the robustness preset; an unknown preset is a one-line error."""
+    """A copy of cfg with its per-kind table applied (with_kind_table), then the kind-dependent fields (KIND_FIELDS)
+    and the augmentation group (AUGMENT_FIELDS) that are None filled from the kind's defaults and the robustness
+    preset; an unknown preset is a one-line error."""
     check_kind(kind)
+    cfg = with_kind_table(cfg, kind)
     check_preset(cfg.robustness)
     kind_values = KIND_DREAM_DEFAULTS["feature" if is_feature(kind) else "channel"]
     preset = dict(zip(AUGMENT_FIELDS, ROBUSTNESS[cfg.robustness], strict=True))
@@ -113,7 +124,12 @@ CHOICES = {"init": ("random", "prior"), "blur_schedule": ("linear", "cosine", "c
 
 
 def validate_config(cfg: DreamConfig) -> DreamConfig:
-    """Raise a one-line DifflensError for a setting out of range (None fields: not resolved yet, not checked)."""
+    """Raise a one-line DifflensError for a setting out of range (None fields: not resolved yet, not checked); the
+    per-kind tables are checked as their kind's settings."""
+    check_kind_tables(cfg)
+    for kind in DREAM_KIND_TABLES:
+        if getattr(cfg, kind):
+            validate_config(with_kind_table(cfg, kind))
     check_finite_settings("dream", cfg.to_dict())
     check_preset(cfg.robustness)
     for name, allowed in CHOICES.items():

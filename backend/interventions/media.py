@@ -6,7 +6,8 @@ This module owns
   - `safe_name` (a layer or preset name as a path component), `write_grid` (a captioned grid PNG of a run's images);
   - `to_json` (the JSON columns: attributes, changes), `with_partition` (a written shard as a frame with its
     layer / kind partition columns, as read_table returns it);
-  - `InterventionResult`, what a run-level steering or edit returns.
+  - `InterventionResult`, what a run-level steering or edit returns;
+  - `thumbnail_jpeg` / `write_with_thumbnail`: an atlas image's small JPEG beside its PNG (schema.atlas_thumbnail).
 
 Table shards and PNGs go through RunStore (atomic temp + rename), at paths derived from the digest.
 """
@@ -56,3 +57,37 @@ def to_json(obj) -> str | None:
 
 def with_partition(table: pa.Table, layer: str, kind: str) -> pl.DataFrame:
     return pl.from_arrow(table).with_columns(layer=pl.lit(layer), kind=pl.lit(kind))
+
+
+THUMB_QUALITY = 85
+"""JPEG quality of the atlas thumbnails."""
+
+
+def thumbnail_jpeg(image) -> bytes:
+    """An image (uint8 [H, W, 3] array or PIL image) as a JPEG whose longer side is schema.ATLAS_THUMB_PX at most
+    (a box filter when reducing; a smaller image keeps its size)."""
+    import io
+
+    from PIL import Image
+
+    from backend.run.schema import ATLAS_THUMB_PX
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    img = img.convert("RGB")
+    scale = ATLAS_THUMB_PX / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BOX)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return buf.getvalue()
+
+
+def write_with_thumbnail(store: RunStore, rel: str, image_HW3: np.ndarray) -> str:
+    """Write an atlas image as a PNG at rel and its thumbnail at schema.atlas_thumbnail(rel); returns rel."""
+    from backend.fileio import atomic_write_bytes
+    from backend.run.schema import atlas_thumbnail
+
+    written = store.write_png(rel, image_HW3)
+    atomic_write_bytes(store.root / atlas_thumbnail(written), thumbnail_jpeg(image_HW3))
+    return written

@@ -82,8 +82,10 @@ class SteerSpec:
     """Absolute strength along the unit-norm direction; overrides scale (then the units table is not needed
     unless steps="active")."""
     steps: Steps = "active"
-    """"active" (the unit's first..last active step in the run), "all", "late" (second half), or an inclusive
-    (first, last) window."""
+    """"active" (the unit's first..last active step in the run), "all", "late" (second half), "peaks" (the unit's
+    peak steps +- peak_radius, as PriorConfig.steps), or an inclusive (first, last) window."""
+    peak_radius: int = 1
+    """With steps "peaks": steps on either side of each peak that are steered too."""
     mask: str | None = None
     """Spatial mask: a region (left, right, top, bottom, center), a .npy / image file (nonzero = inside), or
     "object": on the demo model, the shape found in each baseline image (see object_masks)."""
@@ -153,7 +155,7 @@ def typical_activation(ctx: RunContext, layer: str, kind: str, unit: int) -> tup
 
 def resolve_strength(ctx: RunContext, spec: SteerSpec, sae) -> tuple[float, tuple[int, int] | None]:
     """(absolute strength, the unit's active window or None) for a spec."""
-    need_units = spec.strength is None or spec.steps == "active"
+    need_units = spec.strength is None or spec.steps in ("active", "peaks")
     typical, active = typical_activation(ctx, spec.layer, spec.kind, spec.unit) if need_units else (0.0, None)
     if spec.strength is not None:
         return check_finite("strength", spec.strength), active
@@ -163,6 +165,30 @@ def resolve_strength(ctx: RunContext, spec: SteerSpec, sae) -> tuple[float, tupl
         raise DifflensError(f"{spec.kind} {spec.unit} of {spec.layer} never activates in this run (max 0), so a "
                             "relative scale means nothing; give an absolute --strength")
     return check_finite("strength", scale * ref), active
+
+
+def spec_settings(spec: SteerSpec) -> dict:
+    """The settings a steering's digest is made of (peak_radius only with steps "peaks", so steerings made before
+    it existed keep their digests)."""
+    out = asdict(spec)
+    if spec.steps != "peaks":
+        out.pop("peak_radius")
+    return out
+
+
+def peak_schedule(ctx: RunContext, spec: SteerSpec, strength: float,
+                  n_steps: int) -> tuple[list[float], tuple[int, int], str]:
+    """(strength by step, the (first, last) steered step, the steered steps as "3,4,5,9") of steps "peaks": the
+    unit's peak steps +- peak_radius, as a prior steers them (priors.steered_steps; every step when it has none)."""
+    from backend.interventions.priors import steered_steps
+    from backend.run.config import PriorConfig
+
+    if spec.peak_radius < 0:
+        raise DifflensError(f"peak_radius must be >= 0 (got {spec.peak_radius})")
+    row = ctx.units(spec.layer, spec.kind).filter(pl.col("unit") == spec.unit).row(0, named=True)
+    steps = steered_steps(PriorConfig(steps="peaks", peak_radius=spec.peak_radius), row, n_steps, ctx.n_steps)
+    schedule = [check_finite("strength", strength) if s in steps else 0.0 for s in range(n_steps)]
+    return schedule, (steps[0], steps[-1]), ",".join(map(str, steps))
 
 
 def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
@@ -184,8 +210,11 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
     direction_C = unit_direction(spec.kind, spec.unit, n_channels, sae)
     strength, active = resolve_strength(ctx, spec, sae)
     n_steps = spec.n_steps or ctx.n_steps
-    window = step_window(spec.steps, n_steps, active, ctx.n_steps)
-    schedule = strength_schedule(strength, window, n_steps)
+    if spec.steps == "peaks":
+        schedule, window, described = peak_schedule(ctx, spec, strength, n_steps)
+    else:
+        window = step_window(spec.steps, n_steps, active, ctx.n_steps)
+        schedule, described = strength_schedule(strength, window, n_steps), describe_window(window, n_steps)
     on_object = isinstance(spec.mask, str) and spec.mask == "object"
     if on_object and not is_demo(model):
         raise DifflensError("mask object needs the demo model (its shapes are found by the attribute scorer)")
@@ -201,10 +230,10 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
     steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, direction_C, schedule, mask, n_steps,
                                         guidance, spec.half))
     fx = effects(baseline, steered, is_demo(model))
-    key = digest([asdict(spec), prompts, n_steps, guidance, strength])
+    key = digest([spec_settings(spec), prompts, n_steps, guidance, strength])
     common = {"unit": spec.unit, "method": "steer", "mode": spec.mode, "strength": strength,
               "scale": spec.scale if spec.strength is None else float("nan"),
-              "steps": describe_window(window, n_steps), "mask": mask_name(spec.mask), "n_steps": n_steps,
+              "steps": described, "mask": mask_name(spec.mask), "n_steps": n_steps,
               "guidance": guidance, "concept": concept, "spec": key}
     folder = f"media/steer/{safe_name(spec.layer)}/{spec.kind}-{spec.unit:05d}/{key}"
     base_folder = f"media/steer/baseline/{digest([prompts, seeds, n_steps, guidance])}"
@@ -237,12 +266,13 @@ def _steer_rows(store: RunStore, common: dict, prompts: list[str], seeds: list[i
 def steer_run(run_dir: str | Path, layer: str, kind: Kind, unit: int, scale: float = DEFAULT_SCALE,
               steps: Steps = "active", mask: str | None = None, mode: Mode = "prior", prompt: str | None = None,
               seeds: Sequence[int] = DEFAULT_SEEDS, strength: float | None = None, n_steps: int | None = None,
-              guidance: float | None = None, half: Half = "both",
+              guidance: float | None = None, half: Half = "both", peak_radius: int = 1,
               model: DiffusionModel | None = None) -> InterventionResult:
     """Steer a run's unit (see SteerSpec); writes media/steer/... images and a grid, and `interventions` rows."""
     spec = SteerSpec(layer=layer, kind=kind, unit=int(unit), scale=float(scale), strength=strength,
-                     steps=parse_steps(steps), mask=mask, mode=mode, prompt=prompt,
-                     seeds=tuple(int(s) for s in seeds), n_steps=n_steps, guidance=guidance, half=half)
+                     steps="peaks" if steps == "peaks" else parse_steps(steps), mask=mask, mode=mode, prompt=prompt,
+                     seeds=tuple(int(s) for s in seeds), n_steps=n_steps, guidance=guidance, half=half,
+                     peak_radius=int(peak_radius))
     ctx = as_context(run_dir, model=model).require_generator("steer")
     ctx.store.remove_stale_temporaries()
     return steer(ctx, spec)

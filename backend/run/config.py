@@ -414,9 +414,38 @@ class DreamConfig:
     """Rows (seeds x target steps) the denoiser sees per forward and backward pass; 0: all at once. The gradients
     of the micro-batches are summed, so the result is the same: lower it when a dream runs out of memory (SDXL at
     1024 px holds every row's activations for the backward pass)."""
+    channel: dict = field(default_factory=dict)
+    """The `[dream.channel]` table: settings for channels only, over the ones above (any [dream] key but channel and
+    feature, e.g. lr = 0.25, robustness = "strong"). Reachable from the command line with --set dream.channel.KEY=V."""
+    feature: dict = field(default_factory=dict)
+    """The `[dream.feature]` table: settings for SAE features only (every SAE of a layer), over the ones above."""
+
+    def __post_init__(self):
+        check_kind_tables(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+DREAM_KIND_TABLES = ("channel", "feature")
+"""DreamConfig's per-kind tables ([dream.channel], [dream.feature]): kind -> settings over [dream]'s."""
+
+
+def check_kind_tables(cfg: DreamConfig) -> None:
+    """One-line errors for a per-kind [dream] table that is not a table, names an unknown key, has a value of the
+    wrong type or a non-finite number (its presets and ranges are checked with the kind's resolved settings)."""
+    for name in DREAM_KIND_TABLES:
+        table = getattr(cfg, name)
+        where = f"[dream.{name}]"
+        if not isinstance(table, dict):
+            raise DifflensError(f"{where} must be a table of [dream] settings (got {table!r})")
+        allowed = {f.name for f in dataclasses.fields(DreamConfig)} - set(DREAM_KIND_TABLES)
+        unknown = set(table) - allowed
+        if unknown:
+            raise DifflensError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: "
+                                f"{', '.join(sorted(allowed))}")
+        _check_types(table, DreamConfig, where)
+        check_finite_settings(f"dream.{name}", table)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 `config_options(Opt("capture"), Opt("sae", ["k"], prefix="sae-"))` adds to a Typer command one option per chosen
 field (`--steps`, `--sae-k`): its type from the field, its help from the field's docstring plus the dataclass
-default, its value None unless given. The command receives them as one `overrides` dict of dotted keys
+default, its value None unless given (a field that is a table of settings, such as [dream.feature], has no option:
+--set dream.feature.lr=0.5 reaches it). The command receives them as one `overrides` dict of dotted keys
 ({"capture.steps": 10}), ready for backend.run.config.resolve (defaults < saved run config < --config < options).
 """
 
@@ -58,6 +59,8 @@ def _params(opt: Opt) -> list[tuple[str, inspect.Parameter]]:
         if opt.section == "" and f.name in SECTIONS:
             continue
         if opt.fields is not None and f.name not in opt.fields:
+            continue
+        if hints[f.name] is dict:  # a table of settings (e.g. [dream.feature]): --set section.table.key=value
             continue
         flag = (opt.rename or {}).get(f.name, opt.prefix + f.name).replace("_", "-")
         default = _default_text(opt.section, f.name)

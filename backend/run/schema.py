@@ -338,6 +338,18 @@ ATLAS_VARIANTS = ("default", "no-noise", "from-prior", "from-prior-no-noise")
 `no-noise` (no scheduler noise: the denoiser sees the latent itself), `from-prior` (started from the unit's
 steered prior of the same seed), both."""
 
+ATLAS_THUMB_PX = 128
+"""Longer side of an atlas image's thumbnail (smaller images keep their size)."""
+
+
+def atlas_thumbnail(image: str) -> str:
+    """The run-relative path of an `atlas.image`'s thumbnail (the Atlas page's grid shows these): beside the image,
+    `.thumb.jpg` in place of its extension; a JPEG whose longer side is ATLAS_THUMB_PX at most. Runs written before
+    thumbnails existed have none: readers fall back to the image."""
+    stem, dot, _ = image.rpartition(".")
+    return f"{stem if dot else image}.thumb.jpg"
+
+
 ABLATIONS = pa.schema([
     ("mode", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("n_steps", pa.int16()),
     ("guidance", pa.float32()), ("image", pa.string()), ("baseline_image", pa.string()), ("effect", pa.float32()),

@@ -77,7 +77,7 @@ with ui.guard():
     st.session_state[page_key] = found["page"]
     first = (found["page"] - 1) * queries.ATLAS_PAGE_SIZE
     st.caption(f"{found['total']:,} {kind}s of `{layer}` in the atlas match; {first + 1 if found['total'] else 0}"
-               f"-{first + found['rows'].height} shown (click a tile's link to open the unit)")
+               f"-{first + found['rows'].height} shown (click a tile to open its unit)")
     if found["total"]:
         atlas_tiles.grid(run, layer, kind, found["rows"])
     if found["pages"] > 1:

@@ -41,8 +41,20 @@ def _ok(at) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def _tiles(at) -> list[dict]:
+    """The grid's tiles (one HTML element, inspector/atlas_tiles.py grid): each one's link, image alt and caption."""
+    import html
+    import re
+
+    body = "".join(h.proto.body for h in at.get("html"))
+    return [{"href": html.unescape(href), "alt": html.unescape(alt), "caption": html.unescape(caption),
+             "image": src} for href, src, alt, caption in re.findall(
+                r'<a class="atlas-tile" href="([^"]*)"[^>]*>(?:<img src="([^"]*)" alt="([^"]*)"[^>]*>)?'
+                r'<div[^>]*>(.*?)</div></a>', body)]
+
+
 def _tile_units(at) -> list[int]:
-    return [int(link.proto.query_string.rsplit("unit=", 1)[1]) for link in at.get("page_link")]
+    return [int(t["href"].rsplit("unit=", 1)[1]) for t in _tiles(at)]
 
 
 # ------------------------------------------------------------------------------------------------ queries
@@ -112,12 +124,15 @@ def test_atlas_page_shows_a_grid_that_links_to_unit_pages(runs_dir, monkeypatch)
     at = _atlas_app(runs_dir, monkeypatch, layer=L_MID, kind="feature")
     assert at.title[0].value == "Atlas"
     assert _tile_units(at) == list(range(N_FEATURES))
-    assert len(at.image) == N_FEATURES  # one image a tile: prior and dream side by side
-    assert all(img.captions == ["prior | dream"] for img in at.image)
+    tiles = _tiles(at)
+    assert len(at.get("html")) == 1 and not at.image  # the whole grid: one element
+    assert all(t["image"].startswith("data:image/jpeg;base64,") for t in tiles)  # one image a tile, inline
+    assert all(t["caption"].startswith("prior | dream<br>feature ") for t in tiles)
+    assert tiles[2]["alt"] == "feature 2: prior | dream"
     assert f"{N_FEATURES} features of `{L_MID}`" in at.caption[0].value
-    link = at.get("page_link")[2]
-    assert link.proto.query_string == f"run=tiny&layer={L_MID}&kind=feature&unit=2"
-    at.query_params.update(dict(p.split("=", 1) for p in link.proto.query_string.split("&")))
+    query = tiles[2]["href"].removeprefix("unit?")
+    assert query == f"run=tiny&layer={L_MID}&kind=feature&unit=2"
+    at.query_params.update(dict(p.split("=", 1) for p in query.split("&")))
     at.switch_page("views/unit.py")
     at.run()
     _ok(at)
@@ -189,7 +204,7 @@ def test_atlas_page_without_an_atlas(tmp_path, runs_dir, monkeypatch):
     shutil.rmtree(root / "tiny/tables/atlas")
     at = _atlas_app(root, monkeypatch)
     assert "python cli.py atlas --run" in "\n".join(i.value for i in at.info)
-    assert not at.get("page_link")
+    assert not _tiles(at)
 
 
 def test_a_tiles_pictures_side_by_side():
@@ -208,4 +223,30 @@ def test_a_tiles_pictures_side_by_side():
 def test_atlas_tiles_carry_the_units_label(runs_dir, monkeypatch):
     at = _atlas_app(runs_dir, monkeypatch, layer=L_MID, kind="feature")
     _ok(at)
-    assert any("feature 2 · " in c.value and "label colour=red" in c.value for c in at.caption)
+    assert any("feature 2 · " in t["caption"] and "label colour=red" in t["caption"] for t in _tiles(at))
+
+
+def test_the_grid_shows_thumbnails_and_full_images_where_there_are_none(tmp_path, runs_dir):
+    """A tile's picture is the image's thumbnail (schema.atlas_thumbnail) when the atlas wrote one, else the image
+    itself at the thumbnail size (a run written before thumbnails)."""
+    import numpy as np
+    from PIL import Image
+
+    from backend.run.schema import ATLAS_THUMB_PX, atlas_thumbnail
+    from inspector import atlas_tiles
+    from inspector import queries as q
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir, root)
+    run = q.open_run(root, "tiny")
+    rows = q.atlas_grid.uncached(run, L_MID, "feature", PRIOR, None, "unit", False, "all", None, 1, 3)["rows"]
+    images = rows["prior_image"].to_list()
+    blue = np.zeros((ATLAS_THUMB_PX, ATLAS_THUMB_PX, 3), np.uint8)
+    blue[..., 2] = 255
+    Image.fromarray(blue).save(root / "tiny" / atlas_thumbnail(images[1]), format="JPEG")
+    pictures = atlas_tiles.tile_pictures(run, [*images, None])
+    assert pictures[3] is None and all(p.shape == (ATLAS_THUMB_PX, ATLAS_THUMB_PX, 3) for p in pictures[:3])
+    assert pictures[1][..., 2].min() > 200 and pictures[1][..., 0].max() < 40  # the thumbnail
+    for i in (0, 2):  # no thumbnail: the image, each unit its own red
+        full = np.asarray(Image.open(root / "tiny" / images[i]).convert("RGB"))
+        assert abs(int(pictures[i][..., 0].mean()) - int(full[..., 0].mean())) <= 2

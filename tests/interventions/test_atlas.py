@@ -330,3 +330,68 @@ def test_gif_writer_upscales_and_keeps_every_frame(tmp_path):
     rel = write_gif(tmp_path, "a/b.gif", frames, 50)
     gif = Image.open(io.BytesIO(Path(tmp_path / rel).read_bytes()))
     assert gif.n_frames == 3 and gif.size == (128, 128)
+
+
+# ------------------------------------------------------------------------------------------------ thumbnails
+def test_every_atlas_image_has_its_thumbnail_beside_it(run, model):
+    from backend.run.schema import ATLAS_THUMB_PX, atlas_thumbnail
+
+    go(run, model, quick(units="5"))
+    rows = table(run)
+    assert rows.height == 2 + 2 * 2  # priors of 2 seeds, dreams of 2 variants x 2 seeds
+    for rel in rows["image"]:
+        thumb = run / atlas_thumbnail(rel)
+        assert thumb.name == Path(rel).name.replace(".png", ".thumb.jpg")
+        small = Image.open(thumb)
+        assert small.format == "JPEG" and max(small.size) <= ATLAS_THUMB_PX
+        image = pixels(run, rel)
+        assert small.size == image.shape[1::-1]  # the demo's 16 px images keep their size
+        assert np.abs(np.asarray(small.convert("RGB"), np.int16) - image).mean() < 12  # the same picture
+
+
+def test_a_large_image_gets_a_reduced_thumbnail(tmp_path):
+    from backend.interventions.media import thumbnail_jpeg, write_with_thumbnail
+    from backend.run.schema import ATLAS_THUMB_PX, atlas_thumbnail
+    from backend.run.store import RunStore
+
+    image = np.zeros((512, 384, 3), np.uint8)
+    image[:, 192:] = 255  # right half white
+    rel = write_with_thumbnail(RunStore(tmp_path), "media/atlas/a/b.png", image)
+    small = np.asarray(Image.open(tmp_path / atlas_thumbnail(rel)).convert("L"), np.int16)
+    assert small.shape == (ATLAS_THUMB_PX, 96)
+    assert small[:, :40].max() < 30 and small[:, -40:].min() > 225
+    assert Image.open(io.BytesIO(thumbnail_jpeg(image[:64, :32]))).size == (32, 64)  # never enlarged
+    assert atlas_thumbnail("media/atlas/l/k/dream-default/unit-00003-seed1-step4.png") == (
+        "media/atlas/l/k/dream-default/unit-00003-seed1-step4.thumb.jpg")
+
+
+# ------------------------------------------------------------------------------------------------ per-kind [dream]
+def test_per_kind_dream_tables_set_their_kinds_settings_only(run, model):
+    cfg = DreamConfig(lr=0.1, channel={"lr": 0.5, "robustness": "strong"}, feature={"tv_weight": 1.5})
+    channel, feature, other_sae = (dreams.for_kind(cfg, k) for k in ("channel", "feature", "feature.k4"))
+    assert (channel.lr, channel.jitter, channel.tv_weight) == (0.5, 2, 0.125)  # its table, its preset, kind default
+    assert (feature.lr, feature.jitter, feature.tv_weight) == (0.1, 1, 1.5)
+    assert other_sae == feature and channel.channel == channel.feature == {}
+    a, p, d = quick(units="5", dream_variants=["default"])
+    d.channel = {"opt_steps": 2, "seeds": [1]}
+    go(run, model, (a, p, d))
+    dreamt = table(run).filter(pl.col("what") == "dream")
+    assert dreamt["seed"].to_list() == [1]
+    snapshots = Image.open(run / dreamt["animation"][0])
+    assert snapshots.n_frames == 3  # iterations 0, 1, 2: the channel table's opt_steps
+
+
+@pytest.mark.parametrize(("table_", "match"), [
+    ({"lr_start": 0.1}, r"\[dream.feature\]: unknown key\(s\) lr_start; valid keys: .*blur_kernel"),
+    ({"tv_weight": float("inf")}, "dream.feature.tv_weight must be a finite number"),
+    ({"robustness": "wild"}, "unknown dream robustness preset 'wild'"),
+    ({"lr": "fast"}, r"\[dream.feature\]: lr must be float \| None"),
+])
+def test_bad_per_kind_dream_settings_are_one_line_errors_that_write_nothing(run, model, table_, match):
+    a, p, d = quick()  # channels only: a bad [dream.feature] is refused all the same
+    with pytest.raises(DifflensError, match=match) as info:
+        d.feature = table_
+        d.__post_init__()
+        go(run, model, (a, p, d))
+    assert "\n" not in str(info.value)
+    assert not (run / "tables/atlas").exists() and not (run / "media").exists()

@@ -194,3 +194,26 @@ def test_steer_run_on_a_directory_that_is_not_a_run_is_open_runs_error(tmp_path,
         steer_run(plain, LAYER, "channel", 0, model=model)
     assert one_line(e) == expected
     assert [p.name for p in plain.iterdir()] == ["notes.txt"]  # nothing written
+
+
+def test_the_steer_command_takes_the_prior_knobs(run, model, monkeypatch, tmp_path):
+    """steer's options are the [prior] settings: --window peaks +- --peak-radius, --seeds, and [prior] of a
+    --config file (scale), as PriorConfig means them."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.setattr("backend.run.context.RunContext.model", property(lambda self: model))
+    toml = tmp_path / "run.toml"
+    toml.write_text("[prior]\nscale = 2.0\npeak_radius = 0\n")
+    base = ["steer", "--run", str(run.root), "--layer", LAYER, "--kind", "channel", "--unit", "10"]
+    result = CliRunner().invoke(app, [*base, "--window", "peaks", "--seeds", "0-1", "--config", str(toml)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = run.read_table("interventions")
+    assert rows["steps"].to_list() == ["1", "1"] and rows["seed"].to_list() == [0, 1]  # peak step 1, radius 0
+    np.testing.assert_allclose(rows["strength"].to_numpy(), 2.0 * float(np.linspace(0.5, 2.0, 64)[10]), rtol=1e-6)
+    result = CliRunner().invoke(app, [*base, "--window", "peaks", "--peak-radius", "1", "--seeds", "0"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "at steps 0,1,2" in result.output  # the peak +- 1
+    bad = CliRunner().invoke(app, [*base, "--window", "peaks", "--peak-radius", "-1", "--seeds", "0"])
+    assert bad.exit_code == 1 and "peak_radius must be >= 0" in bad.output

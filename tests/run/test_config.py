@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from backend.errors import DifflensError
@@ -146,3 +147,37 @@ def test_label_and_range_settings_are_checked():
                        (dict(label_pseudo_count=0.0), "analysis.label_pseudo_count must be > 0")):
         with pytest.raises(DifflensError, match=match):
             validate_analysis(AnalysisConfig(**bad))
+
+
+def test_per_kind_dream_tables_from_toml_and_set_with_one_line_errors(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[dream]\nlr = 0.1\n\n[dream.channel]\nlr = 0.5\n\n[dream.feature]\nrobustness = \"strong\"\n")
+    cfg = resolve(file=toml, overrides=parse_set(["dream.feature.tv_weight=2.0"]))
+    assert cfg.dream.lr == 0.1 and cfg.dream.channel == {"lr": 0.5}
+    assert cfg.dream.feature == {"robustness": "strong", "tv_weight": 2.0}  # --set merges into the table
+    atlas_options = {o for p in typer.main.get_command(app).commands["atlas"].params for o in p.opts}
+    assert "--dream-lr" in atlas_options and "--dream-channel" not in atlas_options  # tables: --set only
+    for bad, message in [("dream.feature.bogus=1", r"\[dream.feature\]: unknown key\(s\) bogus; valid keys:"),
+                         ("dream.channel.lr=\"x\"", r"\[dream.channel\]: lr must be float \| None"),
+                         ("dream.channel.range_weight=nan", "dream.channel.range_weight must be a finite number"),
+                         ("dream.channel.channel={}", r"\[dream.channel\]: unknown key\(s\) channel"),
+                         ("dream.feature=3", r"\[dream.feature\] must be a table")]:
+        with pytest.raises(DifflensError, match=message) as err:
+            resolve(overrides=parse_set([bad]))
+        assert "\n" not in str(err.value)
+    toml.write_text("[dream.feature]\nlr = inf\n")
+    with pytest.raises(DifflensError, match="dream.feature.lr must be a finite number"):
+        resolve(file=toml)
+
+
+def test_steer_options_are_the_prior_knobs():
+    from backend.run.config import PriorConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["steer"].params}
+    assert {"opt__prior__scale", "opt__prior__strength", "opt__prior__steps", "opt__prior__peak_radius",
+            "opt__prior__n_steps", "seeds"} <= set(params)
+    docs = field_docs(PriorConfig)
+    assert params["opt__prior__steps"].opts == ["--window"] and docs["steps"] in params["opt__prior__steps"].help
+    assert params["opt__prior__n_steps"].opts == ["--steps"]  # denoising steps, as in every command
+    assert set(f.name for f in dataclasses.fields(PriorConfig)) == {"scale", "strength", "steps", "peak_radius",
+                                                                     "seeds", "n_steps"}  # a new knob: expose it
