@@ -631,7 +631,7 @@ def causal_map_cmd(
     windows: Annotated[str | None, typer.Option(help="Step windows: early, middle, late, all, peaks, or a-b; "
                                                      "comma-separated. [default: all five names]")] = None,
     strengths: Annotated[str | None, typer.Option(help="Scales tried (x each direction's size), comma-separated; "
-                                                       "the best on the selection seeds is kept. [default: 2,4,8]")]
+                                                       "the best on the selection seeds is kept. [default: 4,10,25]")]
     = None,
     seeds: Annotated[str | None, typer.Option(help="Held-out seeds the rates are reported on: a range 2000-2019 or "
                                                    "a list. [default: 2000-2019]")] = None,
@@ -639,7 +639,7 @@ def causal_map_cmd(
                                                              "[default: 1000-1007]")] = None,
     directions: Annotated[str | None, typer.Option(help="channel, feature, features, mean; comma-separated. "
                                                         "[default: all four]")] = None,
-    masks: Annotated[str | None, typer.Option(help="none, object; comma-separated. [default: none]")] = None,
+    masks: Annotated[str | None, typer.Option(help="none, object; comma-separated. [default: both]")] = None,
     attributes: Annotated[str | None, typer.Option(help="Attributes whose values are the concepts, "
                                                         "comma-separated. [default: every attribute]")] = None,
     reduced: Annotated[bool, typer.Option(help="The reduced map run-all computes (see [causal_map] reduced).")]

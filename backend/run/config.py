@@ -279,8 +279,8 @@ class CausalMapConfig:
     enabled: bool = True
     """run-all computes the map (the demo model on prompts with attributes; skipped with a note elsewhere)."""
     reduced: bool = True
-    """run-all's map is the reduced one: the last captured layer, directions mean and features, windows early and
-    late, scales 4 and 8, 4 selection and 8 held-out seeds (about a minute on the demo). `python cli.py causal-map`
+    """run-all's map is the reduced one: the last captured layer, the diff-in-means direction only, windows early and
+    late, scales 8 and 20, 4 selection and 8 held-out seeds (about a minute on the demo). `python cli.py causal-map`
     computes the full map (these settings) unless given --reduced."""
     layers: list[str] = field(default_factory=list)
     """Layers (empty: every captured layer)."""
@@ -292,9 +292,9 @@ class CausalMapConfig:
     windows: list[str] = field(default_factory=lambda: ["early", "middle", "late", "all", "peaks"])
     """early (first third of the steps), middle, late (second half), all, peaks (the concept's peak step at the
     layer), or a window a-b."""
-    masks: list[str] = field(default_factory=lambda: ["none"])
+    masks: list[str] = field(default_factory=lambda: ["none", "object"])
     """none (every token) and/or object (the shape in each unsteered image)."""
-    scales: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+    scales: list[float] = field(default_factory=lambda: [4.0, 10.0, 25.0])
     """Strengths tried, x the direction's size (a unit: its max activation, x its decoder-row norm; a direction: the
     norm of the difference); each cell keeps the best on the selection seeds."""
     selection_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1008)))
@@ -310,7 +310,7 @@ class CausalMapConfig:
         return dataclasses.asdict(self)
 
 
-CAUSAL_MAP_REDUCED = {"directions": ["mean", "features"], "windows": ["early", "late"], "scales": [4.0, 8.0],
+CAUSAL_MAP_REDUCED = {"directions": ["mean"], "windows": ["early", "late"], "scales": [8.0, 20.0],
                       "selection_seeds": 4, "heldout_seeds": 8}
 """What `reduced` changes (seeds: the first n of each list; layers: the last captured one unless given)."""
 

@@ -130,7 +130,7 @@ def test_bad_settings_are_one_line_errors_that_write_nothing(run, model):
 def test_reduced_map_keeps_the_last_layer_and_fewer_cells(run, model):
     ctx = open_run(run.root, model=model)
     cfg = cm.effective(ctx, CausalMapConfig())
-    assert cfg.layers == [LAYER] and cfg.directions == ["mean", "features"] and len(cfg.heldout_seeds) == 8
+    assert cfg.layers == [LAYER] and cfg.directions == ["mean"] and len(cfg.heldout_seeds) == 8
     assert cm.effective(ctx, CausalMapConfig(reduced=False)).windows == ["early", "middle", "late", "all", "peaks"]
 
 
