@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from causal_runs import make_causal_run
 from inspector_runs import L_MID, L_UP
 
 from backend.run.store import RunStore
@@ -71,3 +72,23 @@ def test_causal_map_page_deep_link_and_missing_table(mapped, runs_dir, monkeypat
     assert len(at.dataframe[1].value) == 2
     at = _page(runs_dir, monkeypatch, run="tiny")
     assert "python cli.py causal-map --run" in "\n".join(str(i.value) for i in at.info)
+
+
+@pytest.mark.slow
+def test_lab_steers_along_a_concept_direction(tmp_path, model, monkeypatch):
+    """The Lab's direction picker on a captured demo run: the red diff-in-means at the late steps makes a red image
+    of a blue prompt."""
+    store = make_causal_run(tmp_path / "causal", model)
+    at = _page(store.root.parent, monkeypatch, run="causal")
+    at.switch_page("views/lab.py")
+    at = at.run()
+    at.button[0].click().run(timeout=180)
+    at.text_input(key="lab.prompt").set_value("a large blue circle on the left, gray background")
+    next(b for b in at.button if b.label == "Generate").click().run(timeout=120)
+    assert "concept:colour=red" in at.selectbox(key="lab.direction").options
+    at.selectbox(key="lab.direction").set_value("concept:colour=red")
+    at.slider(key="lab.direction_scale").set_value(20.0)
+    next(b for b in at.button if b.label == "Steer along the direction").click().run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    captions = [c for img in at.image for c in img.captions]
+    assert any(c.startswith("concept:colour=red x20") for c in captions)
