@@ -83,7 +83,8 @@ def map_windows(n_steps: int) -> dict[str, tuple[int, int]]:
 
 def run_concepts(ctx: RunContext, attributes: Sequence[str]) -> list[str]:
     """ATTR=VALUE of every value of the given attributes (empty: all) that the run's prompts carry, in the demo's
-    order; an attribute the prompts do not carry is a one-line error."""
+    order, for the attributes with at least two values among them (one value: no contrast); an attribute the prompts
+    do not carry is a one-line error."""
     from backend.demo import shapes
 
     have = {}
@@ -96,7 +97,10 @@ def run_concepts(ctx: RunContext, attributes: Sequence[str]) -> list[str]:
     for a in attributes:
         if a not in have:
             raise DifflensError(f"unknown attribute {a!r}; the run's prompts have {', '.join(sorted(have))}")
-    keys = list(attributes) or [k for k in shapes.ATTRIBUTES if k in have]
+    keys = [k for k in (list(attributes) or [k for k in shapes.ATTRIBUTES if k in have]) if len(have[k]) > 1]
+    if not keys:  # every prompt has the same value: nothing to contrast a concept with
+        raise DifflensError(f"the prompts of {ctx.root} have one value of each attribute asked for, so no concept "
+                            "can be contrasted with another value; use prompts that vary them")
     return [f"{k}={v}" for k in keys for v in shapes.ATTRIBUTES.get(k, sorted(have[k])) if v in have[k]]
 
 
@@ -288,7 +292,7 @@ def run_jobs(model, layer: str, cells: list[MapCell], jobs: list[Job], base: Bas
             strengths = np.zeros((len(part), n_steps), np.float32)
             for k, (j, c) in enumerate(zip(part, cs, strict=True)):
                 strengths[k, c.window[0]:c.window[1] + 1] = jobs[j].scale * c.size
-            masks = np.stack([base.masks[jobs[j].row] if c.mask == "object" else ones
+            masks = np.stack([region_mask(base.masks[jobs[j].row], c.mask, ones)
                               for j, c in zip(part, cs, strict=True)])
             images = steered_batch(model, layer, base, [jobs[j].row for j in part], dirs, strengths,
                                    [start] * len(part), masks, n_steps, guidance)
@@ -299,6 +303,17 @@ def run_jobs(model, layer: str, cells: list[MapCell], jobs: list[Job], base: Bas
                                              cs[k].concept)
             bar.update(len(part))
     return out
+
+
+def region_mask(object_HW: np.ndarray, mask: str, ones: np.ndarray) -> np.ndarray:
+    """A row's mask: none (every token), object (the shape in its unsteered image) or background (everything
+    else; every token when the shape covers the image)."""
+    if mask == "object":
+        return object_HW
+    if mask == "background":
+        rest = np.clip(1.0 - object_HW, 0.0, 1.0)
+        return rest if rest.sum() > 0 else ones
+    return ones
 
 
 def rates(results: list[tuple[bool, bool]]) -> tuple[float, float, float]:

@@ -293,7 +293,7 @@ class CausalMapConfig:
     """early (first third of the steps), middle, late (second half), all, peaks (the concept's peak step at the
     layer), or a window a-b."""
     masks: list[str] = field(default_factory=lambda: ["none", "object"])
-    """none (every token) and/or object (the shape in each unsteered image)."""
+    """none (every token), object (the shape in each unsteered image), background (everything but the shape)."""
     scales: list[float] = field(default_factory=lambda: [4.0, 10.0, 25.0])
     """Strengths tried, x the direction's size (a unit: its max activation, x its decoder-row norm; a direction: the
     norm of the difference); each cell keeps the best on the selection seeds."""
@@ -319,7 +319,7 @@ def validate_causal_map(cfg: CausalMapConfig) -> CausalMapConfig:
     """One-line errors for causal-map settings out of range (before anything is written)."""
     import math
 
-    known = {"directions": ("channel", "feature", "features", "mean"), "masks": ("none", "object")}
+    known = {"directions": ("channel", "feature", "features", "mean"), "masks": ("none", "object", "background")}
     for name, allowed in known.items():
         for v in getattr(cfg, name):
             if v not in allowed:
