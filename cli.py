@@ -639,7 +639,8 @@ def causal_map_cmd(
                                                              "[default: 1000-1007]")] = None,
     directions: Annotated[str | None, typer.Option(help="channel, feature, features, mean; comma-separated. "
                                                         "[default: all four]")] = None,
-    masks: Annotated[str | None, typer.Option(help="none, object; comma-separated. [default: both]")] = None,
+    masks: Annotated[str | None, typer.Option(help="none, object, background; comma-separated. "
+                                                   "[default: none,object]")] = None,
     attributes: Annotated[str | None, typer.Option(help="Attributes whose values are the concepts, "
                                                         "comma-separated. [default: every attribute]")] = None,
     reduced: Annotated[bool, typer.Option(help="The reduced map run-all computes (see [causal_map] reduced).")]

@@ -145,3 +145,13 @@ def test_cli_causal_map_prints_the_best_cell_per_concept(run):
     bad = CliRunner().invoke(app, ["causal-map", "--run", str(run.root), "--seeds", "1000-1001",
                                    "--selection-seeds", "1000"])
     assert bad.exit_code != 0 and "were also used" in bad.output and "Traceback" not in bad.output
+
+
+def test_region_masks_steer_the_object_its_background_or_everything():
+    obj = np.zeros((4, 4), np.float32)
+    obj[1:3, 1:3] = 1.0
+    ones = np.ones((4, 4), np.float32)
+    assert (cm.region_mask(obj, "object", ones) == obj).all()
+    assert (cm.region_mask(obj, "background", ones) == 1 - obj).all()
+    assert (cm.region_mask(obj, "none", ones) == ones).all()
+    assert (cm.region_mask(ones, "background", ones) == ones).all()  # a shape over everything: no empty mask
