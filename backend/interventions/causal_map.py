@@ -419,8 +419,7 @@ def causal_map(run, cfg: CausalMapConfig | None = None, progress: bool = True, m
             table = ctx.store.table_from_rows(TABLE, rows)
             ctx.store.write_table_shard(TABLE, concept.replace("=", "-"), table, layer=layer)
             ctx.store.mark_batch_done(STAGE, chunk_name(layer, concept), rows=len(rows), key=key)
-    ctx.store.update_stage(STAGE, status="done", finished=time.time(),
-                           seconds=round(time.time() - t0 + float(ctx.stage(STAGE).get("seconds") or 0), 3),
+    ctx.store.update_stage(STAGE, status="done", finished=time.time(), seconds=round(time.time() - t0, 3),
                            chunks=len(chunks))
     return ctx.store.read_table(TABLE)
 

@@ -13,8 +13,6 @@ NOT_DEMO = "the causal map needs the demo model (flips are read from pixels by i
 def run_causal_map(ctx, cfg: CausalMapConfig, progress: bool = True) -> dict:
     """Compute (or resume) the map on an open run; returns a summary: rows, the best held-out flip rate per concept,
     or {"skipped": why}."""
-    import polars as pl
-
     from backend.interventions.causal_map import best_per_concept, causal_map
     from backend.interventions.effects import is_demo
     from backend.stages.interventions import NO_ATTRIBUTES, has_attributes
@@ -27,9 +25,7 @@ def run_causal_map(ctx, cfg: CausalMapConfig, progress: bool = True) -> dict:
         return {"skipped": NO_ATTRIBUTES.replace("concept-steering report", "causal map")}
     table = causal_map(ctx, cfg, progress=progress)
     best = best_per_concept(table)
-    return {"rows": table.height, "reduced": cfg.reduced,
+    return {"cells": table.height, "reduced": cfg.reduced, "layers": table["layer"].unique().sort().to_list(),
             "best": {r["concept"]: f"{r['flip_rate']:.0%} flip, {r['collateral_rate']:.0%} collateral "
                                    f"({r['direction']} @ {r['layer']} {r['window']})"
-                     for r in best.sort("concept").iter_rows(named=True)},
-            "layers": table["layer"].unique().sort().to_list() if "layer" in table.columns else [],
-            "cells": int(table.select(pl.len()).item())}
+                     for r in best.sort("concept").iter_rows(named=True)}}
