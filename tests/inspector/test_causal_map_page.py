@@ -8,25 +8,13 @@ from pathlib import Path
 
 import pytest
 from causal_runs import make_causal_run
-from inspector_runs import L_MID, L_UP
+from inspector_runs import L_MID, L_UP, open_page
 
 from backend.run.store import RunStore
 
-APP = Path(__file__).resolve().parents[2] / "inspector" / "app.py"
-
 
 def _page(root: Path, monkeypatch, **params):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("DIFFLENS_RUNS", str(root))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params.update(params)
-    at.run()
-    at.switch_page("views/causal_map.py")
-    at = at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+    return open_page(root, monkeypatch, "causal_map", **params)
 
 
 def _row(concept: str, layer: str, direction: str, window: str, flip: float, collateral: float) -> dict:
@@ -79,9 +67,7 @@ def test_lab_steers_along_a_concept_direction(tmp_path, model, monkeypatch):
     """The Lab's direction picker on a captured demo run: the red diff-in-means at the late steps makes a red image
     of a blue prompt."""
     store = make_causal_run(tmp_path / "causal", model)
-    at = _page(store.root.parent, monkeypatch, run="causal")
-    at.switch_page("views/lab.py")
-    at = at.run()
+    at = open_page(store.root.parent, monkeypatch, "lab", run="causal")
     at.button[0].click().run(timeout=180)
     at.text_input(key="lab.prompt").set_value("a large blue circle on the left, gray background")
     next(b for b in at.button if b.label == "Generate").click().run(timeout=120)
