@@ -292,7 +292,7 @@ def cosine_histogram_chart(hist: pl.DataFrame, height: int = 220) -> dict[str, A
 def causal_map_template(height: int):
     base = alt.Chart(alt.Data(name="cells")).encode(
         x=alt.X("window:N", title=None, sort=["early", "middle", "late", "all", "peaks"]),
-        y=alt.Y("concept:N", title=None, sort=None))
+        y=alt.Y("concept:N", title=None, sort=None, axis=alt.Axis(labelOverlap=False)))
     rect = base.mark_rect().encode(
         color=alt.Color("flip:Q", title="flip rate", scale=alt.Scale(domain=[0, 1], scheme="viridis")),
         tooltip=["concept:N", "layer:N", "window:N",

@@ -478,6 +478,6 @@ def map_chunk(ctx: RunContext, cfg: CausalMapConfig, layer: str, concept: str, w
 def best_per_concept(table: pl.DataFrame, max_collateral: float = 0.2) -> pl.DataFrame:
     """Per concept, the cell with the highest held-out flip rate among those with collateral <= max_collateral
     (none such: the highest flip rate overall), with its layer, window and direction."""
-    ok = table.with_columns(ok=pl.col("collateral_rate") <= max_collateral + 1e-9)
+    ok = table.with_columns(ok=pl.col("collateral_rate").cast(pl.Float64) <= max_collateral + 1e-6)  # float32 rates
     return (ok.sort(["concept", "ok", "flip_rate", "collateral_rate"], descending=[False, True, True, False])
             .unique("concept", keep="first", maintain_order=True))

@@ -8,8 +8,9 @@ import polars as pl
 from inspector.db import Database
 from inspector.queries.registry import query
 
-MAX_COLLATERAL = 0.2
-"""A cell counts as a clean success when its collateral rate is at most this (the issue's goal: <= 20%)."""
+MAX_COLLATERAL = 0.2 + 1e-6
+"""A cell counts as a clean success when its collateral rate is at most 20% (the issue's goal; the rates are float32,
+so 0.2 is compared with a margin)."""
 
 
 @query

@@ -39,7 +39,7 @@ with ui.guard("causal map grid"):
     if grid.is_empty():
         st.info("choose at least one direction and one mask")
     else:
-        height = max(160, 18 * grid["concept"].n_unique())
+        height = max(160, 22 * grid["concept"].n_unique())
         charts.show(charts.causal_map_chart(grid, height=height))
 
 st.subheader("Best per concept")

@@ -77,6 +77,8 @@ def test_best_per_concept_prefers_low_collateral_then_high_flip():
                           "collateral_rate": [0.5, 0.2, 0.0, 0.3, 0.4], "layer": ["x", "y", "z", "x", "y"]})
     best = cm.best_per_concept(table).sort("concept")
     assert best["layer"].to_list() == ["y", "y"]  # a: 80% at collateral 20% beats 100% at 50%; b: none qualifies
+    stored = table.with_columns(pl.col("collateral_rate").cast(pl.Float32))  # as the table stores rates
+    assert cm.best_per_concept(stored).sort("concept")["layer"].to_list() == ["y", "y"]  # float32 0.2 is <= 20%
 
 
 def test_the_map_resumes_at_its_first_unfinished_chunk(tmp_path, model, monkeypatch):
