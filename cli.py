@@ -546,10 +546,14 @@ PriorSeedsOpt = Annotated[str | None, typer.Option(help="One image per seed: a r
 def steer(
     overrides: dict,
     layer: Annotated[str, typer.Option("--layer", "-l", help="Hook point whose output is steered.")],
-    unit: Annotated[int, typer.Option(help="Channel or feature index.")],
+    unit: Annotated[int | None, typer.Option(help="Channel or feature index (or give --direction).")] = None,
     kind: Annotated[str, typer.Option(help="channel, feature (a decoder row of the layer's default SAE) or "
                                            "feature.<id> (of another SAE of the layer).")]
     = "feature",
+    direction: Annotated[str | None, typer.Option(help="Steer along a direction instead of a unit: concept:ATTR=VALUE "
+                                                       "or groups:A-vs-B (diff-in-means of the run's generations), "
+                                                       "features:ATTR=VALUE or features:A-vs-B (a feature set of "
+                                                       "--kind's SAE); scale x its size.")] = None,
     run: RunOpt = Path("runs/demo"),
     mask: Annotated[str | None, typer.Option(help="left, right, top, bottom, center, object (demo), or a .npy/.png.")]
     = None,
@@ -567,11 +571,43 @@ def steer(
     given = {**overrides, "prior.seeds": _seeds(seeds) if seeds is not None else None}
     ctx, cfg = _model_run_context(run, device, dtype, config, given, set_)
     p = cfg.prior
+    if direction is not None or unit is None:
+        if p.steps == "peaks":
+            from backend.errors import DifflensError
+
+            raise DifflensError("--window peaks steers a unit's peak steps; a direction has none: give a window "
+                                "(active, all, late or a-b)")
+        return _steer_direction(ctx, run, layer, direction, kind, p.scale, p.strength, p.steps, mask, prompt,
+                                p.seeds, p.n_steps or None, guidance, unit)
     res = steer_run(ctx, layer, kind, unit, scale=p.scale, strength=p.strength, steps=p.steps, mask=mask,
                     mode="prompt" if prompt else "prior", prompt=prompt, seeds=p.seeds, n_steps=p.n_steps or None,
                     guidance=guidance, peak_radius=p.peak_radius)
     rows = res.rows
     typer.echo(f"steered {kind} {unit} of {layer}: strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
+    for r in rows.iter_rows(named=True):
+        changed = r["changed_attributes"] if r["changed_attributes"] not in (None, "{}") else ""
+        typer.echo(f"  seed {r['seed']}: effect {r['effect']:.3f} {changed}")
+    typer.echo(f"grid: {res.grid}\ntable: {res.shard}")
+
+
+def _steer_direction(ctx, run: Path, layer: str, direction: str | None, kind: str, scale: float,
+                     strength: float | None, window: str, mask: str | None, prompt: str | None, seeds: list[int],
+                     steps: int | None, guidance: float | None, unit: int | None) -> None:
+    """steer --direction: backend.interventions.concept_directions.steer_direction_run, printed like steer."""
+    from backend.errors import DifflensError
+    from backend.interventions.concept_directions import steer_direction_run
+
+    if (direction is None) == (unit is None):
+        raise DifflensError("give --unit N (steer one unit) or --direction SPEC (concept:ATTR=VALUE, groups:A-vs-B), "
+                            "not both" if unit is not None else "give --unit N or --direction SPEC "
+                            "(e.g. --direction concept:shape=circle)")
+    res = steer_direction_run(ctx, direction, layer, scale=scale, strength=strength, steps=window, mask=mask,
+                              mode="prompt" if prompt else "prior", prompt=prompt, seeds=seeds, n_steps=steps,
+                              guidance=guidance, kind=kind)
+    d, rows = res.extra["direction"], res.rows
+    extra = f", features {d.units}" if d.units else ""
+    typer.echo(f"steered {layer} along {d.name} (size {d.norm:.3g}, measured at run steps {d.window[0]}-{d.window[1]}"
+               f"{extra}): strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
     for r in rows.iter_rows(named=True):
         changed = r["changed_attributes"] if r["changed_attributes"] not in (None, "{}") else ""
         typer.echo(f"  seed {r['seed']}: effect {r['effect']:.3f} {changed}")
@@ -608,6 +644,64 @@ def steer_report(
                    f"{r['rank']}): {r['hits']}/{r['seeds']} = {r['rate']:.0%} (clean {r['clean_rate']:.0%}, "
                    f"unsteered {r['baseline_hits']})")
     typer.echo(f"table: {run}/tables/steering_success; images: {run}/media/steer/")
+
+
+def _list(text: str | None, cast=str) -> list | None:
+    """A comma-separated option as a list (None: not given)."""
+    from backend.errors import DifflensError
+
+    if text is None:
+        return None
+    try:
+        return [cast(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DifflensError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@app.command("causal-map")
+@user_errors
+def causal_map_cmd(
+    run: RunOpt = Path("runs/demo"),
+    layers: Annotated[str | None, typer.Option(help="Layers, comma-separated. [default: every captured layer]")]
+    = None,
+    windows: Annotated[str | None, typer.Option(help="Step windows: early, middle, late, all, peaks, or a-b; "
+                                                     "comma-separated. [default: all five names]")] = None,
+    strengths: Annotated[str | None, typer.Option(help="Scales tried (x each direction's size), comma-separated; "
+                                                       "the best on the selection seeds is kept. [default: 4,10,25]")]
+    = None,
+    seeds: Annotated[str | None, typer.Option(help="Held-out seeds the rates are reported on: a range 2000-2019 or "
+                                                   "a list. [default: 2000-2019]")] = None,
+    selection_seeds: Annotated[str | None, typer.Option(help="Seeds that choose each cell's scale. "
+                                                             "[default: 1000-1007]")] = None,
+    directions: Annotated[str | None, typer.Option(help="channel, feature, features, mean; comma-separated. "
+                                                        "[default: all four]")] = None,
+    masks: Annotated[str | None, typer.Option(help="none, object, background; comma-separated. "
+                                                   "[default: none,object]")] = None,
+    attributes: Annotated[str | None, typer.Option(help="Attributes whose values are the concepts, "
+                                                        "comma-separated. [default: every attribute]")] = None,
+    reduced: Annotated[bool, typer.Option(help="The reduced map run-all computes (see [causal_map] reduced).")]
+    = False,
+    config: ConfigOpt = None, set_: SetOpt = None, device: RunDeviceOpt = None, dtype: RunDtypeOpt = None,
+) -> None:
+    """Demo model: where each concept is caused. Steers every concept's best channel, best SAE feature, SAE feature
+    set and diff-in-means direction at every layer and step window; scale chosen on selection seeds, flip and
+    collateral rates on held-out seeds; into the causal_map table. Resumes per (layer, concept)."""
+    from backend.interventions.causal_map import best_per_concept, causal_map
+
+    given = {"causal_map.layers": _list(layers), "causal_map.windows": _list(windows),
+             "causal_map.scales": _list(strengths, float),
+             "causal_map.heldout_seeds": None if seeds is None else _seeds(seeds),
+             "causal_map.selection_seeds": None if selection_seeds is None else _seeds(selection_seeds),
+             "causal_map.directions": _list(directions), "causal_map.masks": _list(masks),
+             "causal_map.attributes": _list(attributes), "causal_map.reduced": reduced}
+    ctx, cfg = _model_run_context(run, device, dtype, config, given, set_)
+    table = causal_map(ctx, cfg.causal_map)
+    ctx.record_config("causal_map", cfg.causal_map.to_dict())
+    typer.echo("best per concept (held-out flip rate among cells with collateral <= 20%, else the best flip):")
+    for r in best_per_concept(table).sort("attribute", "concept").iter_rows(named=True):
+        typer.echo(f"  {r['concept']:<18} {r['flip_rate']:>5.0%} flip {r['collateral_rate']:>5.0%} collateral  "
+                   f"{r['direction']:<8} {r['layer']} {r['window']} ({r['steps']}) mask {r['mask']} x{r['scale']:g}")
+    typer.echo(f"table: {run}/tables/causal_map ({table.height} cells); inspector: the Causal map page")
 
 
 @app.command()

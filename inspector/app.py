@@ -44,6 +44,7 @@ def main() -> None:
         st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("views/sae_compare.py", title="SAEs", icon=":material/join_inner:"),
         st.Page("views/ablation.py", title="Ablation", icon=":material/grid_view:"),
+        st.Page("views/causal_map.py", title="Causal map", icon=":material/hub:"),
         st.Page("views/lab.py", title="Lab", icon=":material/science:"),
         st.Page("views/sweep.py", title="Sweep", icon=":material/tune:"),
     ]

@@ -283,3 +283,33 @@ def cosine_histogram_template(height: int):
 def cosine_histogram_chart(hist: pl.DataFrame, height: int = 220) -> dict[str, Any]:
     """Histogram of each latent of A's best cosine with B's decoder rows (lo, hi, count)."""
     return _fill(cosine_histogram_template(height), bins=hist.select("lo", "hi", "count"))
+
+
+# ------------------------------------------------------------------------------------------------ causal map
+
+
+@_template
+def causal_map_template(height: int):
+    base = alt.Chart(alt.Data(name="cells")).encode(
+        x=alt.X("window:N", title=None, sort=["early", "middle", "late", "all", "peaks"]),
+        y=alt.Y("concept:N", title=None, sort=None, axis=alt.Axis(labelOverlap=False)))
+    rect = base.mark_rect().encode(
+        color=alt.Color("flip:Q", title="flip rate", scale=alt.Scale(domain=[0, 1], scheme="viridis")),
+        tooltip=["concept:N", "layer:N", "window:N",
+                 alt.Tooltip("flip:Q", format=".0%", title="flip (collateral <= 20%)"),
+                 alt.Tooltip("any_flip:Q", format=".0%", title="flip (any collateral)"),
+                 alt.Tooltip("collateral_rate:Q", format=".0%", title="collateral"), "direction:N", "mask:N",
+                 alt.Tooltip("scale:Q", format=".3g")])
+    text = base.mark_text(fontSize=10).encode(text=alt.Text("flip:Q", format=".0%"),
+                                              color=alt.condition("datum.flip > 0.6", alt.value("black"),
+                                                                  alt.value("white")))
+    return (alt.layer(rect, text, height=height, width=150)
+            .facet(column=alt.Column("layer:N", title=None, header=alt.Header(labelLimit=200, labelFontSize=10))))
+
+
+def causal_map_chart(grid: pl.DataFrame, height: int = 360) -> dict[str, Any]:
+    """The causal map: per layer a concept x window grid of held-out flip rates (cells with collateral <= 20%; 0
+    where none qualifies), each cell's collateral rate, direction, mask and scale in its tooltip."""
+    cells = grid.with_columns(flip=pl.col("flip_rate").fill_null(0.0).fill_nan(0.0)).select(
+        "concept", "layer", "window", "flip", "any_flip", "collateral_rate", "direction", "mask", "scale")
+    return _fill(causal_map_template(height), cells=cells)

@@ -363,3 +363,37 @@ def strength_unit(kind: str, unit: int, unit_max: float | None, sae=None) -> flo
 
         ref *= decoder_norm(sae, unit)
     return ref
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def concept_direction(run_path: str, run_sig: str, spec: str, layer: str, window: tuple[int, int],
+                      sae_kind: str = "feature") -> tuple[np.ndarray, float, list[int]]:
+    """(unit-norm vector [C], its size, a feature set's features) of a direction spec (`concept:shape=circle`,
+    `groups:red-vs-blue`, `features:...`) at a layer, measured over the run's steps `window` from its captured
+    activity (backend/interventions/concept_directions.py); cached per run signature."""
+    from backend.interventions.concept_directions import concept_direction as measure
+    from backend.run.context import open_run
+
+    d = measure(open_run(run_path), spec, layer, tuple(window), sae_kind=sae_kind)
+    return d.vector_C.numpy(), float(d.norm), list(d.units)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def steer_direction_cached(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
+                           vector_key: bytes, strength: float, window: tuple[int, int], mask_key: bytes | None,
+                           mask_shape: tuple[int, int] | None, device: str = "", dtype: str = "") -> np.ndarray:
+    """The image generated with strength x a direction vector (float32 bytes) added at the steps of window, under
+    the mask; uint8 [H, W, 3] (cached per inputs; the model by spec, device and dtype)."""
+    import torch
+
+    from backend.interventions.generate import edited_generate
+    from backend.interventions.steer import steering_edit
+    from backend.interventions.windows import strength_schedule
+    from backend.models.base import to_uint8
+
+    vector = torch.from_numpy(np.frombuffer(vector_key, np.float32).copy())
+    mask = None if mask_key is None else np.frombuffer(mask_key, np.float32).reshape(mask_shape).copy()
+    with model_lock(_model), torch.no_grad():
+        edit = steering_edit(vector, strength_schedule(float(strength), window, n_steps), mask)
+        images = edited_generate(_model, layer, [prompt], [int(seed)], edit, int(n_steps), float(guidance))
+    return to_uint8(images)[0]

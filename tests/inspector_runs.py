@@ -209,3 +209,19 @@ def write_atlas(store, layer: str, kind: str, units, dreams=(), heatmap_units=(2
         _gif(store, f"{base}/heatmaps/unit-{unit:05d}.gif", [(0, 0, 0), (255, 255, 0), (255, 0, 0)])
     table = pa.Table.from_pylist(rows, _schema("atlas")).sort_by([("unit", "ascending"), ("seed", "ascending")])
     store.write_table_shard("atlas", f"batch-{min(units, default=0):06d}", table, layer=layer, kind=kind)
+
+
+def open_page(root: Path, monkeypatch, view: str, **params):
+    """An AppTest of the inspector on runs directory root, switched to views/<view>.py with the URL params, run, and
+    checked free of exceptions and error messages."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DIFFLENS_RUNS", str(root))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "inspector" / "app.py"), default_timeout=60)
+    at.query_params.update(params)
+    at.run()
+    at.switch_page(f"views/{view}.py")
+    at = at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at

@@ -25,9 +25,9 @@ direction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
@@ -59,6 +59,9 @@ from backend.models.hooks import Half
 from backend.run.context import RunContext, as_context, check_unit
 from backend.run.schema import is_feature
 from backend.run.store import RunStore
+
+if TYPE_CHECKING:
+    from backend.interventions.concept_directions import Direction
 
 Mode = Literal["prior", "prompt"]
 
@@ -192,9 +195,11 @@ def peak_schedule(ctx: RunContext, spec: SteerSpec, strength: float,
 
 
 def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
-          prompts: list[str] | None = None) -> InterventionResult:
+          prompts: list[str] | None = None, direction: Direction | None = None) -> InterventionResult:
     """Run one SteerSpec on ctx's run: baseline and steered image per seed, rows, grid and table shard. concept /
-    prompts: concept_steering_report's target concept (scored into concept_hit) and one prompt per seed."""
+    prompts: concept_steering_report's target concept (scored into concept_hit) and one prompt per seed.
+    direction: steer along a concept direction (concept_directions.py) instead of the spec's unit: its vector, its
+    natural size as the scale's reference, rows with unit -1 in the partition of its kind."""
     if spec.mode not in ("prior", "prompt"):
         raise DifflensError(f"unknown steering mode {spec.mode!r}; use prior or prompt")
     if spec.mode == "prompt" and not spec.prompt and prompts is None:
@@ -203,12 +208,16 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
     if not seeds:
         raise DifflensError("give at least one seed")
     model = ctx.model
-    n_channels = ctx.n_channels(spec.layer)
-    sae = ctx.sae(spec.layer, spec.kind) if is_feature(ctx.check_kind(spec.layer, spec.kind)) else None
-    if spec.kind == "channel":
-        ctx.check_unit(spec.layer, "channel", spec.unit)
-    direction_C = unit_direction(spec.kind, spec.unit, n_channels, sae)
-    strength, active = resolve_strength(ctx, spec, sae)
+    if direction is not None:
+        direction_C, (strength, active) = direction.vector_C, direction_strength(spec, direction)
+        spec = replace(spec, kind=direction.kind, unit=-1)
+    else:
+        n_channels = ctx.n_channels(spec.layer)
+        sae = ctx.sae(spec.layer, spec.kind) if is_feature(ctx.check_kind(spec.layer, spec.kind)) else None
+        if spec.kind == "channel":
+            ctx.check_unit(spec.layer, "channel", spec.unit)
+        direction_C = unit_direction(spec.kind, spec.unit, n_channels, sae)
+        strength, active = resolve_strength(ctx, spec, sae)
     n_steps = spec.n_steps or ctx.n_steps
     if spec.steps == "peaks":
         schedule, window, described = peak_schedule(ctx, spec, strength, n_steps)
@@ -230,21 +239,33 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
     steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, direction_C, schedule, mask, n_steps,
                                         guidance, spec.half))
     fx = effects(baseline, steered, is_demo(model))
-    key = digest([spec_settings(spec), prompts, n_steps, guidance, strength])
+    key = digest([spec_settings(spec), prompts, n_steps, guidance, strength]
+                 + ([] if direction is None else [direction.name, direction.vector_C.tolist()]))
     common = {"unit": spec.unit, "method": "steer", "mode": spec.mode, "strength": strength,
               "scale": spec.scale if spec.strength is None else float("nan"),
               "steps": described, "mask": mask_name(spec.mask), "n_steps": n_steps,
               "guidance": guidance, "concept": concept, "spec": key}
-    folder = f"media/steer/{safe_name(spec.layer)}/{spec.kind}-{spec.unit:05d}/{key}"
+    folder = (f"media/steer/{safe_name(spec.layer)}/{spec.kind}-{spec.unit:05d}/{key}" if direction is None else
+              f"media/steer/{safe_name(spec.layer)}/direction-{safe_name(direction.name)}/{key}")
     base_folder = f"media/steer/baseline/{digest([prompts, seeds, n_steps, guidance])}"
     table = ctx.store.table_from_rows(
         "interventions", _steer_rows(ctx.store, common, prompts, seeds, baseline, steered, fx, folder, base_folder))
-    labels = [f"seed {s}" for s in seeds] + [f"{spec.kind} {spec.unit} x{strength:.3g} d={f.effect:.2f}" for f in fx]
+    what = f"{spec.kind} {spec.unit}" if direction is None else direction.name
+    labels = [f"seed {s}" for s in seeds] + [f"{what} x{strength:.3g} d={f.effect:.2f}" for f in fx]
     grid = write_grid(ctx.store, f"{folder}/grid.png", np.concatenate([baseline, steered]), labels, cols=len(seeds))
-    shard = ctx.store.write_table_shard("interventions", f"steer-{spec.kind}-{spec.unit:05d}-{key}", table,
+    shard_name = f"steer-{spec.kind}-{spec.unit:05d}-{key}" if direction is None else f"steer-direction-{key}"
+    shard = ctx.store.write_table_shard("interventions", shard_name, table,
                                         layer=spec.layer, kind=spec.kind)
     return InterventionResult(with_partition(table, spec.layer, spec.kind), grid, shard,
                               {"strength": strength, "window": window, "baseline": baseline, "steered": steered})
+
+
+def direction_strength(spec: SteerSpec, direction: Direction) -> tuple[float, None]:
+    """(absolute strength, None) of a steering along a direction: spec.strength, else spec.scale x the direction's
+    natural size (diff-in-means: scale 1 moves the average other generation to the concept's average)."""
+    if spec.strength is not None:
+        return check_finite("strength", spec.strength), None
+    return check_finite("strength", check_finite("scale", spec.scale) * direction.norm), None
 
 
 def _steer_rows(store: RunStore, common: dict, prompts: list[str], seeds: list[int], baseline: np.ndarray,

@@ -291,6 +291,73 @@ def validate_interventions(cfg: InterventionsConfig) -> InterventionsConfig:
     return cfg
 
 
+# ------------------------------------------------------------------------------------------ the causal map
+@dataclass
+class CausalMapConfig:
+    """Where concepts are caused (the `[causal_map]` section; backend/interventions/causal_map.py): per concept,
+    steer its best channel, best SAE feature, SAE feature set and diff-in-means direction at every layer and step
+    window; choose the scale on the selection seeds, report flip and collateral rates on the held-out seeds."""
+
+    enabled: bool = True
+    """run-all computes the map (the demo model on prompts with attributes; skipped with a note elsewhere)."""
+    reduced: bool = True
+    """run-all's map is the reduced one: the last captured layer, the diff-in-means direction only, windows early and
+    late, scales 8 and 20, 4 selection and 8 held-out seeds (about a minute on the demo). `python cli.py causal-map`
+    computes the full map (these settings) unless given --reduced."""
+    layers: list[str] = field(default_factory=list)
+    """Layers (empty: every captured layer)."""
+    attributes: list[str] = field(default_factory=list)
+    """Attributes whose values are the concepts (empty: every attribute of the prompts, position included)."""
+    directions: list[str] = field(default_factory=lambda: ["channel", "feature", "features", "mean"])
+    """channel (the concept's best channel), feature (its best SAE feature), features (its SAE feature set), mean
+    (its diff-in-means direction)."""
+    windows: list[str] = field(default_factory=lambda: ["early", "middle", "late", "all", "peaks"])
+    """early (first third of the steps), middle, late (second half), all, peaks (the concept's peak step at the
+    layer), or a window a-b."""
+    masks: list[str] = field(default_factory=lambda: ["none", "object"])
+    """none (every token), object (the shape in each unsteered image), background (everything but the shape)."""
+    scales: list[float] = field(default_factory=lambda: [4.0, 10.0, 25.0])
+    """Strengths tried, x the direction's size (a unit: its max activation, x its decoder-row norm; a direction: the
+    norm of the difference); each cell keeps the best on the selection seeds."""
+    selection_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1008)))
+    """Seeds that choose each cell's scale (one prompt lacking the concept per seed)."""
+    heldout_seeds: list[int] = field(default_factory=lambda: list(range(2000, 2020)))
+    """Seeds the rates are reported on: used to choose nothing (not selection seeds, not the run's seeds)."""
+    feature_set_size: int = 8
+    """Features in a feature-set direction (the top ones by AUROC)."""
+    batch_size: int = 64
+    """Steered images per forward pass."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CAUSAL_MAP_REDUCED = {"directions": ["mean"], "windows": ["early", "late"], "scales": [8.0, 20.0],
+                      "selection_seeds": 4, "heldout_seeds": 8}
+"""What `reduced` changes (seeds: the first n of each list; layers: the last captured one unless given)."""
+
+
+def validate_causal_map(cfg: CausalMapConfig) -> CausalMapConfig:
+    """One-line errors for causal-map settings out of range (before anything is written)."""
+    import math
+
+    known = {"directions": ("channel", "feature", "features", "mean"), "masks": ("none", "object", "background")}
+    for name, allowed in known.items():
+        for v in getattr(cfg, name):
+            if v not in allowed:
+                raise DifflensError(f"causal_map.{name}: unknown value {v!r}; use {', '.join(allowed)}")
+    for name in ("directions", "windows", "masks", "scales"):
+        if not getattr(cfg, name):
+            raise DifflensError(f"causal_map.{name} is empty; give at least one")
+    for s in cfg.scales:
+        if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
+            raise DifflensError(f"causal_map.scales must be finite numbers > 0 (got {s!r})")
+    for name in ("feature_set_size", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise DifflensError(f"causal_map.{name} must be at least 1 (got {getattr(cfg, name)})")
+    return cfg
+
+
 # ------------------------------------------------------------------------------------------ steered priors, dreams
 @dataclass
 class PriorConfig:
@@ -517,6 +584,7 @@ class RunConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     dream: DreamConfig = field(default_factory=DreamConfig)
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    causal_map: CausalMapConfig = field(default_factory=CausalMapConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -527,7 +595,8 @@ class RunConfig:
 
 
 SECTIONS = {"capture": CaptureConfig, "sae": SAEStageConfig, "analysis": AnalysisConfig,
-            "interventions": InterventionsConfig, "prior": PriorConfig, "dream": DreamConfig, "atlas": AtlasConfig}
+            "interventions": InterventionsConfig, "prior": PriorConfig, "dream": DreamConfig, "atlas": AtlasConfig,
+            "causal_map": CausalMapConfig}
 TOP_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)
 
 
@@ -706,6 +775,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                             f"'-' (the run goes to {cfg.runs_dir}/<name>)")
     validate_analysis(cfg.analysis)
     validate_interventions(cfg.interventions)
+    validate_causal_map(cfg.causal_map)
     c = cfg.capture
     if c.read not in ("output", "delta"):
         raise DifflensError(f"capture.read is {c.read!r}; use output or delta")

@@ -331,6 +331,18 @@ ATLAS = pa.schema([
     ("target_steps", pa.string()),    # "0,7": dreams: the steps maximised; priors: the steps steered
 ])
 
+CAUSAL_MAP = pa.schema([
+    ("concept", pa.string()), ("attribute", pa.string()), ("direction", pa.string()), ("kind", pa.string()),
+    ("unit", pa.int32()), ("units", pa.string()), ("auroc", pa.float32()), ("window", pa.string()),
+    ("steps", pa.string()), ("mask", pa.string()), ("scale", pa.float32()), ("strength", pa.float32()),
+    ("selection_seeds", pa.int32()), ("selection_flip_rate", pa.float32()),
+    ("selection_collateral_rate", pa.float32()), ("seeds", pa.int32()), ("flip_rate", pa.float32()),
+    ("collateral_rate", pa.float32()), ("clean_rate", pa.float32()), ("baseline_rate", pa.float32()),
+])
+
+CAUSAL_MAP_DIRECTIONS = ("channel", "feature", "features", "mean")
+"""`causal_map.direction` values: a concept's best channel, best SAE feature, SAE feature set, diff-in-means."""
+
 ATLAS_WHAT = ("prior", "dream")
 """`atlas.what` values."""
 ATLAS_VARIANTS = ("default", "no-noise", "from-prior", "from-prior-no-noise")
@@ -557,6 +569,11 @@ _SPECS = [
     TableSpec("sae_matches", "sae_compare", "python cli.py compare-saes --run RUN --layer LAYER", "layer",
               "<sae_a>-vs-<sae_b>.parquet, one per ordered pair of SAEs compared", ("feature_a",),
               "one latent of SAE A and its best decoder-direction match in SAE B", SAE_MATCHES),
+    TableSpec("causal_map", "causal_map", "python cli.py causal-map --run RUN", "layer",
+              "<attribute>-<value>.parquet, one per concept (the map's chunk)", (),
+              "one concept steered along one direction at one layer, step window and mask: its scale chosen on the "
+              "selection seeds, its flip and collateral rates on the held-out seeds", CAUSAL_MAP,
+              "per window, then direction, then mask, in the order of the map's settings"),
 ]
 
 TABLES: dict[str, TableSpec] = {s.name: s for s in _SPECS}

@@ -6,6 +6,7 @@ activity of every SAE of the run the run does not hold yet: trained, configured 
 -> interventions (steered priors, feature edits, concept steering, block ablation, deep dream; rank 0 only)
 -> atlas (steered priors and dreams of the [atlas] units, batched across units; rank 0 only: spread a large atlas
    over ranks with `torchrun ... cli.py atlas`)
+-> causal_map (the demo's causal map, reduced by default; when [interventions] and [causal_map] are enabled)
 On an image-classifier run (backend/models/classifier.py) the interventions stage is class steering (each class's
 best unit steered towards it: backend/stages/class_steering.py) and the atlas, which steers image generation, is
 skipped with one note.
@@ -80,4 +81,8 @@ def run_all(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> R
 
                 summary.stages["atlas"] = run_atlas(run_now(), cfg.atlas, cfg.prior, cfg.dream, progress=progress,
                                                     dist=distributed.Dist())
+            if cfg.interventions.enabled and cfg.causal_map.enabled and generative:
+                from backend.stages.causal_map import run_causal_map
+
+                summary.stages["causal_map"] = run_causal_map(run_now(), cfg.causal_map, progress=progress)
     return summary

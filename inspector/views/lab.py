@@ -16,6 +16,7 @@ import streamlit as st
 
 from backend.run.schema import is_feature
 from inspector import live, overlay, queries, ui
+from inspector.queries import causal_map as cmap
 
 LOADED = "lab.loaded"
 GEN = "lab.generation"
@@ -172,6 +173,60 @@ def _describe(mask: np.ndarray) -> str:
             f"{cols.min()}-{cols.max()})")
 
 
+# ------------------------------------------------------------------------------------------------ steer a direction
+
+
+def _direction_picker() -> None:
+    """Steer along a concept direction instead of units: a diff-in-means direction (or an SAE feature set) of the
+    run's generations for a concept or between two prompt groups, measured at the layer over the chosen steps from
+    the captured activity, original and steered side by side."""
+    choices = []
+    with ui.guard("directions"):
+        choices = cmap.direction_choices(run)
+    if not choices:
+        st.info("this run's prompts carry no attributes or groups to make a direction from")
+        return
+    with st.form("steer_direction"):
+        d1, d2 = st.columns([3, 2])
+        spec = d1.selectbox("Direction", choices, key="lab.direction",
+                            help="concept:ATTR=VALUE: the mean activation of the concept's generations minus the "
+                                 "others'; groups:A-vs-B: group A's minus group B's")
+        method = d2.radio("Made of", ["diff-in-means", "SAE feature set"], horizontal=True, key="lab.direction_method",
+                          help="SAE feature set: the features that best tell the two sets apart (the layer's "
+                               f"{ui.kind_label(kind) if is_feature(kind) else 'default SAE'}), decoder rows weighted")
+        scale = st.slider("Scale (x the direction's size: the norm of the difference)", -20.0, 20.0, 4.0, 0.5,
+                          key="lab.direction_scale")
+        dwindow = st.slider("Step window", 0, n_steps - 1, (n_steps // 2, n_steps - 1), key="lab.direction_window")
+        go_direction = st.form_submit_button("Steer along the direction", type="primary")
+    if not go_direction and "lab.direction_steered" not in st.session_state:
+        return
+    full = spec if method == "diff-in-means" else "features:" + spec.split(":", 1)[1]
+    measured = dwindow if not run_steps or run_steps == n_steps else (
+        dwindow[0] * run_steps // n_steps, min(run_steps - 1, dwindow[1] * run_steps // n_steps))
+    try:
+        with st.spinner("measuring the direction and steering ..."):
+            vector, size, feats = live.concept_direction(run.path, run.sig, full, layer, tuple(measured),
+                                                         kind if is_feature(kind) else "feature")
+            image = live.steer_direction_cached(model, spec, layer, prompt, seed, n_steps, guidance,
+                                                vector.astype(np.float32).tobytes(), float(scale) * size,
+                                                tuple(dwindow), None, None, device, dtype)
+        st.session_state["lab.direction_steered"] = True
+    except Exception as exc:  # noqa: BLE001 - an unknown concept, a layer without activity, ...
+        ui.show_error(exc, "steering along the direction")
+        return
+    a, b = st.columns(2)
+    with a:
+        st.image(overlay.to_jpeg(overlay.thumbnail(cap.image, 256)), caption="original")
+    with b:
+        what = f" (features {', '.join(map(str, feats))})" if feats else ""
+        st.image(overlay.to_jpeg(overlay.thumbnail(image, 256)),
+                 caption=f"{full}{what} x{scale:g} (strength {scale * size:.3g}) · steps {dwindow[0]}-{dwindow[1]}")
+
+
+
+st.subheader("Steer along a concept direction")
+_direction_picker()
+
 st.subheader("Steer")
 painted = None
 if st.toggle("Paint the mask", key="lab.paint", help="paint where steering acts, over the image; the strokes become "
@@ -234,3 +289,4 @@ with c:
         st.image(overlay.overlay_jpeg(overlay.thumbnail(cap.image, 256), mask.tobytes(), *mask.shape, 256, 0.5),
                  caption=f"mask ({mask_source}): {_describe(mask)}")
 st.metric("effect (mean |Δ pixel|)", f"{effect:.4f}")
+

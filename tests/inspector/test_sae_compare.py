@@ -10,10 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from inspector_runs import L_MID, N_FEATURES
+from inspector_runs import L_MID, N_FEATURES, open_page
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = ROOT / "inspector" / "app.py"
 N_K8 = 16
 COSINE_A = np.linspace(-0.2, 1.0, N_FEATURES).astype(np.float32)  # default's latent i: best cosine COSINE_A[i]
 
@@ -48,17 +46,7 @@ def compared_runs(runs_dir, tmp_path_factory) -> Path:
 
 
 def _page(root: Path, monkeypatch, **params):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("DIFFLENS_RUNS", str(root))
-    at = AppTest.from_file(str(APP), default_timeout=60)
-    at.query_params.update(params)
-    at.run()
-    at.switch_page("views/sae_compare.py")
-    at = at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
+    return open_page(root, monkeypatch, "sae_compare", **params)
 
 
 def test_page_shows_metrics_density_matching_and_opens_both_units(compared_runs, monkeypatch):
