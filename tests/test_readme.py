@@ -23,6 +23,7 @@ SHORTER = {
     ("steer-report",): ["--seeds", "0-1"],
     ("train-sae",): ["--total-tokens", "200000"],
     ("train-demo-vit",): ["--train-steps", "2", "--batch-size", "4", "--out", "scratch-vit"],
+    ("demo-images",): ["--n", "96"],
     ("sweep",): ["--set", "capture.steps=3", "--set", "sae.total_tokens=20000", "--set", "sae.splice_samples=2",
                  "--set", "analysis.examples_top_n=1"],
 }
@@ -52,6 +53,7 @@ def test_every_readme_example_runs(tmp_path, monkeypatch):
     demo_prompts = tmp_path / "data" / "prompts" / "demo.jsonl"
     demo_prompts.write_text("".join(demo_prompts.read_text().splitlines(keepends=True)[::PROMPT_SUBSAMPLE]))
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "data" / "demo-vit", tmp_path / "data" / "demo-vit")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     monkeypatch.chdir(tmp_path)
     ran = 0
