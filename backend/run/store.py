@@ -19,6 +19,7 @@ Stage keys: each stage records `stages.<stage>.key = stage_key(inputs)`, a diges
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -30,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backend.fileio import atomic_path, atomic_write_json, atomic_write_with
+from backend.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_with
 from backend.run import schema
 from backend.run.manifest import MANIFEST
 from sae.data import bfloat16_bits, shard_dtype_name
@@ -323,7 +324,9 @@ class RunStore:
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image, np.uint8))
         path = self.root / rel
-        atomic_write_with(path, lambda p: image.save(p, format="PNG"), suffix=".png")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
         return self.relative(path)
 
     # ------------------------------------------------------------------ readers
