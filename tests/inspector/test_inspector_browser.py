@@ -203,7 +203,7 @@ def test_painted_mask_reaches_the_steering_in_chromium(server, tmp_path):
             page.mouse.move(box["x"] + 20 + 6 * i, box["y"] + 20 + 2 * i, steps=2)
         page.mouse.up()
         page.wait_for_timeout(1500)  # the canvas sends its strokes on mouse up; the script reruns
-        page.get_by_role("button", name="Steer").click()
+        page.get_by_role("button", name="Steer", exact=True).click()
         shown = page.get_by_text("mask (painted):")
         expect(shown).to_be_visible(timeout=120_000)
         assert shown.inner_text() == "mask (painted): 4x4, 2 of 16 cells inside (rows 0-0, columns 0-1)"

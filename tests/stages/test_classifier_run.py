@@ -1,6 +1,7 @@
 """run-all end to end on an image classifier, through the CLI: a tiny random ViTForImageClassification and a
 two-class image folder; capture (patch + CLS tokens) -> a layernorm TopK SAE -> features -> analysis with class
-tables, interventions and atlas skipped with one note; the run format's image-classifier meanings hold."""
+tables -> class steering as the interventions stage, the atlas skipped with one note; the run format's
+image-classifier meanings hold."""
 
 import json
 
@@ -24,7 +25,7 @@ def test_run_all_on_an_image_classifier(vit_dir, image_folder, tmp_path, one_thr
             "--name", "vit", *SMALL]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "interventions and atlas skipped" in result.output
+    assert "the atlas is skipped" in result.output and "mean flip rate towards the class" in result.output
     assert "held-out AUROC" in result.output
     store = RunStore(runs / "vit")
     manifest = store.read_manifest()
@@ -57,6 +58,8 @@ def test_run_all_on_an_image_classifier(vit_dir, image_folder, tmp_path, one_thr
     best = store.read_table("class_best")
     assert best.height == 4 and set(best["images"]) == {4}
     assert ((best["auroc_test"] >= 0) & (best["auroc_test"] <= 1)).all()
+    steering = store.read_table("class_steering")  # each class's best channel and feature steered towards it
+    assert set(steering["kind"]) == {"channel", "feature"} and set(steering["target"]) == {"red", "blue"}
 
     for command in (["steer", "--layer", "vit.layers.1", "--unit", "0"], ["intervene"], ["dream", "--layer",
                                                                                        "vit.layers.1", "--unit", "0"]):
