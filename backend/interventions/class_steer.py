@@ -237,12 +237,15 @@ def run_images(run: Path, manifest: dict, n: int) -> tuple[list[Path], list[str]
     return paths, labels
 
 
-def load_pixels(model_dir: Path, paths: list[Path]) -> torch.Tensor:
-    """pixel_values [N, 3, H, W] of image files, by the model directory's own image processor."""
+def load_pixels(model_dir: Path, paths: list[Path], config=None) -> torch.Tensor:
+    """pixel_values [N, 3, H, W] of image files, preprocessed as capture did (backend/models/classifier.py
+    Preprocessor: the directory's image processor, else resize and normalise from the model config)."""
     from PIL import Image, UnidentifiedImageError
-    from transformers import AutoImageProcessor
+    from transformers import AutoConfig
 
-    processor = AutoImageProcessor.from_pretrained(model_dir)
+    from backend.models.classifier import Preprocessor
+
+    preprocess = Preprocessor(Path(model_dir), config or AutoConfig.from_pretrained(model_dir, local_files_only=True))
     images = []
     for p in paths:
         try:
@@ -250,7 +253,7 @@ def load_pixels(model_dir: Path, paths: list[Path]) -> torch.Tensor:
                 images.append(im.convert("RGB"))
         except (OSError, UnidentifiedImageError) as exc:
             raise DifflensError(f"cannot read image {p}: {exc}") from None
-    return processor(images=images, return_tensors="pt")["pixel_values"]
+    return preprocess(images).float()
 
 
 def class_concepts(run: Path, layer: str, kind: str) -> pl.DataFrame | None:
@@ -341,7 +344,7 @@ def open_classifier_run(run_dir: str | Path, n_images: int = 64, tokens: str | N
     model = AutoModelForImageClassification.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     paths, _ = run_images(run, manifest, n_images)
-    return ClassifierRun(run, model, names, load_pixels(model_dir, paths).to(device), paths, tokens)
+    return ClassifierRun(run, model, names, load_pixels(model_dir, paths, model.config).to(device), paths, tokens)
 
 
 def steer_unit(cr: ClassifierRun, layer: str, kind: str, unit: int, scales: Sequence[float] = DEFAULT_SCALES,

@@ -28,8 +28,9 @@ def run_class_steering(run_dir: str | Path, layers: list[str], scales=SCALES, n_
     summary = {}
     for layer, kind in tqdm(parts, desc="class steering", unit="part", disable=not progress):
         rows = steer_best_units(run_dir, layer, kind, scales=scales, n_images=n_images)
-        means = rows.group_by("scale").agg(pl.col("flip_rate").mean()).sort("scale")
-        summary[f"{layer}/{kind}"] = {f"{s:g}": round(f, 4) for s, f in means.iter_rows()}
-        tqdm.write(f"class steering {layer} {kind}: mean flip rate towards the class "
-                   + ", ".join(f"{v:.2f} at {k}x" for k, v in summary[f"{layer}/{kind}"].items()))
+        # a flip rate is NaN when every image was the target already: nothing left to flip
+        means = rows.group_by("scale").agg(pl.col("flip_rate").fill_nan(None).mean()).sort("scale")
+        summary[f"{layer}/{kind}"] = {f"{s:g}": None if f is None else round(f, 4) for s, f in means.iter_rows()}
+        tqdm.write(f"class steering {layer} {kind}: mean flip rate towards the class " + ", ".join(
+            f"{'n/a' if v is None else f'{v:.2f}'} at {k}x" for k, v in summary[f"{layer}/{kind}"].items()))
     return summary
