@@ -56,7 +56,8 @@ def synthetic_run(root: Path) -> Path:
         "gen_id": np.zeros(1, np.int32), "prompt": ["a large blue circle on the left, gray background"],
         "seed": np.zeros(1, np.int64), "group": ["blue"], "attributes": ["{}"], "image": ["images/000000.png"],
         "n_steps": np.full(1, STEPS, np.int16), "guidance": np.full(1, 1.5, np.float32),
-        "negative_prompt": pa.nulls(1, pa.string()), "control_image": pa.nulls(1, pa.string())}))
+        "negative_prompt": pa.nulls(1, pa.string()), "control_image": pa.nulls(1, pa.string()),
+        "image_path": pa.nulls(1, pa.string()), "class_label": pa.nulls(1, pa.string())}))
     rng = np.random.default_rng(0)
     for li, layer in enumerate(LAYERS):
         sae = SAE(SAEConfig(d_in=CHANNELS, n_latents=LATENTS, k=16, layer=layer))

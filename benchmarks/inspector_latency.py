@@ -95,7 +95,8 @@ def build(run_dir: Path, n_units: int, n_steps: int, n_gens: int, density: float
         "seed": (gen_id % seeds_per_prompt).astype(np.int64), "group": [GROUPS[g] for g in group_ix],
         "attributes": ["{}"] * n_gens, "image": [f"images/{g:06d}.png" for g in gen_id],
         "n_steps": np.full(n_gens, n_steps, np.int16), "guidance": np.full(n_gens, 7.5, np.float32),
-        "negative_prompt": pa.nulls(n_gens, pa.string()), "control_image": pa.nulls(n_gens, pa.string())}))
+        "negative_prompt": pa.nulls(n_gens, pa.string()), "control_image": pa.nulls(n_gens, pa.string()),
+        "image_path": pa.nulls(n_gens, pa.string()), "class_label": pa.nulls(n_gens, pa.string())}))
     timesteps = np.linspace(981, 1, n_steps).round().astype(np.float32)
     store.write_table("steps", pa.table({"step": np.arange(n_steps, dtype=np.int16), "timestep": timesteps}))
     yy, xx = np.mgrid[0:512, 0:512] / 512.0
