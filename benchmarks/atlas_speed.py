@@ -72,7 +72,8 @@ def synthetic_run(root: Path) -> Path:
                 "mean": np.full(n, 0.1, np.float32), "max": rng.uniform(0.5, 2.0, n).astype(np.float32),
                 "peak_steps": pa.array([[int(p)] for p in peak], pa.list_(pa.int16())), "first_active": first,
                 "last_active": last, "active_steps": (last - first + 1).astype(np.int16),
-                "dead": np.zeros(n, bool), "dense": np.zeros(n, bool), "label": [""] * n}), layer=layer, kind=kind)
+                "dead": np.zeros(n, bool), "dense": np.zeros(n, bool), "label": [""] * n,
+                "label_confidence": np.full(n, np.nan, np.float32)}), layer=layer, kind=kind)
     return root
 
 
