@@ -55,10 +55,12 @@ class _Trainable(torch.nn.Module):
         self.text_encoder = pipe.text_encoder
 
 
-def _lr_factor(step: int, cfg: DemoTrainConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+def warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    """The learning-rate factor of both demo trainings: linear warm-up over `warmup` steps, then cosine decay to 5%
+    at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
@@ -111,7 +113,7 @@ def train_demo_model(cfg: DemoTrainConfig) -> Path | None:
     model = _Trainable(pipe)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
     rng = np.random.default_rng(cfg.seed)
     torch_gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = work / "checkpoint"
@@ -120,7 +122,7 @@ def train_demo_model(cfg: DemoTrainConfig) -> Path | None:
         step, losses = load_checkpoint(ckpt, model, ema, opt, rng, torch_gen)
         sched.last_epoch = step
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup, cfg.steps)
     atomic_write_json(work / "config.json", asdict(cfg))
     noise_sched = pipe.scheduler
     alphas = noise_sched.alphas_cumprod

@@ -13,7 +13,6 @@ This module owns
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from backend.demo import shapes
+from backend.demo.train import warmup_cosine
 from backend.errors import DifflensError
 
 DEMO_VIT_DIR = Path(__file__).resolve().parents[2] / "data" / "demo-vit"
@@ -188,13 +188,6 @@ def heldout_accuracy(model, n: int = 1200, seed: int = 1, noise: float = 8.0) ->
     return float((predict(model, pixels) == labels).float().mean())
 
 
-def _lr_factor(step: int, cfg: DemoViTConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def check_config(cfg: DemoViTConfig) -> None:
     """One-line errors for settings that cannot train, before anything is written."""
     check_classes(cfg.classes)
@@ -218,7 +211,7 @@ def train_demo_vit(cfg: DemoViTConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = new_vit(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
     rng = np.random.default_rng(cfg.seed)
     train, _ = split_specs()
     model.train()
