@@ -399,12 +399,14 @@ def best_units(run: Path, layer: str, kind: str) -> pl.DataFrame:
     return rows.filter(pl.col("rank") == 1).select("class_label", "unit", "auroc").sort("class_label")
 
 
-def steer_best_units(run_dir: str | Path, layer: str, kind: str = "feature", scales: Sequence[float] = (2.0,),
-                     n_images: int = 64, tokens: str | None = None, device: str = "cpu") -> pl.DataFrame:
+def steer_best_units(run: str | Path | ClassifierRun, layer: str, kind: str = "feature",
+                     scales: Sequence[float] = (2.0,), n_images: int = 64, tokens: str | None = None,
+                     device: str = "cpu") -> pl.DataFrame:
     """For every class, steer its best unit towards it (one class_steering shard each); one row per (class,
-    scale): unit, auroc, flip_rate, changed. For run-all's interventions on a classifier run."""
+    scale): unit, auroc, flip_rate, changed. For run-all's interventions on a classifier run. run: a run directory,
+    or a run opened once (open_classifier_run) for several calls; n_images, tokens and device open a directory."""
     check_kind(kind)
-    cr = open_classifier_run(run_dir, n_images, tokens, device)
+    cr = run if isinstance(run, ClassifierRun) else open_classifier_run(run, n_images, tokens, device)
     best = best_units(cr.root, layer, kind)
     out = []
     for row in best.iter_rows(named=True):

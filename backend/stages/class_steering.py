@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 from tqdm.auto import tqdm
 
-from backend.interventions.class_steer import class_concepts, steer_best_units
+from backend.interventions.class_steer import class_concepts, open_classifier_run, steer_best_units
 
 STAGE_KINDS = ("channel", "feature")
 SCALES = (2.0,)
@@ -26,8 +26,9 @@ def run_class_steering(run_dir: str | Path, layers: list[str], scales=SCALES, n_
     parts = [(layer, kind) for layer in layers for kind in STAGE_KINDS
              if class_concepts(Path(run_dir), layer, kind) is not None]
     summary = {}
+    run = open_classifier_run(run_dir, n_images) if parts else None  # the model and images, once for every part
     for layer, kind in tqdm(parts, desc="class steering", unit="part", disable=not progress):
-        rows = steer_best_units(run_dir, layer, kind, scales=scales, n_images=n_images)
+        rows = steer_best_units(run, layer, kind, scales=scales)
         # a flip rate is NaN when every image was the target already: nothing left to flip
         means = rows.group_by("scale").agg(pl.col("flip_rate").fill_nan(None).mean()).sort("scale")
         summary[f"{layer}/{kind}"] = {f"{s:g}": None if f is None else round(f, 4) for s, f in means.iter_rows()}
