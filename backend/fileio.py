@@ -30,7 +30,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write data to a temporary name beside path (unique to this process and thread) and rename it onto path.
 
-    Cheaper than atomic_path (no mkstemp, chmod or mkdir unless the folder is missing): capture writes one small
+    Cheaper than atomic_path (no mkstemp, nor mkdir unless the folder is missing): capture writes one small
     image per generation, so these syscalls are a visible share of a tiny model's generation time."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
@@ -40,6 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        os.fchmod(fd, 0o644)  # as atomic_path: readable by others whatever the umask (inspector, tunnels)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

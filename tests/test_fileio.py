@@ -29,3 +29,12 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_text() == '{\n  "v": 1\n}\n'
     assert os.listdir(tmp_path) == ["t.json"]
+
+
+def test_written_files_are_readable_by_others_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        atomic_write_bytes(tmp_path / "image.png", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "image.png").stat().st_mode) == 0o644
