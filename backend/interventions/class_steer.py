@@ -238,22 +238,14 @@ def run_images(run: Path, manifest: dict, n: int) -> tuple[list[Path], list[str]
 
 
 def load_pixels(model_dir: Path, paths: list[Path], config=None) -> torch.Tensor:
-    """pixel_values [N, 3, H, W] of image files, preprocessed as capture did (backend/models/classifier.py
-    Preprocessor: the directory's image processor, else resize and normalise from the model config)."""
-    from PIL import Image, UnidentifiedImageError
+    """pixel_values [N, 3, H, W] of image files, read and preprocessed as capture did (backend/models/classifier.py
+    read_image and Preprocessor: the directory's image processor, else resize and normalise from the model config)."""
     from transformers import AutoConfig
 
-    from backend.models.classifier import Preprocessor
+    from backend.models.classifier import Preprocessor, read_image
 
     preprocess = Preprocessor(Path(model_dir), config or AutoConfig.from_pretrained(model_dir, local_files_only=True))
-    images = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DifflensError(f"cannot read image {p}: {exc}") from None
-    return preprocess(images).float()
+    return preprocess([read_image(p) for p in paths]).float()
 
 
 def class_concepts(run: Path, layer: str, kind: str) -> pl.DataFrame | None:
