@@ -6,7 +6,10 @@ analysis stage's labels pass.
 Prints, per (layer, kind) and over all of them:
   - labels: among units whose best concept AUROC (every unit scored, as concepts.py scores them) is >= 0.9, the
     share whose label (units.label, computed without ground truth) names that concept, and the same for labels
-    recomputed with other label_top_n values (--top-n; a sensitivity check, nothing is written);
+    recomputed (nothing is written) with the "breakeven" method and with the "top_n" method at other label_top_n
+    values (--top-n; a sensitivity check). With --words the recomputed labels ignore the prompts' attributes and
+    read their words (as for a plain .txt prompt file of any model): a word names a concept when it is the
+    concept's value (`red` for colour=red);
   - concept recovery in-sample (concept_summary.mean_best_auroc) beside out-of-sample (auroc_oos, oos_split);
   - the seconds of the analysis stage (manifest) and of the labels pass alone, rerun here on the run's
     activity (nothing is written).
@@ -29,33 +32,41 @@ sys.path.insert(0, str(ROOT))
 from backend.analysis.concepts import best_auroc, concept_labels  # noqa: E402
 from backend.analysis.generation_activity import chunks  # noqa: E402
 from backend.analysis.inputs import connect, load_inputs, read_part  # noqa: E402
-from backend.analysis.label_pass import label_activity_UN  # noqa: E402
-from backend.analysis.labels import candidates, unit_labels  # noqa: E402
+from backend.analysis.label_pass import chunk_labels, label_activity_UN  # noqa: E402
+from backend.analysis.labels import breakeven_labels, candidates, unit_labels  # noqa: E402
 from backend.analysis.out_of_sample import OutOfSample  # noqa: E402
 from backend.analysis.range_examples import range_examples  # noqa: E402
 from backend.run.config import AnalysisConfig  # noqa: E402
 
 
-def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: list[int]) -> list[dict]:
+def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: list[int], words: bool) -> list[dict]:
     """Per partition: units with best concept AUROC >= threshold, and how many of them are labelled that concept
-    (units.label as stored, and recomputed with each label_top_n of top_ns: a sensitivity check)."""
+    (units.label as stored, and recomputed by the breakeven method and by top_n with each label_top_n of top_ns)."""
     concepts = concept_labels(inputs.gens, cfg.spatial_attributes)
-    cands = candidates(inputs.gens)
+    cands = candidates(inputs.gens.with_columns(attributes=pl.lit("{}")) if words else inputs.gens)
     rows = []
     for part in inputs.partitions:
         best_UC, _ = best_auroc(con, inputs, part, concepts, cfg)
         strong = np.flatnonzero(best_UC.max(1) >= threshold)
         named = [concepts.names[c] for c in best_UC[strong].argmax(1)]
         stored = read_part(inputs.store, "units", part).sort("unit")["label"].to_list()
-        recomputed = {n: [] for n in top_ns}
+        recomputed = {"breakeven": [], **{f"top_{n}": [] for n in top_ns}}
         for chunk in chunks(con, inputs, part, cfg):
+            acts_USN = chunk.pooled_USN if cfg.label_stat == "pool" else chunk.best_UN[:, None, :]
+            recomputed["breakeven"] += breakeven_labels(acts_USN, cands, cfg.label_pseudo_count)[0]
             for n in top_ns:
-                recomputed[n] += unit_labels(label_activity_UN(chunk, cfg), cands, n, cfg.label_pseudo_count)[0]
+                recomputed[f"top_{n}"] += unit_labels(label_activity_UN(chunk, cfg), cands, n,
+                                                      cfg.label_pseudo_count)[0]
         row = {"layer": part.layer, "kind": part.kind, "units": len(strong)}
-        for name, label_U in (("stored", stored), *((f"top_{n}", recomputed[n]) for n in top_ns)):
-            row[name] = int(sum(label_U[u] == c for u, c in zip(strong, named, strict=True)))
+        for name, label_U in (("stored", stored), *recomputed.items()):
+            row[name] = int(sum(names_concept(label_U[u], c, words) for u, c in zip(strong, named, strict=True)))
         rows.append(row)
     return rows
+
+
+def names_concept(label: str | None, concept: str, words: bool) -> bool:
+    """Whether a label names a concept ("key=value"): the same string, or with word labels the value."""
+    return label is not None and (label == concept.split("=", 1)[1] if words else label == concept)
 
 
 def time_label_pass(con, inputs, cfg: AnalysisConfig) -> float:
@@ -68,7 +79,7 @@ def time_label_pass(con, inputs, cfg: AnalysisConfig) -> float:
     for part in inputs.partitions:
         scorer = OutOfSample(inputs.gens, concepts) if concepts is not None else None
         for chunk in chunks(con, inputs, part, cfg):
-            unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n, cfg.label_pseudo_count)
+            chunk_labels(chunk, cands, cfg)
             range_examples(chunk.best_UN, chunk.step_UN, gen_ids, chunk.lo, cfg.range_bins, cfg.range_per_bin)
             if scorer is not None:
                 scorer.update(chunk.pooled_USN)
@@ -80,7 +91,8 @@ def main() -> None:
     parser.add_argument("--run", default="runs/demo")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--label-stat", default="", help="pool or example (default: the run's analysis.label_stat)")
-    parser.add_argument("--top-n", default="8,16,32", help="label_top_n values to recompute labels with")
+    parser.add_argument("--top-n", default="16", help="label_top_n values to recompute top_n labels with")
+    parser.add_argument("--words", action="store_true", help="recompute labels from the prompts' words only")
     args = parser.parse_args()
     inputs = load_inputs(args.run)
     cfg: AnalysisConfig = inputs.ctx.config.analysis
@@ -88,13 +100,14 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, label_stat=args.label_stat)
     con = connect(cfg)
     top_ns = [int(n) for n in args.top_n.split(",") if n]
-    rows = label_agreement(con, inputs, cfg, args.threshold, top_ns)
+    rows = label_agreement(con, inputs, cfg, args.threshold, top_ns, args.words)
     print(f"labels: units with best concept AUROC >= {args.threshold} whose label names that concept (stored: "
-          f"units.label, label_top_n = {cfg.label_top_n}; top_N: recomputed with label_top_n = N)")
+          f"units.label, label_method = {cfg.label_method}; recomputed{' from words' if args.words else ''}: "
+          "breakeven, and top_N: top_n with label_top_n = N)")
     with pl.Config(tbl_cols=-1, tbl_width_chars=200):
         print(pl.DataFrame(rows))
     total = sum(r["units"] for r in rows)
-    for name in ("stored", *(f"top_{n}" for n in top_ns)):
+    for name in ("stored", "breakeven", *(f"top_{n}" for n in top_ns)):
         right = sum(r[name] for r in rows)
         print(f"all, {name}: {right} of {total} ({right / max(total, 1):.1%})")
     summary = pl.read_parquet(Path(args.run) / "tables" / "concept_summary.parquet")

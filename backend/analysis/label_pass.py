@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from backend.analysis.concepts import concept_labels
 from backend.analysis.generation_activity import Chunk, chunks
 from backend.analysis.inputs import SHARD, Partition, RunInputs, read_part
-from backend.analysis.labels import candidates, unit_labels
+from backend.analysis.labels import Candidates, breakeven_labels, candidates, unit_labels
 from backend.analysis.out_of_sample import OutOfSample
 from backend.analysis.range_examples import range_examples
 from backend.run.config import AnalysisConfig
@@ -34,7 +34,7 @@ def label_pass(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool = Tru
         labels, confidence, ranges = [], [], []
         scorer = OutOfSample(inputs.gens, concepts) if concepts is not None else None
         for chunk in chunks(con, inputs, part, cfg):
-            got, conf = unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n, cfg.label_pseudo_count)
+            got, conf = chunk_labels(chunk, cands, cfg)
             labels += got
             confidence.append(conf)
             ranges.append(range_examples(chunk.best_UN, chunk.step_UN, gen_ids, chunk.lo, cfg.range_bins,
@@ -57,8 +57,16 @@ def label_pass(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool = Tru
     return {"candidates": len(cands.names), **out}
 
 
+def chunk_labels(chunk: Chunk, cands: Candidates, cfg: AnalysisConfig) -> tuple[list, np.ndarray]:
+    """(label or None, confidence or NaN) of the chunk's units by cfg.label_method (labels.py)."""
+    if cfg.label_method == "breakeven":
+        acts_USN = chunk.pooled_USN if cfg.label_stat == "pool" else chunk.best_UN[:, None, :]
+        return breakeven_labels(acts_USN, cands, cfg.label_pseudo_count)[:2]
+    return unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n, cfg.label_pseudo_count)
+
+
 def label_activity_UN(chunk: Chunk, cfg: AnalysisConfig) -> np.ndarray:
-    """[units, generations] the activation that ranks top generations for labels (cfg.label_stat)."""
+    """[units, generations] the activation that ranks the top_n method's top generations (cfg.label_stat)."""
     return chunk.pooled_USN.max(1) if cfg.label_stat == "pool" else chunk.best_UN
 
 

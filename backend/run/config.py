@@ -202,14 +202,17 @@ class AnalysisConfig:
     """The best-localising unit is chosen among units whose top examples span at least this many positions."""
     plot_top_units: int = 6
     """Units per (layer, kind) that get a profile figure: best concept units, then the highest peaks."""
+    label_method: str = "breakeven"
+    """How top prompts name a unit (backend/analysis/labels.py): "breakeven" (each candidate against the unit's top
+    prompts as many as carry it, at every step) or "top_n" (the label_top_n top generations, the first method)."""
     label_top_n: int = 16
-    """Top generations per unit whose prompts label it (backend/analysis/labels.py)."""
+    """Top generations per unit whose prompts label it with label_method = "top_n" (backend/analysis/labels.py)."""
     label_pseudo_count: float = 0.5
     """Pseudo-count of the labels' log-odds ratio and of their confidence."""
     label_stat: str = "pool"
-    """What ranks a unit's top generations for its label, maximised over steps: "pool" (the spatial `pool` that
-    concept recovery scores: what the unit reads over the whole map) or "example" (`example_stat`, as the top
-    examples rank them)."""
+    """What ranks a unit's top generations for its label: "pool" (the spatial `pool` that concept recovery scores:
+    what the unit reads over the whole map; per step with label_method = "breakeven", maximised over steps with
+    "top_n") or "example" (`example_stat`, as the top examples rank them, maximised over steps)."""
     range_bins: int = 5
     """Equal-width activation bins over (0, max] per unit for its examples across the range (`range_examples`)."""
     range_per_bin: int = 3
@@ -239,6 +242,8 @@ def validate_analysis(cfg: AnalysisConfig) -> AnalysisConfig:
     for name in ("label_top_n", "range_bins", "range_per_bin"):
         if getattr(cfg, name) < 1:
             raise DifflensError(f"analysis.{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.label_method not in ("breakeven", "top_n"):
+        raise DifflensError(f"analysis.label_method is {cfg.label_method!r}; use one of breakeven, top_n")
     if cfg.label_stat not in ("pool", "example"):
         raise DifflensError(f"analysis.label_stat is {cfg.label_stat!r}; use one of pool, example")
     if cfg.label_pseudo_count <= 0:

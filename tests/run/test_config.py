@@ -143,6 +143,7 @@ def test_label_and_range_settings_are_checked():
 
     for bad, match in ((dict(label_stat="median"), "analysis.label_stat is 'median'"),
                        (dict(label_top_n=0), "analysis.label_top_n must be at least 1"),
+                       (dict(label_method="auroc"), "analysis.label_method is 'auroc'; use one of breakeven"),
                        (dict(range_bins=0), "analysis.range_bins must be at least 1"),
                        (dict(label_pseudo_count=0.0), "analysis.label_pseudo_count must be > 0")):
         with pytest.raises(DifflensError, match=match):
