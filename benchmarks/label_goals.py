@@ -86,6 +86,11 @@ def time_label_pass(con, inputs, cfg: AnalysisConfig) -> float:
     return time.perf_counter() - t0
 
 
+def stored_method(inputs) -> str:
+    """The label method the run's analysis used (runs analysed before label_method existed used top_n)."""
+    return (inputs.ctx.manifest["config"].get("analysis") or {}).get("label_method", "top_n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/demo")
@@ -102,7 +107,7 @@ def main() -> None:
     top_ns = [int(n) for n in args.top_n.split(",") if n]
     rows = label_agreement(con, inputs, cfg, args.threshold, top_ns, args.words)
     print(f"labels: units with best concept AUROC >= {args.threshold} whose label names that concept (stored: "
-          f"units.label, label_method = {cfg.label_method}; recomputed{' from words' if args.words else ''}: "
+          f"units.label, label_method = {stored_method(inputs)}; recomputed{' from words' if args.words else ''}: "
           "breakeven, and top_N: top_n with label_top_n = N)")
     with pl.Config(tbl_cols=-1, tbl_width_chars=200):
         print(pl.DataFrame(rows))
