@@ -11,8 +11,8 @@ Prints, per (layer, kind) and over all of them:
     read their words (as for a plain .txt prompt file of any model): a word names a concept when it is the
     concept's value (`red` for colour=red);
   - concept recovery in-sample (concept_summary.mean_best_auroc) beside out-of-sample (auroc_oos, oos_split);
-  - the seconds of the analysis stage (manifest) and of the labels pass alone, rerun here on the run's
-    activity (nothing is written).
+  - the seconds of the analysis stage (manifest) and of the labels pass alone with each label method, rerun
+    here on the run's activity (nothing is written).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from backend.analysis.labels import breakeven_labels, candidates, unit_labels  #
 from backend.analysis.out_of_sample import OutOfSample  # noqa: E402
 from backend.analysis.range_examples import range_examples  # noqa: E402
 from backend.run.config import AnalysisConfig  # noqa: E402
+
+METHODS = ("breakeven", "top_n")
 
 
 def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: list[int], words: bool) -> list[dict]:
@@ -119,8 +121,9 @@ def main() -> None:
     print("concept recovery, in-sample (mean_best_auroc) and out-of-sample (auroc_oos):")
     print(summary.select("layer", "kind", "mean_best_auroc", "auroc_choose", "auroc_oos", "oos_split"))
     stage = inputs.ctx.manifest["stages"]["analysis"]
+    seconds = {m: time_label_pass(con, inputs, dataclasses.replace(cfg, label_method=m)) for m in METHODS}
     print(f"analysis stage: {stage.get('seconds')} s (manifest); labels pass alone: "
-          f"{time_label_pass(con, inputs, cfg):.2f} s")
+          + ", ".join(f"{s:.2f} s ({m})" for m, s in seconds.items()))
 
 
 if __name__ == "__main__":
