@@ -19,11 +19,12 @@ def attrs(p):
     return {"colour": ["red", "blue"][p % 2], "size": ["small", "large"][(p // 2) % 2]}
 
 
-def analysed(tmp_path, gens, channels, features, method="breakeven"):
+def analysed(tmp_path, gens, channels, features, method="breakeven", stat="pool"):
     run = make_run(tmp_path, gens, 3, {(L, "channel"): dense_activity(channels),
                                        (L, "feature"): sparse_activity(features * 0.5, features)},
                    n_latents={L: features.shape[2]})
-    cfg = AnalysisConfig(top_k_channels=1, label_method=method, label_top_n=4, range_bins=3, range_per_bin=2)
+    cfg = AnalysisConfig(top_k_channels=1, label_method=method, label_stat=stat, label_top_n=4, range_bins=3,
+                         range_per_bin=2)
     inputs = load_inputs(run.root)
     con = connect(cfg)
     _profiles_part(con, inputs, cfg, False)
@@ -35,8 +36,8 @@ def read(run, table):
     return pl.read_parquet(run.root / "tables" / table / "**" / "*.parquet", hive_partitioning=True)
 
 
-@pytest.mark.parametrize("method", ["breakeven", "top_n"])
-def test_labels_ranges_and_out_of_sample_recovery_are_written(tmp_path, method):
+@pytest.mark.parametrize(("method", "stat"), [("breakeven", "pool"), ("breakeven", "example"), ("top_n", "pool")])
+def test_labels_ranges_and_out_of_sample_recovery_are_written(tmp_path, method, stat):
     n_prompts, seeds = 8, 2
     gens = gens_for(n_prompts * seeds, ["red", "blue"], seeds_per_prompt=seeds, attributes=attrs)
     rng = np.random.default_rng(0)
@@ -47,7 +48,7 @@ def test_labels_ranges_and_out_of_sample_recovery_are_written(tmp_path, method):
     features = np.zeros((len(gens), 3, 4), np.float32)
     features[large, 2, 3] = 1.0 + rng.random(large.sum())  # feature 3: large objects, step 2
     features[:, :, 0] = 0.0  # feature 0: dead
-    run, summary = analysed(tmp_path, gens, channels, features, method)
+    run, summary = analysed(tmp_path, gens, channels, features, method, stat)
     units = read(run, "units")
     label = {(k, u): x for k, u, x in units.select("kind", "unit", "label").iter_rows()}
     assert label[("channel", 1)] == "colour=red"
