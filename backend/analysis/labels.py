@@ -129,7 +129,7 @@ def breakeven_scores_UST(acts_USN: np.ndarray, cands: Candidates, pseudo: float)
     """[units, steps, candidates] the break-even score of every candidate at every step (-inf: never a label)."""
     n_units, n_steps, n_gens = acts_USN.shape
     n_prompts, n_cands = cands.carried_PT.shape
-    prompt_XP = np.asarray((cands.average_PN @ acts_USN.reshape(-1, n_gens).T).T, np.float32)
+    prompt_XP = np.ascontiguousarray((cands.average_PN @ acts_USN.reshape(-1, n_gens).T).T, np.float32)
     above_XP = prompt_XP > prompt_XP.min(1, keepdims=True)
     counts_T = cands.carried_PT.sum(0).astype(np.int64)
     sizes = np.unique(counts_T[(counts_T > 0) & (counts_T < n_prompts)])
