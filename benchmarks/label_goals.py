@@ -9,7 +9,8 @@ Prints, per (layer, kind) and over all of them:
     recomputed (nothing is written) with the "breakeven" method and with the "top_n" method at other label_top_n
     values (--top-n; a sensitivity check). With --words the recomputed labels ignore the prompts' attributes and
     read their words (as for a plain .txt prompt file of any model): a word names a concept when it is the
-    concept's value (`red` for colour=red);
+    concept's value (`red` for colour=red, and `group=red`); and how often the breakeven label names the
+    concept at low, middle and high confidence;
   - concept recovery in-sample (concept_summary.mean_best_auroc) beside out-of-sample (auroc_oos, oos_split);
   - the seconds of the analysis stage (manifest) and of the labels pass alone with each label method, rerun
     here on the run's activity (nothing is written).
@@ -41,21 +42,26 @@ from backend.run.config import AnalysisConfig  # noqa: E402
 METHODS = ("breakeven", "top_n")
 
 
-def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: list[int], words: bool) -> list[dict]:
+def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: list[int],
+                    words: bool) -> tuple[list[dict], list[tuple[float, bool]]]:
     """Per partition: units with best concept AUROC >= threshold, and how many of them are labelled that concept
-    (units.label as stored, and recomputed by the breakeven method and by top_n with each label_top_n of top_ns)."""
+    (units.label as stored, and recomputed by the breakeven method and by top_n with each label_top_n of top_ns);
+    and (confidence, names the concept) of each such unit's breakeven label."""
     concepts = concept_labels(inputs.gens, cfg.spatial_attributes)
     cands = candidates(inputs.gens.with_columns(attributes=pl.lit("{}")) if words else inputs.gens)
-    rows = []
+    rows, calibration = [], []
     for part in inputs.partitions:
         best_UC, _ = best_auroc(con, inputs, part, concepts, cfg)
         strong = np.flatnonzero(best_UC.max(1) >= threshold)
         named = [concepts.names[c] for c in best_UC[strong].argmax(1)]
         stored = read_part(inputs.store, "units", part).sort("unit")["label"].to_list()
         recomputed = {"breakeven": [], **{f"top_{n}": [] for n in top_ns}}
+        confidence = []
         for chunk in chunks(con, inputs, part, cfg):
             acts_USN = chunk.pooled_USN if cfg.label_stat == "pool" else chunk.best_UN[:, None, :]
-            recomputed["breakeven"] += breakeven_labels(acts_USN, cands, cfg.label_pseudo_count)[0]
+            labels, conf, _ = breakeven_labels(acts_USN, cands, cfg.label_pseudo_count)
+            recomputed["breakeven"] += labels
+            confidence.append(conf)
             for n in top_ns:
                 recomputed[f"top_{n}"] += unit_labels(label_activity_UN(chunk, cfg), cands, n,
                                                       cfg.label_pseudo_count)[0]
@@ -63,12 +69,28 @@ def label_agreement(con, inputs, cfg: AnalysisConfig, threshold: float, top_ns: 
         for name, label_U in (("stored", stored), *recomputed.items()):
             row[name] = int(sum(names_concept(label_U[u], c, words) for u, c in zip(strong, named, strict=True)))
         rows.append(row)
-    return rows
+        conf_U = np.concatenate(confidence)
+        calibration += [(float(conf_U[u]), names_concept(recomputed["breakeven"][u], c, words))
+                        for u, c in zip(strong, named, strict=True)]
+    return rows, calibration
+
+
+def print_calibration(calibration: list[tuple[float, bool]]) -> None:
+    """How often the breakeven label names the concept, by its confidence."""
+    conf = np.array([c for c, _ in calibration], np.float64)
+    right = np.array([r for _, r in calibration], bool)
+    for lo, hi in ((0.0, 0.5), (0.5, 0.75), (0.75, 1.01)):
+        mine = (conf >= lo) & (conf < hi)  # NaN (no label) is in no bin
+        share = f"{right[mine].mean():.1%}" if mine.any() else "-"
+        print(f"breakeven labels with confidence in [{lo}, {min(hi, 1.0)}]: {int(mine.sum())}, "
+              f"naming the concept: {share}")
 
 
 def names_concept(label: str | None, concept: str, words: bool) -> bool:
-    """Whether a label names a concept ("key=value"): the same string, or with word labels the value."""
-    return label is not None and (label == concept.split("=", 1)[1] if words else label == concept)
+    """Whether a label names a concept ("key=value"): the same string, or with word labels the value (or the group
+    of that name: the demo's groups are its colours)."""
+    value = concept.split("=", 1)[1]
+    return label is not None and (label in (value, f"group={value}") if words else label == concept)
 
 
 def time_label_pass(con, inputs, cfg: AnalysisConfig) -> float:
@@ -107,7 +129,7 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, label_stat=args.label_stat)
     con = connect(cfg)
     top_ns = [int(n) for n in args.top_n.split(",") if n]
-    rows = label_agreement(con, inputs, cfg, args.threshold, top_ns, args.words)
+    rows, calibration = label_agreement(con, inputs, cfg, args.threshold, top_ns, args.words)
     print(f"labels: units with best concept AUROC >= {args.threshold} whose label names that concept (stored: "
           f"units.label, label_method = {stored_method(inputs)}; recomputed{' from words' if args.words else ''}: "
           "breakeven, and top_N: top_n with label_top_n = N)")
@@ -117,6 +139,7 @@ def main() -> None:
     for name in ("stored", "breakeven", *(f"top_{n}" for n in top_ns)):
         right = sum(r[name] for r in rows)
         print(f"all, {name}: {right} of {total} ({right / max(total, 1):.1%})")
+    print_calibration(calibration)
     summary = pl.read_parquet(Path(args.run) / "tables" / "concept_summary.parquet")
     print("concept recovery, in-sample (mean_best_auroc) and out-of-sample (auroc_oos):")
     print(summary.select("layer", "kind", "mean_best_auroc", "auroc_choose", "auroc_oos", "oos_split"))
