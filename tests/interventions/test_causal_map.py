@@ -38,17 +38,25 @@ def test_map_windows_cover_the_trajectory():
     assert cm.map_windows(10)["late"] == (5, 9)
 
 
+PROMPTS = ["a small red square at the top, black background", "a large blue circle on the left, gray background"]
+
+
+def two_steered_rows(model, seed: int, start: int, strengths: tuple[float, float]):
+    """(baseline, random unit directions [2, C], strength schedules [2, S] from `start`, masks: the first row's
+    object, everything for the second) for PROMPTS with seeds 3 and 4."""
+    base = cm.baseline(model, PROMPTS, [3, 4], STEPS, 1.5)
+    torch.manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
+    schedule = np.zeros((2, STEPS), np.float32)
+    schedule[:, start:] = np.asarray(strengths, np.float32)[:, None]
+    return base, dirs, schedule, np.stack([base.masks[0], np.ones_like(base.masks[1])])
+
+
 def test_a_batch_of_rows_equals_each_row_steered_alone(run, model):
     """Rows with their own direction, strength and mask, joining at the window's first step from the baseline
     trajectory, give the images of steer's one-at-a-time generation."""
-    prompts = ["a small red square at the top, black background", "a large blue circle on the left, gray background"]
-    base = cm.baseline(model, prompts, [3, 4], STEPS, 1.5)
-    torch.manual_seed(0)
-    dirs = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
-    strengths = np.zeros((2, STEPS), np.float32)
-    strengths[0, 5:] = 30.0
-    strengths[1, 5:] = -20.0
-    masks = np.stack([base.masks[0], np.ones_like(base.masks[1])])
+    prompts = PROMPTS
+    base, dirs, strengths, masks = two_steered_rows(model, 0, 5, (30.0, -20.0))
     batched = cm.steered_batch(model, LAYER, base, [0, 1], dirs, strengths, [5, 5], masks, STEPS, 1.5)
     for r in range(2):
         alone = to_uint8(steered_generate(model, LAYER, [prompts[r]], [3 + r], dirs[r], strengths[r].tolist(),
@@ -164,14 +172,7 @@ def test_region_masks_steer_the_object_its_background_or_everything():
 def test_spatial_rows_equal_vector_rows_when_every_position_gets_the_same_vector(run, model):
     """rowwise_spatial_edit with a [S, T, C] delta that is strength x direction at every position steers exactly as
     rowwise_masked_edit does."""
-    prompts = ["a small red square at the top, black background", "a large blue circle on the left, gray background"]
-    base = cm.baseline(model, prompts, [3, 4], STEPS, 1.5)
-    torch.manual_seed(1)
-    dirs = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
-    strengths = np.zeros((2, STEPS), np.float32)
-    strengths[0, 4:] = 25.0
-    strengths[1, 4:] = -15.0
-    masks = np.stack([base.masks[0], np.ones_like(base.masks[1])])
+    base, dirs, strengths, masks = two_steered_rows(model, 1, 4, (25.0, -15.0))
     deltas = torch.as_tensor(strengths)[:, :, None, None] * dirs[:, None, None, :].expand(2, 1, 64, 64)
     vector = cm.steered_batch(model, LAYER, base, [0, 1], dirs, strengths, [4, 4], masks, STEPS, 1.5)
     spatial = cm.steered_batch(model, LAYER, base, [0, 1], torch.zeros(2, 64), strengths, [4, 4], masks, STEPS,
