@@ -673,8 +673,9 @@ def causal_map_cmd(
                                                    "a list. [default: 2000-2019]")] = None,
     selection_seeds: Annotated[str | None, typer.Option(help="Seeds that choose each cell's scale. "
                                                              "[default: 1000-1007]")] = None,
-    directions: Annotated[str | None, typer.Option(help="channel, feature, features, mean; comma-separated. "
-                                                        "[default: all four]")] = None,
+    directions: Annotated[str | None, typer.Option(help="channel, feature, features, mean, matched; "
+                                                        "comma-separated (matched tries causal_map.matched_scales). "
+                                                        "[default: all five]")] = None,
     masks: Annotated[str | None, typer.Option(help="none, object, background; comma-separated. "
                                                    "[default: none,object]")] = None,
     attributes: Annotated[str | None, typer.Option(help="Attributes whose values are the concepts, "

@@ -3,7 +3,9 @@
 This module owns
   - `MapCell` (one concept x layer x direction x window x mask: a vector and its natural size) and `plan_cells`,
     which makes a chunk's cells: per concept and layer, its best channel, its best SAE feature (the layer's default
-    SAE), its SAE feature set and its diff-in-means direction (backend/interventions/concept_directions.py), each
+    SAE), its SAE feature set, its diff-in-means direction and its matched direction (per row: the per-step,
+    per-position difference from the row's prompt's current value, concept_directions.matched_difference; steered
+    with `rowwise_spatial_edit`) (backend/interventions/concept_directions.py), each
     measured on the run's own generations at every window (`map_windows`: early, middle, late, all, and the
     concept's peak step);
   - `steered_batch`: many rows steered at once, each with its own direction, strength, step window, prompt, seed and
@@ -24,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from backend.errors import DifflensError
 from backend.interventions import concept_directions as cd
-from backend.interventions.concepts import concept_prompts
+from backend.interventions.concepts import concept_prompt_attributes
 from backend.interventions.effects import is_demo
 from backend.run.config import CAUSAL_MAP_REDUCED, CausalMapConfig, validate_causal_map
 from backend.run.context import RunContext, as_context
@@ -43,9 +45,10 @@ from backend.run.store import stage_key
 STAGE = "causal_map"
 TABLE = "causal_map"
 WINDOW_NAMES = ("early", "middle", "late", "all", "peaks")
-DIRECTIONS = ("channel", "feature", "features", "mean")
+DIRECTIONS = ("channel", "feature", "features", "mean", "matched")
 """channel: the concept's best channel; feature: its best SAE feature; features: its SAE feature set; mean: its
-diff-in-means direction."""
+diff-in-means direction; matched: its per-step, per-position difference from each prompt's current value among
+generations of the same layout (concept_directions.matched_difference)."""
 SELECTION_PROMPT_SEED, HELDOUT_PROMPT_SEED = 1, 2
 """The rng seeds of the selection and held-out prompts (concept_prompts), so the two prompt sets differ too."""
 
@@ -70,7 +73,14 @@ class MapCell:
     mask: str
     vector_C: torch.Tensor
     size: float
-    """strength = scale x size (a unit: its largest spatial max, x its decoder-row norm; a direction: its norm)."""
+    """strength = scale x size (a unit: its largest spatial max, x its decoder-row norm; a direction: its norm;
+    matched: 1, so scale 1 adds the difference itself)."""
+    means: cd.CellMeans | None = None
+    """A matched cell's token means: each row's [S, T, C] difference is made from them and the row's prompt."""
+
+    @property
+    def spatial(self) -> bool:
+        return self.means is not None
 
 
 def map_windows(n_steps: int) -> dict[str, tuple[int, int]]:
@@ -140,6 +150,7 @@ def plan_cells(ctx: RunContext, layer: str, concept: str, directions: Sequence[s
     has_sae = (layer, "default") in ctx.saes()
     feat = cd.layer_activity(ctx, layer, feature_kind())[1] if has_sae and (
         {"feature", "features"} & set(directions)) else None
+    matched = cd.cell_means(ctx, layer, cd.matched_attributes(concept)) if "matched" in directions else None
     wins = dict(windows)
     if "peaks" in wins:
         p = cd.peak_step(chan, in_a, in_b)
@@ -160,6 +171,9 @@ def plan_cells(ctx: RunContext, layer: str, concept: str, directions: Sequence[s
                 elif direction == "feature":
                     cells.append(_unit_cell(ctx, concept, layer, "feature", x_feat, in_a, in_b, maxima["feature"],
                                             wname, window, mask))
+                elif direction == "matched":
+                    cells.append(MapCell(concept, layer, "matched", "channel", -1, "", float("nan"), wname, window,
+                                         mask, torch.zeros(chan.shape[2]), 1.0, means=matched))
                 elif direction == "mean":
                     d = cd.diff_in_means(ctx, spec, layer, window, in_a, in_b)
                     cells.append(MapCell(concept, layer, "mean", "channel", -1, "", float("nan"), wname, window, mask,
@@ -188,10 +202,13 @@ class Baseline:
     attributes: list[dict]
     masks: np.ndarray
     """Object masks [N, H, W] of the images (masks.object_masks)."""
+    prompt_attributes: list[dict] = field(default_factory=list)
+    """The attributes each prompt was written from (matched directions start from them)."""
 
 
 @torch.no_grad()
-def baseline(model, prompts: list[str], seeds: list[int], n_steps: int, guidance: float) -> Baseline:
+def baseline(model, prompts: list[str], seeds: list[int], n_steps: int, guidance: float,
+             prompt_attributes: list[dict] | None = None) -> Baseline:
     from backend.demo import shapes
     from backend.interventions.masks import object_masks
     from backend.models.base import to_uint8
@@ -208,7 +225,7 @@ def baseline(model, prompts: list[str], seeds: list[int], n_steps: int, guidance
     latents = model.generate(prompts, seeds, n_steps, guidance, on_step=record, output="latent")
     images = to_uint8(model.decode(latents))
     return Baseline(prompts, seeds, [first] + before[:-1], images, [shapes.score_image(im) for im in images],
-                    object_masks(images))
+                    object_masks(images), list(prompt_attributes or []))
 
 
 def rowwise_masked_edit(directions_RC: torch.Tensor, strengths_RS: np.ndarray, masks_RHW: np.ndarray):
@@ -234,13 +251,33 @@ def rowwise_masked_edit(directions_RC: torch.Tensor, strengths_RS: np.ndarray, m
     return edit
 
 
+def rowwise_spatial_edit(deltas_RSTC: torch.Tensor, masks_RHW: np.ndarray):
+    """An edit adding deltas_RSTC[row, step] (one vector per token position), weighted per token by the row's mask,
+    to each row (both CFG halves, as rowwise_masked_edit)."""
+    from backend.interventions.masks import token_weights
+
+    def edit(tokens_BTC: torch.Tensor, step: int) -> torch.Tensor:
+        if not 0 <= step < deltas_RSTC.shape[1]:
+            return tokens_BTC
+        b, t, _ = tokens_BTC.shape
+        if deltas_RSTC.shape[2] != t:
+            raise DifflensError(f"the matched direction has {deltas_RSTC.shape[2]} token positions but the layer has "
+                                f"{t} at this resolution; steer at the run's resolution")
+        w_BT1 = token_weights(masks_RHW, t, b).to(tokens_BTC)
+        reps = b // deltas_RSTC.shape[0]
+        return tokens_BTC + w_BT1 * deltas_RSTC[:, step].repeat(reps, 1, 1).to(tokens_BTC)
+
+    return edit
+
+
 @torch.no_grad()
 def steered_batch(model, layer: str, base: Baseline, rows: list[int], directions_RC: torch.Tensor,
                   strengths_RS: np.ndarray, starts_R: list[int], masks_RHW: np.ndarray, n_steps: int,
-                  guidance: float) -> np.ndarray:
+                  guidance: float, deltas_RSTC: torch.Tensor | None = None) -> np.ndarray:
     """Images uint8 [R, H, W, 3] of rows (indices into base's prompts / seeds), each with its own direction,
     strength schedule and mask, all starting at the same step starts_R[0] from the baseline latents there (with a
-    scheduler that keeps per-sample state every row starts at 0 from the noise: the same images)."""
+    scheduler that keeps per-sample state every row starts at 0 from the noise: the same images). With
+    deltas_RSTC, each row adds its own per-step, per-position vectors (rowwise_spatial_edit) instead."""
     from backend.interventions.priors import shares_prefix
     from backend.models.base import deterministic_kernels, to_uint8
     from backend.models.hooks import edit_activations
@@ -251,7 +288,9 @@ def steered_batch(model, layer: str, base: Baseline, rows: list[int], directions
         cond, uncond = model.encode_prompts(prompts, guidance > 1.0)
         timesteps = model.timesteps(n_steps)
         x = base.latents_S[start][rows].clone()
-        with edit_activations(model, layer, rowwise_masked_edit(directions_RC, strengths_RS, masks_RHW)):
+        edit = (rowwise_masked_edit(directions_RC, strengths_RS, masks_RHW) if deltas_RSTC is None
+                else rowwise_spatial_edit(deltas_RSTC, masks_RHW))
+        with edit_activations(model, layer, edit):
             for i in range(start, len(timesteps)):
                 model.step_index = i
                 x = model.step(x, timesteps[i], cond, uncond, guidance)
@@ -281,10 +320,10 @@ def run_jobs(model, layer: str, cells: list[MapCell], jobs: list[Job], base: Bas
     res = base.images.shape[1]
     ones = np.ones((res, res), np.float32)
     order = sorted(range(len(jobs)), key=lambda j: cells[jobs[j].cell].window[0])
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, bool], list[int]] = {}
     for j in order:
-        groups.setdefault(cells[jobs[j].cell].window[0], []).append(j)
-    for start, members in groups.items():
+        groups.setdefault((cells[jobs[j].cell].window[0], cells[jobs[j].cell].spatial), []).append(j)
+    for (start, spatial), members in groups.items():
         for b in range(0, len(members), batch):
             part = members[b:b + batch]
             cs = [cells[jobs[j].cell] for j in part]
@@ -294,8 +333,9 @@ def run_jobs(model, layer: str, cells: list[MapCell], jobs: list[Job], base: Bas
                 strengths[k, c.window[0]:c.window[1] + 1] = jobs[j].scale * c.size
             masks = np.stack([region_mask(base.masks[jobs[j].row], c.mask, ones)
                               for j, c in zip(part, cs, strict=True)])
+            deltas = spatial_deltas(cs, [jobs[j].row for j in part], strengths, base) if spatial else None
             images = steered_batch(model, layer, base, [jobs[j].row for j in part], dirs, strengths,
-                                   [start] * len(part), masks, n_steps, guidance)
+                                   [start] * len(part), masks, n_steps, guidance, deltas)
             from backend.demo import shapes
 
             for k, j in enumerate(part):
@@ -303,6 +343,15 @@ def run_jobs(model, layer: str, cells: list[MapCell], jobs: list[Job], base: Bas
                                              cs[k].concept)
             bar.update(len(part))
     return out
+
+
+def spatial_deltas(cells: list[MapCell], rows: list[int], strengths_RS: np.ndarray, base: Baseline) -> torch.Tensor:
+    """[R, S, T, C]: each matched row's difference (from its prompt's attributes) times its strength schedule."""
+    out = []
+    for cell, row, strength_S in zip(cells, rows, strengths_RS, strict=True):
+        diff_STC, _ = cd.matched_difference(cell.means, cell.concept, base.prompt_attributes[row])
+        out.append(diff_STC * torch.as_tensor(strength_S)[:, None, None])
+    return torch.stack(out)
 
 
 def region_mask(object_HW: np.ndarray, mask: str, ones: np.ndarray) -> np.ndarray:
@@ -426,19 +475,28 @@ def causal_map(run, cfg: CausalMapConfig | None = None, progress: bool = True, m
 
 def estimate_images(ctx: RunContext, cfg: CausalMapConfig, windows: dict) -> int:
     """Steered images per chunk, for the progress bar (the feature kinds count only at a layer with an SAE)."""
-    cells = len(windows) * len(cfg.directions) * len(cfg.masks)
-    return cells * (len(cfg.scales) * len(cfg.selection_seeds) + len(cfg.heldout_seeds))
+    per_window = len(windows) * len(cfg.masks)
+    return sum(per_window * (len(cfg.matched_scales if d == "matched" else cfg.scales) * len(cfg.selection_seeds)
+                             + len(cfg.heldout_seeds)) for d in cfg.directions)
 
 
 def concept_baselines(model, concept: str, cfg: CausalMapConfig, n_steps: int, guidance: float,
                       cache: dict) -> tuple[Baseline, Baseline]:
     """The unsteered selection and held-out generations of a concept's prompts (computed once per concept)."""
+    from backend.demo import shapes
+
     for name, seeds, prompt_seed in (("selection", cfg.selection_seeds, SELECTION_PROMPT_SEED),
                                      ("heldout", cfg.heldout_seeds, HELDOUT_PROMPT_SEED)):
         if (concept, name) not in cache:
-            prompts = concept_prompts(concept, seeds, seed=prompt_seed)
-            cache[(concept, name)] = baseline(model, prompts, [int(s) for s in seeds], n_steps, guidance)
+            attrs = concept_prompt_attributes(concept, seeds, seed=prompt_seed)
+            prompts = [shapes.prompt_for(a) for a in attrs]
+            cache[(concept, name)] = baseline(model, prompts, [int(s) for s in seeds], n_steps, guidance, attrs)
     return cache[(concept, "selection")], cache[(concept, "heldout")]
+
+
+def cell_scales(cfg: CausalMapConfig, cell: MapCell) -> list[float]:
+    """The scales a cell tries: matched_scales for a matched cell (its size is the difference itself), else scales."""
+    return list(cfg.matched_scales) if cell.direction == "matched" else list(cfg.scales)
 
 
 def map_chunk(ctx: RunContext, cfg: CausalMapConfig, layer: str, concept: str, windows: dict, n_steps: int,
@@ -447,12 +505,13 @@ def map_chunk(ctx: RunContext, cfg: CausalMapConfig, layer: str, concept: str, w
     model = ctx.model
     cells = plan_cells(ctx, layer, concept, cfg.directions, windows, cfg.masks, cfg.feature_set_size)
     select, held = concept_baselines(model, concept, cfg, n_steps, guidance, baselines)
-    jobs = [Job(c, s, r) for c in range(len(cells)) for s in cfg.scales for r in range(len(select.seeds))]
+    jobs = [Job(c, s, r) for c in range(len(cells)) for s in cell_scales(cfg, cells[c])
+            for r in range(len(select.seeds))]
     results = run_jobs(model, layer, cells, jobs, select, n_steps, guidance, cfg.batch_size, bar)
     chosen = []
     for c in range(len(cells)):
         best = None
-        for s in cfg.scales:
+        for s in cell_scales(cfg, cells[c]):
             f, col, _ = rates([res for job, res in zip(jobs, results, strict=True) if job.cell == c and job.scale == s])
             if best is None or f - col > best[1] - best[2] + 1e-9:
                 best = (s, f, col)

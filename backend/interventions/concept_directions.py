@@ -11,7 +11,13 @@ This module owns
     B), `best_unit` (the concept's best unit at a window, as the causal map steers it) and `peak_step` (the step
     where the two sets' mean activations are furthest apart relative to their spread);
   - `concept_direction`, which makes a `Direction` (unit-norm vector [C] in the layer's raw activation space and its
-    natural size) from a spec, a layer and a step window.
+    natural size) from a spec, a layer and a step window;
+  - **matched** directions (the causal map's `matched` kind): `cell_means` averages a layer's token shards per
+    (cell of generations sharing some attribute values, step, token position), and `matched_difference` makes, for
+    one prompt, the per-step, per-position difference [S, T, C] between the concept's generations and those with
+    the prompt's current value, among the generations that share the prompt's layout (`LAYOUT_ATTRIBUTES`: shape,
+    size, position, but the attribute changed). A shape is a spatial pattern at a place and a size: one pooled
+    vector added to every token cannot draw a circle where a square was, this difference can.
 
 Diff-in-means (activation addition): mean over A's generations of the window-averaged spatial mean, minus B's. Its
 norm is the direction's natural size: strength = scale x norm, so scale 1 moves the average B generation to the
@@ -297,3 +303,106 @@ def steer_direction_run(run_dir, direction: str, layer: str, scale: float = 4.0,
     res = steer(ctx, sspec, concept=spec.concept, direction=d)
     res.extra["direction"] = d
     return res
+
+
+# ------------------------------------------------------------------------------------------------ matched directions
+LAYOUT_ATTRIBUTES = ("shape", "size", "position")
+"""The demo attributes that draw an image's silhouette: a matched direction compares generations that share the
+steered prompt's values of them (all but the attribute it changes)."""
+
+
+@dataclass
+class CellMeans:
+    """A layer's mean token vector per (cell, step, position), from its token shards: a cell is the run's
+    generations that share one value of each of `attributes`."""
+
+    layer: str
+    attributes: tuple[str, ...]
+    cells: dict[tuple[str, ...], int]
+    """Attribute values (in `attributes` order) -> cell index."""
+    sums_KSTC: torch.Tensor
+    counts_KST: torch.Tensor
+
+    def mean_of(self, keep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [S, T, C], token count [S, T]) over the cells whose values pass keep(values: dict)."""
+        index = [k for values, k in self.cells.items() if keep(dict(zip(self.attributes, values, strict=True)))]
+        sums = self.sums_KSTC[index].sum(0)
+        counts = self.counts_KST[index].sum(0)
+        return sums / counts.clamp(min=1)[..., None], counts
+
+
+_CELL_CACHE: dict = {}
+
+
+def cell_means(ctx: RunContext, layer: str, attributes: tuple[str, ...]) -> CellMeans:
+    """The layer's token shards averaged per (cell of `attributes` values, step, position); cached per run, layer
+    and attributes (one at a time). No token shards: a one-line error."""
+    import pyarrow.parquet as pq
+
+    from sae.data import as_float32
+
+    folder = ctx.store.activations_dir(layer)
+    shards = sorted(folder.glob("part-*.npy"))
+    key = (str(ctx.root), layer, attributes, tuple((f.name, f.stat().st_mtime_ns) for f in shards))
+    if key in _CELL_CACHE:
+        return _CELL_CACHE[key]
+    if not shards:
+        raise DifflensError(f"{ctx.root} has no token shards for {layer} (activations/{layer}/); a matched direction "
+                            f"needs them: capture the layer with `python cli.py capture --layer {layer}`")
+    gens = ctx.generations()
+    attrs = [json.loads(a or "{}") for a in gens["attributes"].to_list()]
+    cells: dict[tuple[str, ...], int] = {}
+    cell_of = np.full(int(gens["gen_id"].max()) + 1, -1, np.int64)
+    for gen_id, a in zip(gens["gen_id"].to_list(), attrs, strict=True):
+        if all(k in a for k in attributes):
+            cell_of[gen_id] = cells.setdefault(tuple(a[k] for k in attributes), len(cells))
+    index = [pq.read_table(f.with_suffix(".parquet")).to_pydict() for f in shards]
+    n_tokens = 1 + max(max(ix["position"], default=0) for ix in index)
+    n_steps = ctx.n_steps
+    sums, counts = None, torch.zeros(len(cells) * n_steps * n_tokens)
+    for shard, ix in zip(shards, index, strict=True):
+        rows = torch.as_tensor(as_float32(np.load(shard)))
+        cell = cell_of[np.asarray(ix["gen_id"], np.int64)]
+        flat = (cell * n_steps + np.asarray(ix["step"], np.int64)) * n_tokens + np.asarray(ix["position"], np.int64)
+        keep = torch.as_tensor(cell >= 0)
+        flat_t = torch.as_tensor(flat)[keep]
+        if sums is None:
+            sums = torch.zeros(len(counts), rows.shape[1])
+        sums.index_add_(0, flat_t, rows[keep])
+        counts.index_add_(0, flat_t, torch.ones(len(flat_t)))
+    shape = (len(cells), n_steps, n_tokens)
+    out = CellMeans(layer, attributes, cells, sums.reshape(*shape, -1), counts.reshape(shape))
+    _CELL_CACHE.clear()
+    _CELL_CACHE[key] = out
+    return out
+
+
+def matched_attributes(concept: str, layout: tuple[str, ...] = LAYOUT_ATTRIBUTES) -> tuple[str, ...]:
+    """The attributes a concept's matched direction groups generations by: its own, then the layout's others."""
+    key = concept.partition("=")[0]
+    return (key,) + tuple(a for a in layout if a != key)
+
+
+def matched_difference(means: CellMeans, concept: str, prompt_attributes: dict) -> tuple[torch.Tensor, bool]:
+    """(per-step, per-position difference [S, T, C], matched) that moves a prompt's generation to the concept: the
+    mean of the run's generations with the concept minus the mean of those with the prompt's current value, both
+    among the generations sharing the prompt's other layout attributes (matched True). When either group has no
+    generations, the same difference over all of the run's generations (matched False). Steps or positions that
+    either group never sampled are 0."""
+    key, _, value = concept.partition("=")
+    current = prompt_attributes.get(key)
+    if current is None:
+        raise DifflensError(f"the prompt's attributes {prompt_attributes} do not say its {key}")
+    others = [a for a in means.attributes if a != key]
+
+    def group(v, matched):
+        return means.mean_of(lambda c: c[key] == v and (not matched or all(c[a] == prompt_attributes.get(a)
+                                                                              for a in others)))
+
+    for matched in (True, False):
+        (mean_a, n_a), (mean_b, n_b) = group(value, matched), group(current, matched)
+        if n_a.sum() > 0 and n_b.sum() > 0:
+            both = ((n_a > 0) & (n_b > 0)).float()[..., None]
+            return (mean_a - mean_b) * both, matched
+    raise DifflensError(f"the run has no generations with {concept} or with {key}={current}, so no matched "
+                        "direction; use prompts that carry both values")

@@ -46,16 +46,19 @@ def concept_prompts(concept: str, seeds: Sequence[int], seed: int = 0) -> list[s
     value (cycling through the others)."""
     from backend.demo import shapes
 
+    return [shapes.prompt_for(a) for a in concept_prompt_attributes(concept, seeds, seed)]
+
+
+def concept_prompt_attributes(concept: str, seeds: Sequence[int], seed: int = 0) -> list[dict[str, str]]:
+    """The attributes of concept_prompts' prompts (the same draw), one dict per seed."""
+    from backend.demo import shapes
+
     key, _, value = concept.partition("=")
     if key not in shapes.ATTRIBUTES or value not in shapes.ATTRIBUTES[key]:
         raise DifflensError(f"concept {concept!r} is not a demo attribute value")
     others = [v for v in shapes.ATTRIBUTES[key] if v != value]
     specs = shapes.random_specs(len(seeds), np.random.default_rng(seed))
-    out = []
-    for i, spec in enumerate(specs):
-        attrs = spec.attributes() | {key: others[i % len(others)]}
-        out.append(shapes.prompt_for(attrs))
-    return out
+    return [spec.attributes() | {key: others[i % len(others)]} for i, spec in enumerate(specs)]
 
 
 def best_concept_units(ctx: RunContext, layer: str | None, kind: str, attributes: Sequence[str],

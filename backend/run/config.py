@@ -313,9 +313,10 @@ class CausalMapConfig:
     """Layers (empty: every captured layer)."""
     attributes: list[str] = field(default_factory=list)
     """Attributes whose values are the concepts (empty: every attribute of the prompts, position included)."""
-    directions: list[str] = field(default_factory=lambda: ["channel", "feature", "features", "mean"])
+    directions: list[str] = field(default_factory=lambda: ["channel", "feature", "features", "mean", "matched"])
     """channel (the concept's best channel), feature (its best SAE feature), features (its SAE feature set), mean
-    (its diff-in-means direction)."""
+    (its diff-in-means direction), matched (per step and token position, the concept's mean minus the prompt's current
+    value's, among generations of the prompt's layout: shape, size, position; from the token shards)."""
     windows: list[str] = field(default_factory=lambda: ["early", "middle", "late", "all", "peaks"])
     """early (first third of the steps), middle, late (second half), all, peaks (the concept's peak step at the
     layer), or a window a-b."""
@@ -332,6 +333,9 @@ class CausalMapConfig:
     """Features in a feature-set direction (the top ones by AUROC)."""
     batch_size: int = 64
     """Steered images per forward pass."""
+    matched_scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Strengths a matched direction tries, x its difference (1: move each prompt's generation by the whole
+    difference between the concept's and its current value's mean activations)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -346,17 +350,19 @@ def validate_causal_map(cfg: CausalMapConfig) -> CausalMapConfig:
     """One-line errors for causal-map settings out of range (before anything is written)."""
     import math
 
-    known = {"directions": ("channel", "feature", "features", "mean"), "masks": ("none", "object", "background")}
+    known = {"directions": ("channel", "feature", "features", "mean", "matched"),
+             "masks": ("none", "object", "background")}
     for name, allowed in known.items():
         for v in getattr(cfg, name):
             if v not in allowed:
                 raise DifflensError(f"causal_map.{name}: unknown value {v!r}; use {', '.join(allowed)}")
-    for name in ("directions", "windows", "masks", "scales"):
+    for name in ("directions", "windows", "masks", "scales", "matched_scales"):
         if not getattr(cfg, name):
             raise DifflensError(f"causal_map.{name} is empty; give at least one")
-    for s in cfg.scales:
-        if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
-            raise DifflensError(f"causal_map.scales must be finite numbers > 0 (got {s!r})")
+    for name in ("scales", "matched_scales"):
+        for s in getattr(cfg, name):
+            if not isinstance(s, int | float) or not math.isfinite(s) or s <= 0:
+                raise DifflensError(f"causal_map.{name} must be finite numbers > 0 (got {s!r})")
     for name in ("feature_set_size", "batch_size"):
         if getattr(cfg, name) < 1:
             raise DifflensError(f"causal_map.{name} must be at least 1 (got {getattr(cfg, name)})")

@@ -340,8 +340,9 @@ CAUSAL_MAP = pa.schema([
     ("collateral_rate", pa.float32()), ("clean_rate", pa.float32()), ("baseline_rate", pa.float32()),
 ])
 
-CAUSAL_MAP_DIRECTIONS = ("channel", "feature", "features", "mean")
-"""`causal_map.direction` values: a concept's best channel, best SAE feature, SAE feature set, diff-in-means."""
+CAUSAL_MAP_DIRECTIONS = ("channel", "feature", "features", "mean", "matched")
+"""`causal_map.direction` values: a concept's best channel, best SAE feature, SAE feature set, diff-in-means,
+matched (per-step, per-position difference among generations of the prompt's layout)."""
 
 ATLAS_WHAT = ("prior", "dream")
 """`atlas.what` values."""

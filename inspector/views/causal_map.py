@@ -11,7 +11,8 @@ from inspector.queries import causal_map as cmap
 
 DIRECTIONS, MASKS, CONCEPT = "cmap.directions", "cmap.masks", "cmap.concept"
 DIRECTION_HELP = ("channel: the concept's best channel; feature: its best SAE feature; features: its SAE feature "
-                  "set; mean: its diff-in-means direction")
+                  "set; mean: its diff-in-means direction; matched: per step and token position, the concept's "
+                  "mean minus each prompt's current value's, among generations of the prompt's layout")
 
 st.title("Causal map")
 run = ui.require_run()

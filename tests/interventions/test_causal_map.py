@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from backend.errors import DifflensError
 from backend.interventions import causal_map as cm
+from backend.interventions import concept_directions as cd
 from backend.interventions.steer import steered_generate
 from backend.models.base import to_uint8
 from backend.run.config import CausalMapConfig
@@ -37,17 +38,25 @@ def test_map_windows_cover_the_trajectory():
     assert cm.map_windows(10)["late"] == (5, 9)
 
 
+PROMPTS = ["a small red square at the top, black background", "a large blue circle on the left, gray background"]
+
+
+def two_steered_rows(model, seed: int, start: int, strengths: tuple[float, float]):
+    """(baseline, random unit directions [2, C], strength schedules [2, S] from `start`, masks: the first row's
+    object, everything for the second) for PROMPTS with seeds 3 and 4."""
+    base = cm.baseline(model, PROMPTS, [3, 4], STEPS, 1.5)
+    torch.manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
+    schedule = np.zeros((2, STEPS), np.float32)
+    schedule[:, start:] = np.asarray(strengths, np.float32)[:, None]
+    return base, dirs, schedule, np.stack([base.masks[0], np.ones_like(base.masks[1])])
+
+
 def test_a_batch_of_rows_equals_each_row_steered_alone(run, model):
     """Rows with their own direction, strength and mask, joining at the window's first step from the baseline
     trajectory, give the images of steer's one-at-a-time generation."""
-    prompts = ["a small red square at the top, black background", "a large blue circle on the left, gray background"]
-    base = cm.baseline(model, prompts, [3, 4], STEPS, 1.5)
-    torch.manual_seed(0)
-    dirs = torch.nn.functional.normalize(torch.randn(2, 64), dim=1)
-    strengths = np.zeros((2, STEPS), np.float32)
-    strengths[0, 5:] = 30.0
-    strengths[1, 5:] = -20.0
-    masks = np.stack([base.masks[0], np.ones_like(base.masks[1])])
+    prompts = PROMPTS
+    base, dirs, strengths, masks = two_steered_rows(model, 0, 5, (30.0, -20.0))
     batched = cm.steered_batch(model, LAYER, base, [0, 1], dirs, strengths, [5, 5], masks, STEPS, 1.5)
     for r in range(2):
         alone = to_uint8(steered_generate(model, LAYER, [prompts[r]], [3 + r], dirs[r], strengths[r].tolist(),
@@ -120,6 +129,7 @@ def test_bad_settings_are_one_line_errors_that_write_nothing(run, model):
         (small(attributes=["mood"]), "unknown attribute 'mood'"),
         (small(directions=["units"]), "unknown value 'units'"),
         (small(scales=[float("nan")]), "finite numbers > 0"),
+        (small(matched_scales=[0.0]), "causal_map.matched_scales must be finite numbers > 0"),
     ]
     before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
     for cfg, expected in cases:
@@ -157,3 +167,33 @@ def test_region_masks_steer_the_object_its_background_or_everything():
     assert (cm.region_mask(obj, "background", ones) == 1 - obj).all()
     assert (cm.region_mask(obj, "none", ones) == ones).all()
     assert (cm.region_mask(ones, "background", ones) == ones).all()  # a shape over everything: no empty mask
+
+
+def test_spatial_rows_equal_vector_rows_when_every_position_gets_the_same_vector(run, model):
+    """rowwise_spatial_edit with a [S, T, C] delta that is strength x direction at every position steers exactly as
+    rowwise_masked_edit does."""
+    base, dirs, strengths, masks = two_steered_rows(model, 1, 4, (25.0, -15.0))
+    deltas = torch.as_tensor(strengths)[:, :, None, None] * dirs[:, None, None, :].expand(2, 1, 64, 64)
+    vector = cm.steered_batch(model, LAYER, base, [0, 1], dirs, strengths, [4, 4], masks, STEPS, 1.5)
+    spatial = cm.steered_batch(model, LAYER, base, [0, 1], torch.zeros(2, 64), strengths, [4, 4], masks, STEPS,
+                               1.5, deltas_RSTC=deltas)
+    assert np.abs(vector.astype(int) - spatial.astype(int)).max() <= 1
+    assert np.abs(vector.astype(int) - base.images.astype(int)).max() > 10
+
+
+def test_a_matched_map_steers_each_prompt_by_its_own_layouts_difference(run, model):
+    ctx = open_run(run.root, model=model)
+    cfg = small(directions=["matched"], attributes=["colour"], matched_scales=[1.0, 3.0], scales=[99.0])
+    table = cm.causal_map(ctx, cfg, progress=False)
+    assert table.height == 4 and (table["direction"] == "matched").all() and (table["unit"] == -1).all()
+    assert set(table["scale"]) <= {1.0, 3.0} and (table["strength"] == table["scale"]).all()
+    cells = cm.plan_cells(ctx, LAYER, "colour=red", ["matched"], {"late": (5, 9)}, ["none"], 8)
+    select, _ = cm.concept_baselines(ctx.model, "colour=red", cfg, STEPS, 1.5, {})
+    strengths = np.zeros((2, STEPS), np.float32)
+    strengths[:, 5:] = 2.0
+    deltas = cm.spatial_deltas(cells * 2, [0, 1], strengths, select)
+    for r in range(2):  # each row: its own prompt's difference, strength 2 on the window, nothing before it
+        diff, _ = cd.matched_difference(cells[0].means, "colour=red", select.prompt_attributes[r])
+        assert select.prompt_attributes[r]["colour"] != "red"
+        assert torch.allclose(deltas[r, 5:], 2 * diff[5:]) and (deltas[r, :5] == 0).all()
+    assert not torch.allclose(deltas[0], deltas[1])  # two prompts, two layouts or colours: two differences

@@ -140,3 +140,48 @@ def test_cli_steer_takes_a_direction_and_says_what_is_wrong(run):
         out = runner.invoke(app, [*base, *extra])
         assert out.exit_code != 0 and expected in out.output, out.output
         assert "Traceback" not in out.output
+
+
+def test_cell_means_average_the_token_shards_per_cell_step_and_position(run, ctx):
+    from sae.data import as_float32
+
+    means = cd.cell_means(ctx, LAYER, ("colour", "shape"))
+    assert means.attributes == ("colour", "shape") and means.sums_KSTC.shape[1:] == (10, 64, 64)
+    # recomputed here row by row from the shards and the generations' attributes
+    gens = run.read_table("generations")
+    attrs = {g: json.loads(a) for g, a in zip(gens["gen_id"], gens["attributes"], strict=True)}
+    red_circle = [g for g, a in attrs.items() if a["colour"] == "red" and a["shape"] == "circle"]
+    folder = run.activations_dir(LAYER)
+    rows, index = [], []
+    for shard in sorted(folder.glob("part-*.npy")):
+        rows.append(as_float32(np.load(shard)))
+        index.append(pl.read_parquet(shard.with_suffix(".parquet")))
+    rows, index = np.concatenate(rows), pl.concat(index)
+    pick = (index["gen_id"].is_in(red_circle) & (index["step"] == 7) & (index["position"] == 9)).to_numpy()
+    expected = rows[pick].mean(0)
+    mean, count = means.mean_of(lambda c: c["colour"] == "red" and c["shape"] == "circle")
+    assert int(count[7, 9]) == pick.sum() > 0
+    assert np.allclose(mean[7, 9].numpy(), expected, atol=1e-4)
+
+
+def test_matched_difference_compares_the_prompts_layout_then_falls_back_to_every_generation(run, ctx):
+    means = cd.cell_means(ctx, LAYER, cd.matched_attributes("colour=red"))
+    assert means.attributes == ("colour", "shape", "size", "position")
+    gens = [json.loads(a) for a in run.read_table("generations")["attributes"]]
+    blue = next(a for a in gens if a["colour"] == "blue" and any(
+        b["colour"] == "red" and all(b[k] == a[k] for k in cd.LAYOUT_ATTRIBUTES) for b in gens))
+    diff, matched = cd.matched_difference(means, "colour=red", blue)
+    layout = lambda c: all(c[k] == blue[k] for k in cd.LAYOUT_ATTRIBUTES)  # noqa: E731
+    red_mean, n_red = means.mean_of(lambda c: c["colour"] == "red" and layout(c))
+    blue_mean, n_blue = means.mean_of(lambda c: c["colour"] == "blue" and layout(c))
+    both = ((n_red > 0) & (n_blue > 0))[..., None]  # the run samples a few tokens per step: 0 where one side has none
+    assert matched and both.any() and torch.allclose(diff, torch.where(both, red_mean - blue_mean, 0.0))
+    nowhere = blue | {"position": "nowhere"}  # no generation has this layout: every red minus every blue
+    diff, matched = cd.matched_difference(means, "colour=red", nowhere)
+    red_all, n_red = means.mean_of(lambda c: c["colour"] == "red")
+    blue_all, n_blue = means.mean_of(lambda c: c["colour"] == "blue")
+    both = ((n_red > 0) & (n_blue > 0))[..., None]
+    assert not matched and torch.allclose(diff, torch.where(both, red_all - blue_all, 0.0))
+    with pytest.raises(DifflensError) as e:
+        cd.cell_means(ctx, OTHER, ("colour",))
+    assert "no token shards" in one_line(e) and "capture --layer" in one_line(e)
