@@ -26,7 +26,7 @@ Measured:
   - with --browser N: N clicks on Next in Debian's chromium (playwright) against a served app, until the new unit
     and its example images are shown;
   - the Atlas page: its grid query (uncached) and full script runs (AppTest), and with --browser its first grid in
-    chromium (until the page's 48 tiles, prior and dream each, are shown): loaded by URL on a fresh server (cold),
+    chromium (until the page's 48 tiles, prior and dream each, are shown; and a blank Streamlit page, the floor): loaded by URL on a fresh server (cold),
     opened from the sidebar on a fresh server, and loaded by URL on a server that has the run open (browser_atlas).
 The activation histogram is read from the `histograms` table; its scan of the activity (what a run without that table
 costs, on request) is reported apart.
@@ -508,8 +508,9 @@ def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> 
             "warmup_max_ms": round(max(warm) * 1000, 1) if warm else None}
 
 
-def _serve(root: Path):
-    """A streamlit server of the inspector on 127.0.0.1 (a fresh process: nothing loaded); returns (proc, url)."""
+def _serve(root: Path, app: Path | None = None):
+    """A streamlit server of the inspector (or of the script `app`) on 127.0.0.1 (a fresh process: nothing loaded);
+    returns (proc, url)."""
     import socket
     import subprocess
     import urllib.request
@@ -517,9 +518,9 @@ def _serve(root: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "inspector/app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--runs", str(root)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(app or "inspector/app.py"), "--server.port",
+                             str(port), "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--runs",
+                             str(root)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -532,9 +533,9 @@ def _serve(root: Path):
 
 ATLAS_SORTS_SHOWN = ("density", "peak step", "best concept (AUROC)", "max activation", "dream objective")
 """Sorts whose first pages the `open` browser timings show, one each (none shown before: new thumbnails)."""
-GRID_IMAGES = 48
-"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side; the
-grid is one HTML element, `.atlas-grid`, its tiles' images inline JPEGs)."""
+GRID_IMAGES = 96
+"""Images of the Atlas page's first grid: 48 tiles, each the unit's prior and dream side by side (the grid is one
+HTML element, `.atlas-grid`, its tiles' images the thumbnails' inline JPEGs)."""
 ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
                     "[data-testid=\"stImageContainer\"] img, .atlas-grid img')]; return imgs.length >= n && "
                     "imgs.every(i => i.complete && i.naturalWidth > 0); }")
@@ -558,15 +559,20 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
     query = urlencode({"run": name, "layer": LAYER, "kind": KIND})
     args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage"]
-    out: dict[str, list[float]] = {"cold": [], "open": [], "navigate": []}
+    out: dict[str, list[float]] = {"cold": [], "open": [], "navigate": [], "cold: its heading": [],
+                                   "open: its heading": []}
 
-    def first_grid(url: str, params: str) -> float:
+    def first_grid(url: str, params: str, label: str | None = None) -> float:
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         t = time.perf_counter()
         page.goto(f"{url}/atlas?{params}")
+        page.get_by_role("heading", name="Atlas").wait_for(timeout=120_000)
+        heading = time.perf_counter() - t
         page.wait_for_function(ALL_IMAGES_SHOWN, arg=GRID_IMAGES, timeout=120_000)
         seconds = time.perf_counter() - t
         page.close()
+        if label is not None:
+            out[f"{label}: its heading"].append(heading)
         return seconds
 
     with sync_playwright() as p:
@@ -575,7 +581,7 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
             for _ in range(repeats):  # cold: a new server each time
                 proc, url = _serve(root)
                 try:
-                    out["cold"].append(first_grid(url, query))
+                    out["cold"].append(first_grid(url, query, "cold"))
                 finally:
                     proc.terminate()
                     proc.wait(timeout=20)
@@ -598,10 +604,52 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
             try:
                 first_grid(url, query)  # opens the run (not counted)
                 for sort in list(ATLAS_SORTS_SHOWN)[:repeats]:
-                    out["open"].append(first_grid(url, f"{query}&{urlencode({'sort': sort})}"))
+                    out["open"].append(first_grid(url, f"{query}&{urlencode({'sort': sort})}", "open"))
             finally:
                 proc.terminate()
                 proc.wait(timeout=20)
+        finally:
+            browser.close()
+    return {k: stats(v) for k, v in out.items()}
+
+
+BLANK_APP = 'import streamlit as st\n\nst.title("Blank")\n'
+"""The floor of a page opened by URL: a Streamlit app of one heading, nothing imported or read."""
+
+
+def browser_blank(repeats: int) -> dict:
+    """A blank Streamlit page (BLANK_APP) opened by URL in the same chromium harness as browser_atlas, from
+    page.goto until its heading shows: `fresh server` (a new server per try, its first page) and `warm server` (a
+    server that has served the page before, each try a new browser page). No app opened by URL on this machine can
+    beat these; the Atlas page's `open` and `cold` figures less these are what the app adds."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
+    out: dict[str, list[float]] = {"fresh server": [], "warm server": []}
+    with tempfile.TemporaryDirectory() as d, sync_playwright() as p:
+        app = Path(d) / "blank.py"
+        app.write_text(BLANK_APP)
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage"])
+        try:
+            for _ in range(repeats):
+                proc, url = _serve(Path(d), app)
+                try:
+                    for label in ("fresh server", "warm server"):  # each page a new browser context, no cache
+                        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+                        t = time.perf_counter()
+                        page.goto(url)
+                        page.get_by_role("heading", name="Blank").wait_for(timeout=120_000)
+                        out[label].append(time.perf_counter() - t)
+                        page.close()
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=20)
         finally:
             browser.close()
     return {k: stats(v) for k, v in out.items()}
@@ -655,6 +703,7 @@ def main() -> None:
     if args.browser:
         res["browser"] = browser_runs(root, name, args.browser)
         res["browser_atlas"] = browser_atlas(root, name, min(args.browser, len(ATLAS_SORTS_SHOWN)))
+        res["browser_blank"] = browser_blank(min(args.browser, len(ATLAS_SORTS_SHOWN)))
     res["load_after"] = round(os.getloadavg()[0], 2)
 
     qres = res["queries"]
@@ -691,6 +740,10 @@ def main() -> None:
         for label, s in res["browser_atlas"].items():
             print(f"  in chromium, first grid ({label}): p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, "
                   f"max {s['max_ms']:.0f} ms (n={s['n']}; goal < 1000)")
+    if "browser_blank" in res:
+        for label, s in res["browser_blank"].items():
+            print(f"  in chromium, a blank Streamlit page by URL ({label}; the floor): p50 {s['p50_ms']:.0f} ms, "
+                  f"p95 {s['p95_ms']:.0f} ms (n={s['n']})")
     print(f"\nfirst open goal < 2000 ms: {qres['first_open_ms']:.0f} ms")
     worst = max(v["p95_ms"] for k, v in qres["queries"].items() if not k.startswith("atlas_grid"))
     grid = max(v["p95_ms"] for k, v in qres["queries"].items() if k.startswith("atlas_grid"))
