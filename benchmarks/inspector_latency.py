@@ -26,8 +26,10 @@ Measured:
   - with --browser N: N clicks on Next in Debian's chromium (playwright) against a served app, until the new unit
     and its example images are shown;
   - the Atlas page: its grid query (uncached) and full script runs (AppTest), and with --browser its first grid in
-    chromium (until the page's 48 tiles, prior and dream each, are shown; and a blank Streamlit page, the floor): loaded by URL on a fresh server (cold),
-    opened from the sidebar on a fresh server, and loaded by URL on a server that has the run open (browser_atlas).
+    chromium (until the page's 48 tiles, prior and dream each, are shown; and until its heading shows): loaded by
+    URL on a fresh server (cold), opened from the sidebar on a fresh server, and loaded by URL on a server that has
+    the run open (browser_atlas); and a blank Streamlit page by URL in the same harness, the floor of any page
+    opened by URL (browser_blank).
 The activation histogram is read from the `histograms` table; its scan of the activity (what a run without that table
 costs, on request) is reported apart.
 """
