@@ -37,11 +37,13 @@ costs, on request) is reported apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -475,21 +477,28 @@ def atlas_page_runs(root: Path, name: str, n_runs: int) -> dict:
             "change_sort": stats(sorts)}
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+def chromium_path() -> str:
+    """Debian's chromium, which the browser timings drive through playwright."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
+    return chromium
+
+
 def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> dict:
     """Serve the app on 127.0.0.1 and time Next in Debian's chromium (playwright): from the click until the new
     unit's heading and its example images are shown. The first units warm the server up (its tables load, the
     first pages run) for warmup_s seconds; they are not counted."""
     from playwright.sync_api import expect, sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
-    proc, url = _serve(root)
-    try:
+    chromium = chromium_path()
+    with served(root) as url:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage"])
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(f"{url}/unit?run={name}&layer={LAYER}&kind={KIND}&unit=100")
             expect(page.get_by_role("heading", name="feature 100")).to_be_visible(timeout=120_000)
@@ -503,11 +512,19 @@ def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> 
                 page.wait_for_function(ALL_IMAGES_SHOWN, arg=1, timeout=60_000)
                 (warm if time.time() - started < warmup_s else times).append(time.perf_counter() - t)
             browser.close()
+    return {"next_in_browser": stats(times), "warmup_clicks": len(warm),
+            "warmup_max_ms": round(max(warm) * 1000, 1) if warm else None}
+
+
+@contextlib.contextmanager
+def served(root: Path, app: Path | None = None) -> Iterator[str]:
+    """The url of a fresh server (_serve) for the `with` block; stopped after it."""
+    proc, url = _serve(root, app)
+    try:
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    return {"next_in_browser": stats(times), "warmup_clicks": len(warm),
-            "warmup_max_ms": round(max(warm) * 1000, 1) if warm else None}
 
 
 def _serve(root: Path, app: Path | None = None):
@@ -555,12 +572,8 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
 
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
+    chromium = chromium_path()
     query = urlencode({"run": name, "layer": LAYER, "kind": KIND})
-    args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage"]
     out: dict[str, list[float]] = {"cold": [], "open": [], "navigate": [], "cold: its heading": [],
                                    "open: its heading": []}
 
@@ -578,18 +591,13 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
         return seconds
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             for _ in range(repeats):  # cold: a new server each time
-                proc, url = _serve(root)
-                try:
+                with served(root) as url:
                     out["cold"].append(first_grid(url, query, "cold"))
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=20)
             for _ in range(repeats):  # navigate: a new server, the app open on Overview, then a click on Atlas
-                proc, url = _serve(root)
-                try:
+                with served(root) as url:
                     page = browser.new_page(viewport={"width": 1600, "height": 1200})
                     page.goto(f"{url}/?{urlencode({'run': name})}")
                     page.get_by_role("heading", name="Overview").wait_for(timeout=120_000)
@@ -599,17 +607,10 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
                     page.wait_for_function(ALL_IMAGES_SHOWN, arg=GRID_IMAGES, timeout=120_000)
                     out["navigate"].append(time.perf_counter() - t)
                     page.close()
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=20)
-            proc, url = _serve(root)
-            try:
+            with served(root) as url:
                 first_grid(url, query)  # opens the run (not counted)
                 for sort in list(ATLAS_SORTS_SHOWN)[:repeats]:
                     out["open"].append(first_grid(url, f"{query}&{urlencode({'sort': sort})}", "open"))
-            finally:
-                proc.terminate()
-                proc.wait(timeout=20)
         finally:
             browser.close()
     return {k: stats(v) for k, v in out.items()}
@@ -628,20 +629,15 @@ def browser_blank(repeats: int) -> dict:
 
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
+    chromium = chromium_path()
     out: dict[str, list[float]] = {"fresh server": [], "warm server": []}
     with tempfile.TemporaryDirectory() as d, sync_playwright() as p:
         app = Path(d) / "blank.py"
         app.write_text(BLANK_APP)
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             for _ in range(repeats):
-                proc, url = _serve(Path(d), app)
-                try:
+                with served(Path(d), app) as url:
                     for label in ("fresh server", "warm server"):  # each page a new browser context, no cache
                         page = browser.new_page(viewport={"width": 1600, "height": 1200})
                         t = time.perf_counter()
@@ -649,9 +645,6 @@ def browser_blank(repeats: int) -> dict:
                         page.get_by_role("heading", name="Blank").wait_for(timeout=120_000)
                         out[label].append(time.perf_counter() - t)
                         page.close()
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=20)
         finally:
             browser.close()
     return {k: stats(v) for k, v in out.items()}
