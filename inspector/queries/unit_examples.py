@@ -1,18 +1,12 @@
 """A unit's top examples (the unit page's grid): rows of `examples` joined to their generations, with the heat-maps
-of just those rows read from the partition's files (`Database.heatmaps`, inspector/heatmaps.py), that read running
-beside the rows' query (it decodes a row group of the heat-map column: most of the query's time)."""
+of just those rows read from the partition's files (`Database.heatmaps`, inspector/heatmaps.py)."""
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import polars as pl
 
 from inspector.db import Database
 from inspector.queries.registry import query
-
-_heatmap_reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inspector-heatmaps")
-"""Heat-map reads running while their examples' rows are queried (DuckDB releases the GIL: both run at once)."""
 
 
 @query
@@ -46,7 +40,6 @@ def examples(db: Database, layer: str, kind: str, unit: int, step: int, first_ra
     activation, heatmap_step, height, width, prompt, seed, group, image, and `heatmap`: the map for display
     (row-major list of height x width floats in [0, 1]: clipped at 0, divided by its maximum, 8-bit precision)."""
     db.require("examples")
-    maps = _heatmap_reads.submit(db.heatmaps, layer, kind, unit, step, first_rank, last_rank)
     have_gens = db.has("generations")
     gens = ", g.prompt, g.seed, g.\"group\", g.image" if have_gens else ""
     join = "LEFT JOIN generations g USING (gen_id)" if have_gens else ""
@@ -61,9 +54,9 @@ def examples(db: Database, layer: str, kind: str, unit: int, step: int, first_ra
                                  group=pl.lit(None, pl.String), image=pl.lit(None, pl.String))
     if rows.is_empty():
         return rows.with_columns(heatmap=pl.lit(None, pl.List(pl.Float32)))
-    by_rank = maps.result()
-    shown = [by_rank.get(r) for r in rows["rank"].to_list()]
-    return rows.with_columns(heatmap=pl.Series("heatmap", [None if m is None else m.tolist() for m in shown],
+    by_rank = db.heatmaps(layer, kind, unit, step, first_rank, last_rank)
+    maps = [by_rank.get(r) for r in rows["rank"].to_list()]
+    return rows.with_columns(heatmap=pl.Series("heatmap", [None if m is None else m.tolist() for m in maps],
                                                dtype=pl.List(pl.Float32)))
 
 
