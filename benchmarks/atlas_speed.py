@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/atlas_speed.py [--run runs/demo] [--prior-units 32] [--dream-units 16]
                                                [--batch 32] [--threads 2] [--whole | --reduced 32]
                                                [--what prior|dream|both] [--skip-ratios] [--skip-whole]
+                                               [--prior-steps active|all|late|peaks|A-B]
 
 One process, the same run and settings for both sides of each ratio (goals: priors >= 5x units/minute, dreams >=
 2x): priors with 4 seeds at the run's 20 steps; dreams with 2 seeds x 50 iterations at step 0 and the unit's top
@@ -77,12 +78,13 @@ def synthetic_run(root: Path) -> Path:
     return root
 
 
-def settings(units: str, batch: int, kinds: list[str], layers: list[str], priors: bool, dreams: bool):
+def settings(units: str, batch: int, kinds: list[str], layers: list[str], priors: bool, dreams: bool,
+             prior_steps: str = "active"):
     from backend.run.config import AtlasConfig, DreamConfig, PriorConfig
 
     atlas = AtlasConfig(units=units, layers=layers, kinds=kinds, priors=priors, dreams=dreams,
                         dream_variants=["default"], batch_units=batch, heatmap_animations=False)
-    prior = PriorConfig(seeds=[0, 1, 2, 3])
+    prior = PriorConfig(seeds=[0, 1, 2, 3], steps=prior_steps)
     dream = DreamConfig(opt_steps=50, seeds=[0, 1], targets="0,peaks", max_target_steps=2, snapshot_every=10)
     return atlas, prior, dream
 
@@ -99,11 +101,13 @@ def timed_atlas(base: Path, work: Path, model, cfgs) -> float:
     return time.perf_counter() - t0
 
 
-def ratio(base: Path, tmp: Path, model, what: str, n: int, batch: int, repeats: int) -> tuple[float, float]:
+def ratio(base: Path, tmp: Path, model, what: str, n: int, batch: int, repeats: int,
+          prior_steps: str = "active") -> tuple[float, float]:
     """(batched, one-at-a-time) seconds for n channels of the deeper layer: the best of `repeats` alternating
     runs."""
     units = f"0-{n - 1}"
-    sides = {b: settings(units, b, ["channel"], [LAYERS[1]], what == "prior", what == "dream") for b in (batch, 1)}
+    sides = {b: settings(units, b, ["channel"], [LAYERS[1]], what == "prior", what == "dream", prior_steps)
+             for b in (batch, 1)}
     best = {b: float("inf") for b in sides}
     for _ in range(repeats):
         for b, cfgs in sides.items():
@@ -124,6 +128,8 @@ def main() -> None:
     ap.add_argument("--skip-ratios", action="store_true")
     ap.add_argument("--skip-whole", action="store_true", help="only the ratios, no whole or reduced atlas")
     ap.add_argument("--what", choices=["prior", "dream", "both"], default="both", help="the ratios to measure")
+    ap.add_argument("--prior-steps", default="active", help="prior.steps of the priors' ratio: active (the "
+                    "synthetic units' windows open at steps 0-9 of 20), all, late, peaks or a window a-b")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -143,9 +149,10 @@ def main() -> None:
             for what, n in (("prior", args.prior_units), ("dream", args.dream_units)):
                 if args.what not in (what, "both"):
                     continue
-                batched, single = ratio(base, tmp, model, what, n, args.batch, args.repeats)
-                print(f"{what}s of {n} channels: batched {batched:.1f} s ({60 * n / batched:.0f} units/min), one at "
-                      f"a time {single:.1f} s ({60 * n / single:.0f} units/min): {single / batched:.2f}x "
+                batched, single = ratio(base, tmp, model, what, n, args.batch, args.repeats, args.prior_steps)
+                steps = f" (prior.steps {args.prior_steps})" if what == "prior" else ""
+                print(f"{what}s of {n} channels{steps}: batched {batched:.1f} s ({60 * n / batched:.0f} units/min), "
+                      f"one at a time {single:.1f} s ({60 * n / single:.0f} units/min): {single / batched:.2f}x "
                       f"(load {os.getloadavg()[0]:.2f})")
         if args.skip_whole:
             return

@@ -26,8 +26,10 @@ Measured:
   - with --browser N: N clicks on Next in Debian's chromium (playwright) against a served app, until the new unit
     and its example images are shown;
   - the Atlas page: its grid query (uncached) and full script runs (AppTest), and with --browser its first grid in
-    chromium (until the page's 48 tiles, prior and dream each, are shown): loaded by URL on a fresh server (cold),
-    opened from the sidebar on a fresh server, and loaded by URL on a server that has the run open (browser_atlas).
+    chromium (until the page's 48 tiles, prior and dream each, are shown; and until its heading shows): loaded by
+    URL on a fresh server (cold), opened from the sidebar on a fresh server, and loaded by URL on a server that has
+    the run open (browser_atlas); and a blank Streamlit page by URL in the same harness, the floor of any page
+    opened by URL (browser_blank).
 The activation histogram is read from the `histograms` table; its scan of the activity (what a run without that table
 costs, on request) is reported apart.
 """
@@ -35,11 +37,13 @@ costs, on request) is reported apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -473,21 +477,28 @@ def atlas_page_runs(root: Path, name: str, n_runs: int) -> dict:
             "change_sort": stats(sorts)}
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+def chromium_path() -> str:
+    """Debian's chromium, which the browser timings drive through playwright."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
+    return chromium
+
+
 def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> dict:
     """Serve the app on 127.0.0.1 and time Next in Debian's chromium (playwright): from the click until the new
     unit's heading and its example images are shown. The first units warm the server up (its tables load, the
     first pages run) for warmup_s seconds; they are not counted."""
     from playwright.sync_api import expect, sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
-    proc, url = _serve(root)
-    try:
+    chromium = chromium_path()
+    with served(root) as url:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage"])
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(f"{url}/unit?run={name}&layer={LAYER}&kind={KIND}&unit=100")
             expect(page.get_by_role("heading", name="feature 100")).to_be_visible(timeout=120_000)
@@ -501,15 +512,24 @@ def browser_runs(root: Path, name: str, n_runs: int, warmup_s: float = 30.0) -> 
                 page.wait_for_function(ALL_IMAGES_SHOWN, arg=1, timeout=60_000)
                 (warm if time.time() - started < warmup_s else times).append(time.perf_counter() - t)
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
     return {"next_in_browser": stats(times), "warmup_clicks": len(warm),
             "warmup_max_ms": round(max(warm) * 1000, 1) if warm else None}
 
 
-def _serve(root: Path):
-    """A streamlit server of the inspector on 127.0.0.1 (a fresh process: nothing loaded); returns (proc, url)."""
+@contextlib.contextmanager
+def served(root: Path, app: Path | None = None) -> Iterator[str]:
+    """The url of a fresh server (_serve) for the `with` block; stopped after it."""
+    proc, url = _serve(root, app)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _serve(root: Path, app: Path | None = None):
+    """A streamlit server of the inspector (or of the script `app`) on 127.0.0.1 (a fresh process: nothing loaded);
+    returns (proc, url)."""
     import socket
     import subprocess
     import urllib.request
@@ -517,9 +537,9 @@ def _serve(root: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "inspector/app.py", "--server.port", str(port),
-                             "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--runs", str(root)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(app or "inspector/app.py"), "--server.port",
+                             str(port), "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--runs",
+                             str(root)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -532,9 +552,9 @@ def _serve(root: Path):
 
 ATLAS_SORTS_SHOWN = ("density", "peak step", "best concept (AUROC)", "max activation", "dream objective")
 """Sorts whose first pages the `open` browser timings show, one each (none shown before: new thumbnails)."""
-GRID_IMAGES = 48
-"""Images of the Atlas page's first grid: 48 tiles, each one image (the unit's prior and dream side by side; the
-grid is one HTML element, `.atlas-grid`, its tiles' images inline JPEGs)."""
+GRID_IMAGES = 96
+"""Images of the Atlas page's first grid: 48 tiles, each the unit's prior and dream side by side (the grid is one
+HTML element, `.atlas-grid`, its tiles' images the thumbnails' inline JPEGs)."""
 ALL_IMAGES_SHOWN = ("n => { const imgs = [...document.querySelectorAll('[data-testid=\"stImage\"] img, "
                     "[data-testid=\"stImageContainer\"] img, .atlas-grid img')]; return imgs.length >= n && "
                     "imgs.every(i => i.complete && i.naturalWidth > 0); }")
@@ -552,36 +572,32 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
 
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise RuntimeError("chromium is not installed (apt-get install chromium chromium-driver)")
+    chromium = chromium_path()
     query = urlencode({"run": name, "layer": LAYER, "kind": KIND})
-    args = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage"]
-    out: dict[str, list[float]] = {"cold": [], "open": [], "navigate": []}
+    out: dict[str, list[float]] = {"cold": [], "open": [], "navigate": [], "cold: its heading": [],
+                                   "open: its heading": []}
 
-    def first_grid(url: str, params: str) -> float:
+    def first_grid(url: str, params: str, label: str | None = None) -> float:
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         t = time.perf_counter()
         page.goto(f"{url}/atlas?{params}")
+        page.get_by_role("heading", name="Atlas").wait_for(timeout=120_000)
+        heading = time.perf_counter() - t
         page.wait_for_function(ALL_IMAGES_SHOWN, arg=GRID_IMAGES, timeout=120_000)
         seconds = time.perf_counter() - t
         page.close()
+        if label is not None:
+            out[f"{label}: its heading"].append(heading)
         return seconds
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=args)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             for _ in range(repeats):  # cold: a new server each time
-                proc, url = _serve(root)
-                try:
-                    out["cold"].append(first_grid(url, query))
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=20)
+                with served(root) as url:
+                    out["cold"].append(first_grid(url, query, "cold"))
             for _ in range(repeats):  # navigate: a new server, the app open on Overview, then a click on Atlas
-                proc, url = _serve(root)
-                try:
+                with served(root) as url:
                     page = browser.new_page(viewport={"width": 1600, "height": 1200})
                     page.goto(f"{url}/?{urlencode({'run': name})}")
                     page.get_by_role("heading", name="Overview").wait_for(timeout=120_000)
@@ -591,17 +607,44 @@ def browser_atlas(root: Path, name: str, repeats: int) -> dict:
                     page.wait_for_function(ALL_IMAGES_SHOWN, arg=GRID_IMAGES, timeout=120_000)
                     out["navigate"].append(time.perf_counter() - t)
                     page.close()
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=20)
-            proc, url = _serve(root)
-            try:
+            with served(root) as url:
                 first_grid(url, query)  # opens the run (not counted)
                 for sort in list(ATLAS_SORTS_SHOWN)[:repeats]:
-                    out["open"].append(first_grid(url, f"{query}&{urlencode({'sort': sort})}"))
-            finally:
-                proc.terminate()
-                proc.wait(timeout=20)
+                    out["open"].append(first_grid(url, f"{query}&{urlencode({'sort': sort})}", "open"))
+        finally:
+            browser.close()
+    return {k: stats(v) for k, v in out.items()}
+
+
+BLANK_APP = 'import streamlit as st\n\nst.title("Blank")\n'
+"""The floor of a page opened by URL: a Streamlit app of one heading, nothing imported or read."""
+
+
+def browser_blank(repeats: int) -> dict:
+    """A blank Streamlit page (BLANK_APP) opened by URL in the same chromium harness as browser_atlas, from
+    page.goto until its heading shows: `fresh server` (a new server per try, its first page) and `warm server` (a
+    server that has served the page before, each try a new browser page). No app opened by URL on this machine can
+    beat these; the Atlas page's `open` and `cold` figures less these are what the app adds."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_path()
+    out: dict[str, list[float]] = {"fresh server": [], "warm server": []}
+    with tempfile.TemporaryDirectory() as d, sync_playwright() as p:
+        app = Path(d) / "blank.py"
+        app.write_text(BLANK_APP)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            for _ in range(repeats):
+                with served(Path(d), app) as url:
+                    for label in ("fresh server", "warm server"):  # each page a new browser context, no cache
+                        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+                        t = time.perf_counter()
+                        page.goto(url)
+                        page.get_by_role("heading", name="Blank").wait_for(timeout=120_000)
+                        out[label].append(time.perf_counter() - t)
+                        page.close()
         finally:
             browser.close()
     return {k: stats(v) for k, v in out.items()}
@@ -655,6 +698,7 @@ def main() -> None:
     if args.browser:
         res["browser"] = browser_runs(root, name, args.browser)
         res["browser_atlas"] = browser_atlas(root, name, min(args.browser, len(ATLAS_SORTS_SHOWN)))
+        res["browser_blank"] = browser_blank(min(args.browser, len(ATLAS_SORTS_SHOWN)))
     res["load_after"] = round(os.getloadavg()[0], 2)
 
     qres = res["queries"]
@@ -691,6 +735,10 @@ def main() -> None:
         for label, s in res["browser_atlas"].items():
             print(f"  in chromium, first grid ({label}): p50 {s['p50_ms']:.0f} ms, p95 {s['p95_ms']:.0f} ms, "
                   f"max {s['max_ms']:.0f} ms (n={s['n']}; goal < 1000)")
+    if "browser_blank" in res:
+        for label, s in res["browser_blank"].items():
+            print(f"  in chromium, a blank Streamlit page by URL ({label}; the floor): p50 {s['p50_ms']:.0f} ms, "
+                  f"p95 {s['p95_ms']:.0f} ms (n={s['n']})")
     print(f"\nfirst open goal < 2000 ms: {qres['first_open_ms']:.0f} ms")
     worst = max(v["p95_ms"] for k, v in qres["queries"].items() if not k.startswith("atlas_grid"))
     grid = max(v["p95_ms"] for k, v in qres["queries"].items() if k.startswith("atlas_grid"))

@@ -2,15 +2,15 @@
 side in one image, its numbers and a link to its page) and the unit page's atlas section (every prior and dream of
 the unit, with the dreams' animations and the heat-map-over-steps animation as GIFs).
 
-The grid shows each image's thumbnail, the small JPEG the atlas writes beside it (schema.atlas_thumbnail; the full
-image for a run written before thumbnails), decoded for the visible tiles only (ui.thumbs, in parallel, cached by
-file and size); the unit page shows the full images. GIFs are sent as they are (Streamlit keeps a GIF's bytes, so
+The grid shows each image's thumbnail, the small JPEG the atlas writes beside it (schema.atlas_thumbnail), inlined
+as its file's bytes (no decoding or re-encoding on the server: the browser decodes it); for a run written before
+thumbnails, the full image reduced to the thumbnail size (ui.thumbs, in parallel, cached by file and size). The unit
+page shows the full images. GIFs are sent as they are (Streamlit keeps a GIF's bytes, so
 it plays in the browser).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 import streamlit as st
 
@@ -27,14 +27,15 @@ def _jpegs(run: Run, paths: list[str | None], size: int) -> list[bytes | None]:
     return [None if a is None else overlay.to_jpeg(a) for a in ui.thumbs(run, paths, size)]
 
 
-def tile_pictures(run: Run, images: list[str | None]) -> list[np.ndarray | None]:
-    """The grid pictures of atlas images: their thumbnails (longer side ATLAS_THUMB_PX), or the image itself scaled
-    to that size where a thumbnail is missing (a run written before thumbnails)."""
-    small = ui.thumbs(run, [None if p is None else atlas_thumbnail(p) for p in images], ATLAS_THUMB_PX)
-    missing = [i for i, (p, t) in enumerate(zip(images, small, strict=True)) if p is not None and t is None]
-    for i, full in zip(missing, ui.thumbs(run, [images[i] for i in missing], ATLAS_THUMB_PX), strict=True):
-        small[i] = full
-    return small
+def tile_jpegs(run: Run, images: list[str | None]) -> list[bytes | None]:
+    """The grid JPEGs of atlas images: each thumbnail file's bytes as written (schema.atlas_thumbnail: longer side
+    ATLAS_THUMB_PX at most), or, where the thumbnail is missing (a run written before thumbnails), the image itself
+    reduced to that size and encoded; None for no image (or an unreadable one)."""
+    jpegs = [ui.run_file_bytes(run, None if p is None else atlas_thumbnail(p)) for p in images]
+    missing = [i for i, (p, j) in enumerate(zip(images, jpegs, strict=True)) if p is not None and j is None]
+    for i, jpeg in zip(missing, _jpegs(run, [images[i] for i in missing], ATLAS_THUMB_PX), strict=True):
+        jpegs[i] = jpeg
+    return jpegs
 
 
 def tile_caption(r: dict, kind: str) -> str:
@@ -52,68 +53,48 @@ def tile_caption(r: dict, kind: str) -> str:
     return " · ".join(bits + flags)
 
 
-def tile_image(pictures: list[np.ndarray | None]) -> np.ndarray | None:
-    """The pictures of one tile side by side (prior left, dream right) as one image, a gap between them and a grey
-    square for a missing one; None when all are missing. One image a tile: half the browser's requests and
-    elements of two."""
-    if all(p is None for p in pictures):
-        return None
-    height = max(p.shape[0] for p in pictures if p is not None)
-    parts = []
-    for p in pictures:
-        if p is None:
-            p = np.full((height, height, 3), 200, np.uint8)
-        elif p.shape[0] != height:
-            p = overlay.thumbnail(p, height)
-        if parts:
-            parts.append(np.full((height, TILE_GAP_PX, 3), 255, np.uint8))
-        parts.append(p)
-    return np.concatenate(parts, axis=1)
-
-
 TILE_STYLE = ("display:block;border:1px solid rgba(128,128,128,0.3);border-radius:0.5rem;padding:0.4rem;"
               "text-decoration:none;color:inherit")
 GRID_STYLE = f"display:grid;grid-template-columns:repeat({COLUMNS},minmax(0,1fr));gap:0.75rem"
 CAPTION_STYLE = "font-size:0.8rem;opacity:0.75;margin-top:0.25rem;line-height:1.3"
+PICTURES_STYLE = f"display:flex;gap:{TILE_GAP_PX}px;align-items:flex-start"
+PICTURE_STYLE = "flex:1 1 0;min-width:0;width:100%;height:auto;display:block"
+MISSING_STYLE = "aspect-ratio:1;background:rgb(200,200,200)"
 
 
-def tile_html(image: np.ndarray | None, label: str, caption: str, href: str, title: str) -> str:
-    """One grid tile: its image (inline JPEG) over its label and caption, the whole tile a link to href."""
+def tile_html(jpegs: list[bytes | None], label: str, caption: str, href: str, title: str) -> str:
+    """One grid tile: its pictures side by side (inline JPEGs, prior left, dream right; a grey square for a missing
+    one) over its label and caption, the whole tile a link to href."""
     import base64
     from html import escape
 
-    picture = (f'<img src="data:image/jpeg;base64,{base64.b64encode(overlay.to_jpeg(image)).decode()}" '
-               f'alt="{escape(title)}: {escape(label)}" style="width:100%;height:auto;display:block">'
-               if image is not None else '<div style="padding:2rem 0;text-align:center">(no image)</div>')
+    if all(j is None for j in jpegs):
+        pictures = '<div style="padding:2rem 0;text-align:center">(no image)</div>'
+    else:
+        pictures = "".join(
+            f'<img src="data:image/jpeg;base64,{base64.b64encode(j).decode()}" alt="{escape(title)}: {escape(part)}" '
+            f'style="{PICTURE_STYLE}">' if j is not None else f'<div style="{PICTURE_STYLE};{MISSING_STYLE}"></div>'
+            for j, part in zip(jpegs, label.split(" | "), strict=True))
+        pictures = f'<div class="atlas-pictures" style="{PICTURES_STYLE}">{pictures}</div>'
     return (f'<a class="atlas-tile" href="{escape(href)}" target="_self" title="open {escape(title)}" '
-            f'style="{TILE_STYLE}">{picture}<div style="{CAPTION_STYLE}">{escape(label)}<br>{escape(caption)}</div>'
-            "</a>")
+            f'style="{TILE_STYLE}">{pictures}<div class="atlas-caption" style="{CAPTION_STYLE}">{escape(label)}<br>'
+            f"{escape(caption)}</div></a>")
 
 
 def grid(run: Run, layer: str, kind: str, rows: pl.DataFrame) -> None:
-    """One page of the atlas grid as one HTML element: per unit its prior and / or dream (side by side in one
-    inline JPEG made from their thumbnails), a caption, the tile a link to its unit page. One element rather than
+    """One page of the atlas grid as one HTML element: per unit its prior and / or dream side by side (their
+    thumbnails' JPEG bytes inline: tile_jpegs), a caption, the tile a link to its unit page. One element rather than
     five Streamlit elements a tile (container, image, captions, page link) and no media request per picture: the
     browser lays out the page once."""
     from urllib.parse import urlencode
 
     columns = [c for c in ("prior_image", "dream_image") if rows[c].null_count() < rows.height]
     label = " | ".join(c.split("_")[0] for c in columns)
-    decoded = {c: tile_pictures(run, rows[c].to_list()) for c in columns}
-    tiles = [tile_html(tile_image([decoded[c][i] for c in columns]), label, tile_caption(r, kind),
+    jpegs = {c: tile_jpegs(run, rows[c].to_list()) for c in columns}
+    tiles = [tile_html([jpegs[c][i] for c in columns], label, tile_caption(r, kind),
                        f"unit?{urlencode(ui.unit_params(run, layer, kind, r['unit']))}", f"{kind} {r['unit']}")
              for i, r in enumerate(rows.iter_rows(named=True))]
     st.html(f'<div class="atlas-grid" style="{GRID_STYLE}">{"".join(tiles)}</div>')
-
-
-def gif_bytes(run: Run, relative: str | None) -> bytes | None:
-    """A GIF of the run by its run-relative path (checked to stay inside the run); None when missing."""
-    if not relative:
-        return None
-    try:
-        return queries.run_file(run, relative).read_bytes()
-    except (queries.InspectorError, OSError):
-        return None
 
 
 def unit_section(run: Run, layer: str, kind: str, unit: int) -> None:
@@ -132,7 +113,7 @@ def unit_section(run: Run, layer: str, kind: str, unit: int) -> None:
         st.caption(f"**{what}** · {variant} · target steps {group['target_steps'][0]}")
         group = group.head(COLUMNS)
         cols = st.columns(COLUMNS)
-        gifs = [gif_bytes(run, a) for a in group["animation"].to_list()]
+        gifs = [ui.run_file_bytes(run, a) for a in group["animation"].to_list()]
         stills = _jpegs(run, [None if g is not None else im for g, im in zip(gifs, group["image"], strict=True)],
                         TILE_PX)  # a still only where there is no animation
         for i, r in enumerate(group.iter_rows(named=True)):
@@ -146,7 +127,7 @@ def unit_section(run: Run, layer: str, kind: str, unit: int) -> None:
                     st.image(stills[i], caption=label)
                 else:
                     st.caption(f"(image missing: {r['image']})")
-    heat = gif_bytes(run, entry["heatmap_animation"])
+    heat = ui.run_file_bytes(run, entry["heatmap_animation"])
     if heat is not None:
         st.caption("heat-map over the denoising steps, top example")
         st.image(heat, width=TILE_PX)

@@ -216,6 +216,16 @@ def _file(run: Run, relative: str | None) -> Path | None:
         return None
 
 
+def run_file_bytes(run: Run, relative: str | None) -> bytes | None:
+    """A run file's bytes by its run-relative path (checked to stay inside the run); None when missing or
+    unreadable."""
+    path = _file(run, relative)
+    try:
+        return None if path is None else path.read_bytes()
+    except OSError:
+        return None
+
+
 def thumbs(run: Run, relatives: list[str | None], size: int = 192) -> list[np.ndarray | None]:
     """Run images at display size (uint8 [h, w, 3]), decoded in parallel; None for a missing or unreadable one."""
     futures = [_pool.submit(_thumb_file, path, size) if path is not None else None

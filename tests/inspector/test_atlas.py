@@ -5,6 +5,7 @@ GIFs) for features 0-5."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -42,15 +43,20 @@ def _ok(at) -> None:
 
 
 def _tiles(at) -> list[dict]:
-    """The grid's tiles (one HTML element, inspector/atlas_tiles.py grid): each one's link, image alt and caption."""
+    """The grid's tiles (one HTML element, inspector/atlas_tiles.py grid): each one's link, its pictures' inline
+    sources and alt texts, and its caption."""
     import html
     import re
 
     body = "".join(h.proto.body for h in at.get("html"))
-    return [{"href": html.unescape(href), "alt": html.unescape(alt), "caption": html.unescape(caption),
-             "image": src} for href, src, alt, caption in re.findall(
-                r'<a class="atlas-tile" href="([^"]*)"[^>]*>(?:<img src="([^"]*)" alt="([^"]*)"[^>]*>)?'
-                r'<div[^>]*>(.*?)</div></a>', body)]
+    tiles = []
+    for href, pictures, caption in re.findall(r'<a class="atlas-tile" href="([^"]*)"[^>]*>(.*?)'
+                                              r'<div class="atlas-caption"[^>]*>(.*?)</div></a>', body):
+        images = re.findall(r'<img src="([^"]*)" alt="([^"]*)"', pictures)
+        tiles.append({"href": html.unescape(href), "caption": html.unescape(caption),
+                      "images": [src for src, _ in images], "alts": [html.unescape(alt) for _, alt in images],
+                      "missing": pictures.count("aspect-ratio:1")})
+    return tiles
 
 
 def _tile_units(at) -> list[int]:
@@ -126,9 +132,11 @@ def test_atlas_page_shows_a_grid_that_links_to_unit_pages(runs_dir, monkeypatch)
     assert _tile_units(at) == list(range(N_FEATURES))
     tiles = _tiles(at)
     assert len(at.get("html")) == 1 and not at.image  # the whole grid: one element
-    assert all(t["image"].startswith("data:image/jpeg;base64,") for t in tiles)  # one image a tile, inline
+    assert all(src.startswith("data:image/jpeg;base64,") for t in tiles for src in t["images"])  # inline
     assert all(t["caption"].startswith("prior | dream<br>feature ") for t in tiles)
-    assert tiles[2]["alt"] == "feature 2: prior | dream"
+    assert tiles[2]["alts"] == ["feature 2: prior", "feature 2: dream"]
+    assert all(len(t["images"]) + t["missing"] == 2 for t in tiles)  # a grey square where a unit has no dream
+    assert sum(t["missing"] for t in tiles) == N_FEATURES - 6
     assert f"{N_FEATURES} features of `{L_MID}`" in at.caption[0].value
     query = tiles[2]["href"].removeprefix("unit?")
     assert query == f"run=tiny&layer={L_MID}&kind=feature&unit=2"
@@ -207,17 +215,14 @@ def test_atlas_page_without_an_atlas(tmp_path, runs_dir, monkeypatch):
     assert not _tiles(at)
 
 
-def test_a_tiles_pictures_side_by_side():
-    import numpy as np
+def test_a_tile_shows_its_pictures_side_by_side_and_a_grey_square_for_a_missing_one():
+    from inspector.atlas_tiles import tile_html
 
-    from inspector.atlas_tiles import TILE_GAP_PX, tile_image
-
-    prior, dream = np.zeros((16, 16, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
-    both = tile_image([prior, dream])
-    assert both.shape == (16, 32 + TILE_GAP_PX, 3) and (both[:, :16] == 0).all() and (both[:, -16:] == 255).all()
-    alone = tile_image([prior, None])  # a unit without a dream: a grey square in its place
-    assert alone.shape == both.shape and (alone[:, -16:] == 200).all()
-    assert tile_image([None, None]) is None
+    both = tile_html([b"prior-jpeg", b"dream-jpeg"], "prior | dream", "c", "unit?unit=1", "feature 1")
+    assert both.index("cHJpb3ItanBlZw==") < both.index("ZHJlYW0tanBlZw==")  # base64 of the bytes, prior first
+    alone = tile_html([b"prior-jpeg", None], "prior | dream", "c", "unit?unit=1", "feature 1")
+    assert alone.count("<img ") == 1 and alone.count("aspect-ratio:1") == 1
+    assert "(no image)" in tile_html([None, None], "prior | dream", "c", "unit?unit=1", "feature 1")
 
 
 def test_atlas_tiles_carry_the_units_label(runs_dir, monkeypatch):
@@ -227,8 +232,8 @@ def test_atlas_tiles_carry_the_units_label(runs_dir, monkeypatch):
 
 
 def test_the_grid_shows_thumbnails_and_full_images_where_there_are_none(tmp_path, runs_dir):
-    """A tile's picture is the image's thumbnail (schema.atlas_thumbnail) when the atlas wrote one, else the image
-    itself at the thumbnail size (a run written before thumbnails)."""
+    """A tile's picture is the image's thumbnail (schema.atlas_thumbnail) when the atlas wrote one, its file's bytes
+    as they are, else the image itself at the thumbnail size (a run written before thumbnails)."""
     import numpy as np
     from PIL import Image
 
@@ -244,7 +249,9 @@ def test_the_grid_shows_thumbnails_and_full_images_where_there_are_none(tmp_path
     blue = np.zeros((ATLAS_THUMB_PX, ATLAS_THUMB_PX, 3), np.uint8)
     blue[..., 2] = 255
     Image.fromarray(blue).save(root / "tiny" / atlas_thumbnail(images[1]), format="JPEG")
-    pictures = atlas_tiles.tile_pictures(run, [*images, None])
+    jpegs = atlas_tiles.tile_jpegs(run, [*images, None])
+    assert jpegs[1] == (root / "tiny" / atlas_thumbnail(images[1])).read_bytes()
+    pictures = [None if j is None else np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
     assert pictures[3] is None and all(p.shape == (ATLAS_THUMB_PX, ATLAS_THUMB_PX, 3) for p in pictures[:3])
     assert pictures[1][..., 2].min() > 200 and pictures[1][..., 0].max() < 40  # the thumbnail
     for i in (0, 2):  # no thumbnail: the image, each unit its own red
