@@ -32,6 +32,7 @@ import torch
 
 from backend.errors import DifflensError
 from backend.interventions.effects import Effect, effects, is_demo
+from backend.interventions.generate import run_conditions
 from backend.interventions.media import digest, safe_name, to_json, write_grid
 from backend.models.base import DiffusionModel, to_uint8
 from backend.models.hooks import Stream, module
@@ -149,8 +150,9 @@ class AblationResult:
 @torch.no_grad()
 def ablate_blocks(model: DiffusionModel, blocks: Sequence[str], prompts: Sequence[str], seeds: Sequence[int],
                   mode: AblationMode = "skip", n_steps: int | None = None,
-                  guidance: float | None = None) -> AblationResult:
-    """Generate prompts x seeds (one image per pair, same length lists) plainly and with each block ablated."""
+                  guidance: float | None = None, conditions: dict | None = None) -> AblationResult:
+    """Generate prompts x seeds (one image per pair, same length lists) plainly and with each block ablated;
+    conditions: generate()'s negative prompts / control images (generate.run_conditions)."""
     check_mode(mode)
     blocks, prompts, seeds = list(blocks), list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds) or not prompts:
@@ -158,12 +160,13 @@ def ablate_blocks(model: DiffusionModel, blocks: Sequence[str], prompts: Sequenc
     check_blocks(model, blocks)
     n_steps = n_steps or model.default_steps
     guidance = model.default_guidance if guidance is None else guidance
-    baseline = to_uint8(model.generate(prompts, seeds, n_steps, guidance))
+    conditions = conditions or {}
+    baseline = to_uint8(model.generate(prompts, seeds, n_steps, guidance, **conditions))
     result = AblationResult(blocks, prompts, seeds, mode, baseline)
     demo = is_demo(model)
     for block in blocks:
         with ablate_block(model, block, mode) as calls:
-            images = to_uint8(model.generate(prompts, seeds, n_steps, guidance))
+            images = to_uint8(model.generate(prompts, seeds, n_steps, guidance, **conditions))
         result.images[block] = images
         result.effects[block] = effects(baseline, images, demo)
         result.calls[block] = calls[0]
@@ -192,8 +195,9 @@ def ablate_run(run_dir: str | Path, blocks: Sequence[str] | None = None, prompts
     s_prompts, s_seeds = _run_samples(ctx, prompts, seeds)
     n_steps = n_steps or ctx.n_steps
     guidance = ctx.guidance if guidance is None else guidance
-    result = ablate_blocks(model, blocks, s_prompts, s_seeds, check_mode(mode), n_steps, guidance)
-    key = digest([s_prompts, s_seeds, n_steps, guidance])
+    conditions = run_conditions(ctx, s_prompts, guidance)  # the run's generations: their negatives, control images
+    result = ablate_blocks(model, blocks, s_prompts, s_seeds, check_mode(mode), n_steps, guidance, conditions)
+    key = digest([s_prompts, s_seeds, n_steps, guidance] + ([conditions] if conditions else []))
     folder = f"media/ablation/{key}"
     base = [ctx.store.write_png(f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", result.baseline_NHW3[i])
             for i, s in enumerate(s_seeds)]

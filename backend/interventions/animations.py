@@ -69,9 +69,11 @@ def heatmap_frames(maps_SHW: np.ndarray, size: tuple[int, int] | None = None) ->
 def unit_maps_SHW(ctx: RunContext, layer: str, kind: str, units: list[int], gen_ids: list[int],
                   height: int, width: int) -> np.ndarray:
     """Maps [len(units), steps, height, width]: unit units[i]'s map at every denoising step of generation
-    gen_ids[i], replayed with the run's prompt, seed, steps and guidance (one batch for all distinct gen_ids)."""
+    gen_ids[i], replayed with the run's prompt, seed, steps and guidance (one batch for all distinct gen_ids), and
+    its negative prompt and control image."""
     import polars as pl
 
+    from backend.analysis.examples import generation_conditions
     from backend.models.hooks import read_activations
 
     gens = ctx.generations().filter(pl.col("gen_id").is_in(gen_ids))
@@ -89,9 +91,9 @@ def unit_maps_SHW(ctx: RunContext, layer: str, kind: str, units: list[int], gen_
             tokens = sae.encode(tokens.reshape(b * t, c).to(sae.W_dec.dtype), dense=True).float().view(b, t, -1)
         steps.append(tokens.cpu())
 
-    with read_activations(model, [layer], keep, read=ctx.read, half=half):
+    with read_activations(model, [layer], keep, read=ctx.read, half=half):  # gens is in gen_id order, as `order`
         model.generate([by_id[g]["prompt"] for g in order], [int(by_id[g]["seed"]) for g in order], ctx.n_steps,
-                       ctx.guidance)
+                       ctx.guidance, **generation_conditions(gens))
     tokens_SBTN = torch.stack(steps)
     row = {g: i for i, g in enumerate(order)}
     maps = [tokens_SBTN[:, row[g], :, u].reshape(-1, height, width) for u, g in zip(units, gen_ids, strict=True)]

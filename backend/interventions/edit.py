@@ -28,7 +28,7 @@ import torch
 
 from backend.errors import DifflensError
 from backend.interventions.effects import Effect, effects, is_demo
-from backend.interventions.generate import DEFAULT_SEEDS, Edit, edited_generate, windowed
+from backend.interventions.generate import DEFAULT_SEEDS, Edit, edited_generate, run_conditions, windowed
 from backend.interventions.media import (
     InterventionResult,
     digest,
@@ -126,9 +126,12 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
     fns = [windowed(feature_edit(sae, e.zero, e.scale, e.factor), window) for e in edits]  # validates indices
     samples = _samples(ctx, prompts, seeds)
     s_prompts, s_seeds = [p for p, _ in samples], [s for _, s in samples]
-    baseline = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, None, n_steps, guidance))
+    conditions = run_conditions(ctx, s_prompts, guidance)  # the run's generations: their negatives, control images
+    baseline = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, None, n_steps, guidance,
+                                        conditions=conditions))
     key = digest([layer, [asdict(e) for e in edits], samples, n_steps, guidance, window]
-                 + ([] if kind == "feature" else [kind]))  # (the default SAE's digests as before)
+                 + ([] if kind == "feature" else [kind])  # (the default SAE's digests as before)
+                 + ([conditions] if conditions else []))
     folder = f"media/edit/{safe_name(layer)}/{key}"
     base_rel = [ctx.store.write_png(f"{folder}/baseline/{i:03d}-seed-{s:06d}.png", baseline[i])
                 for i, s in enumerate(s_seeds)]
@@ -136,7 +139,8 @@ def edit_run(run_dir: str | Path, layer: str, presets: Sequence[str] = PRESETS, 
               "n_steps": n_steps, "guidance": guidance, "spec": key}
     rows, grid_images, labels = [], [baseline], [f"seed {s}" for s in s_seeds]
     for edit, fn in zip(edits, fns, strict=True):
-        images = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, fn, n_steps, guidance))
+        images = to_uint8(edited_generate(model, layer, s_prompts, s_seeds, fn, n_steps, guidance,
+                                          conditions=conditions))
         fx = effects(baseline, images, is_demo(model))
         rels = [ctx.store.write_png(f"{folder}/{safe_name(edit.name)}/{i:03d}-seed-{s:06d}.png", images[i])
                 for i, s in enumerate(s_seeds)]

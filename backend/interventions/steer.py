@@ -36,7 +36,7 @@ import torch
 from backend.errors import DifflensError
 from backend.interventions.directions import Kind, decoder_norm, unit_direction
 from backend.interventions.effects import Effect, effects, has_concept, is_demo
-from backend.interventions.generate import DEFAULT_SEEDS, Edit, edited_generate
+from backend.interventions.generate import DEFAULT_SEEDS, Edit, edited_generate, run_conditions
 from backend.interventions.masks import check_mask_nonempty, load_mask, mask_name, object_masks, token_weights
 from backend.interventions.media import (
     InterventionResult,
@@ -142,10 +142,12 @@ def steering_edit(direction_C: torch.Tensor, strength_by_step: Sequence[float],
 def steered_generate(model: DiffusionModel, layer: str, prompts: list[str], seeds: list[int],
                      direction_C: torch.Tensor, strength_by_step: Sequence[float],
                      mask_T: np.ndarray | torch.Tensor | None = None, n_steps: int | None = None,
-                     guidance: float | None = None, half: Half = "both") -> torch.Tensor:
-    """Images [B, 3, H, W] generated while layer's output gets strength_by_step[step] x direction (under mask)."""
+                     guidance: float | None = None, half: Half = "both",
+                     conditions: dict | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] generated while layer's output gets strength_by_step[step] x direction (under mask);
+    conditions: generate()'s negative prompts / control images (generate.run_conditions)."""
     return edited_generate(model, layer, prompts, seeds, steering_edit(direction_C, strength_by_step, mask_T),
-                           n_steps, guidance, half)
+                           n_steps, guidance, half, conditions)
 
 
 def typical_activation(ctx: RunContext, layer: str, kind: str, unit: int) -> tuple[float, tuple[int, int]]:
@@ -229,25 +231,28 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
         raise DifflensError("mask object needs the demo model (its shapes are found by the attribute scorer)")
     mask = None if on_object else load_mask(spec.mask, model.default_resolution[0])
     if spec.mode == "prior":
-        prompts, guidance = [""] * len(seeds), 1.0
-    else:
+        prompts, guidance, conditions = [""] * len(seeds), 1.0, {}
+    else:  # the run's generation of a prompt: with the negative prompt and control image the run gave it
         prompts = prompts or [spec.prompt] * len(seeds)
         guidance = ctx.guidance if spec.guidance is None else spec.guidance
-    baseline = to_uint8(edited_generate(model, spec.layer, prompts, seeds, None, n_steps, guidance))
+        conditions = run_conditions(ctx, prompts, guidance)
+    baseline = to_uint8(edited_generate(model, spec.layer, prompts, seeds, None, n_steps, guidance,
+                                        conditions=conditions))
     if on_object:
         mask = object_masks(baseline)
     steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, direction_C, schedule, mask, n_steps,
-                                        guidance, spec.half))
+                                        guidance, spec.half, conditions))
     fx = effects(baseline, steered, is_demo(model))
+    given = [conditions] if conditions else []  # (digests of generations without conditions as before)
     key = digest([spec_settings(spec), prompts, n_steps, guidance, strength]
-                 + ([] if direction is None else [direction.name, direction.vector_C.tolist()]))
+                 + ([] if direction is None else [direction.name, direction.vector_C.tolist()]) + given)
     common = {"unit": spec.unit, "method": "steer", "mode": spec.mode, "strength": strength,
               "scale": spec.scale if spec.strength is None else float("nan"),
               "steps": described, "mask": mask_name(spec.mask), "n_steps": n_steps,
               "guidance": guidance, "concept": concept, "spec": key}
     folder = (f"media/steer/{safe_name(spec.layer)}/{spec.kind}-{spec.unit:05d}/{key}" if direction is None else
               f"media/steer/{safe_name(spec.layer)}/direction-{safe_name(direction.name)}/{key}")
-    base_folder = f"media/steer/baseline/{digest([prompts, seeds, n_steps, guidance])}"
+    base_folder = f"media/steer/baseline/{digest([prompts, seeds, n_steps, guidance, *given])}"
     table = ctx.store.table_from_rows(
         "interventions", _steer_rows(ctx.store, common, prompts, seeds, baseline, steered, fx, folder, base_folder))
     what = f"{spec.kind} {spec.unit}" if direction is None else direction.name

@@ -6,8 +6,9 @@ The adapter is the SD adapter with the ControlNet's residuals added to the UNet,
 prompt's control image is preprocessed as the pipeline's control_image_processor does (resized to the generation
 size, RGB in [0, 1]), CFG-doubled with the rest of the conditioning (it rides in the cond dicts under
 CONTROL_KEY), and the ControlNet sees the same latents, timestep and text states as the UNet. The denoiser (the hook
-target) is still the UNet, so hooks and capture are unchanged. A generation given no control images (the
-interventions, the dream, the splice test) runs the plain UNet.
+target) is still the UNet, so hooks and capture are unchanged. A generation given no control images (the steered
+prior, the dream, the splice test) runs the plain UNet; interventions on a run's prompts pass the run's control
+images (backend/interventions/generate.py run_conditions).
 """
 
 from __future__ import annotations

@@ -315,7 +315,13 @@ class RunStore:
         return meta
 
     def write_image(self, gen_id: int, img_HW3: np.ndarray) -> str:
-        return self.write_png(self.relative(self.image_path(gen_id)), img_HW3)
+        """A generation's image (uint8 [H, W, 3]) as images/<gen_id>.png, encoded by backend/run/png.py (capture
+        writes one per generation: PIL's per-image overhead shows on a tiny model); returns its run path."""
+        from backend.run.png import png_bytes
+
+        path = self.image_path(gen_id)
+        atomic_write_bytes(path, png_bytes(img_HW3))
+        return self.relative(path)
 
     def write_png(self, rel: str | Path, image) -> str:
         """Write a PNG (a uint8 [H, W, 3] array or a PIL image) at a run-relative path; returns that path."""

@@ -291,7 +291,12 @@ def capture_with_saes(cfg: RunConfig, sae_options: list[str] | None, overwrite: 
 
 
 class _Recorder:
-    """Hook callback: accumulates per-(generation, step) channel stats and token samples on the device."""
+    """Hook callback: accumulates per-(generation, step) channel stats and token samples on the device.
+
+    A layer whose every token is sampled (tokens_per_step >= its token count: small models) keeps its tokens
+    [B, S, T, C] in the model's dtype, one copy per step, and its stats and samples are computed from them once per
+    batch (`finish`), in a few whole-batch operations instead of a dozen small ones per step; other layers reduce
+    each step as it comes. Call `finish` after the generation, before reading mean / max / samples."""
 
     def __init__(self, gens: list[Generation], n_steps: int, tokens_per_step: int,
                  encoders: dict[tuple[str, str], FeatureEncoder]):
@@ -310,6 +315,8 @@ class _Recorder:
         """Per layer, the token shards' dtype (backend/run/store.py token_dtype): the model's when bfloat16."""
         self.clamped: dict[str, torch.Tensor] = {}
         """Per layer, token sample values clamped to the float16 range (a float16 buffer; on the device)."""
+        self.whole: dict[str, torch.Tensor] = {}
+        """Per layer whose every token is sampled, its tokens [B, S, T, C] as the model gave them (until finish)."""
 
     def _positions(self, n_tokens: int, device) -> torch.Tensor:
         """[B, S, k] token positions, deterministic per (gen_id, step); all positions when k >= n_tokens."""
@@ -323,39 +330,68 @@ class _Recorder:
                 out[i, step] = torch.randperm(n_tokens, generator=gen)[: self.k].sort().values
         return out.to(device)
 
+    def _start(self, ev: HookEvent) -> None:
+        """The layer's buffers, at its first event."""
+        tok = ev.tokens
+        b, t, c = tok.shape
+        self.positions[ev.layer] = self._positions(t, tok.device)
+        k = self.positions[ev.layer].shape[-1]
+        # the samples are kept in the shards' dtype: bfloat16 tokens as they are (lossless); others in float16,
+        # clamped to its range and counted (a float32 run's values beyond 65504 would become inf)
+        self.token_dtype[ev.layer] = token_dtype(str(tok.dtype))
+        self.clamped[ev.layer] = torch.zeros((), dtype=torch.long, device=tok.device)
+        for key in self.encoders:
+            if key[0] == ev.layer:
+                self.features[key] = []
+        self.spatial[ev.layer] = ev.spatial  # (SAE widths were checked against the layer by `plan`)
+        if k == t:
+            self.whole[ev.layer] = torch.empty(b, self.n_steps, t, c, dtype=tok.dtype, device=tok.device)
+            return
+        self.mean[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
+        self.max[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
+        buffer = torch.bfloat16 if self.token_dtype[ev.layer] == "bfloat16" else torch.float16
+        self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=buffer, device=tok.device)
+
+    def _record(self, layer: str, tokf: torch.Tensor, picked: torch.Tensor, dims: int) -> tuple:
+        """(mean, max, samples) of float32 tokens over their token dimension `dims`, the picked tokens clamped to
+        the float16 range (counted) unless the shards are bfloat16."""
+        if self.token_dtype[layer] == "float16":
+            over = picked.isfinite() & (picked.abs() > FLOAT16_MAX)
+            self.clamped[layer] += over.sum()
+            picked = torch.where(over, picked.sign() * FLOAT16_MAX, picked)
+        buffer = torch.bfloat16 if self.token_dtype[layer] == "bfloat16" else torch.float16
+        return tokf.mean(dims), tokf.amax(dims), picked.to(buffer)
+
     def __call__(self, ev: HookEvent) -> None:
         tok = ev.tokens
         b, t, c = tok.shape
         if b != len(self.gens):
             raise DifflensError(f"layer {ev.layer} saw batch {b}, expected {len(self.gens)} (use half='cond')")
-        if ev.layer not in self.mean:
-            self.mean[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
-            self.max[ev.layer] = torch.zeros(b, self.n_steps, c, device=tok.device)
-            self.positions[ev.layer] = self._positions(t, tok.device)
-            k = self.positions[ev.layer].shape[-1]
-            # the samples are kept in the shards' dtype: bfloat16 tokens as they are (lossless); others in float16,
-            # clamped to its range and counted (a float32 run's values beyond 65504 would become inf)
-            self.token_dtype[ev.layer] = token_dtype(str(tok.dtype))
-            buffer = torch.bfloat16 if self.token_dtype[ev.layer] == "bfloat16" else torch.float16
-            self.samples[ev.layer] = torch.zeros(b, self.n_steps, k, c, dtype=buffer, device=tok.device)
-            self.clamped[ev.layer] = torch.zeros((), dtype=torch.long, device=tok.device)
-            for key in self.encoders:
-                if key[0] == ev.layer:
-                    self.features[key] = []
-            self.spatial[ev.layer] = ev.spatial  # (SAE widths were checked against the layer by `plan`)
+        if ev.layer not in self.positions:
+            self._start(ev)
+        features = [(key, e) for key, e in self.encoders.items() if key[0] == ev.layer]
+        if ev.layer in self.whole:
+            self.whole[ev.layer][:, ev.step] = tok
+            if features:
+                tokf = tok.float()
+                for key, encoder in features:
+                    self.features[key].append((ev.step, feature_stats(encoder, tokf)))
+            return
         tokf = tok.float()
-        self.mean[ev.layer][:, ev.step] = tokf.mean(1)
-        self.max[ev.layer][:, ev.step] = tokf.amax(1)
         pos = self.positions[ev.layer][:, ev.step]
         picked = torch.gather(tokf, 1, pos[..., None].expand(-1, -1, c))
-        if self.token_dtype[ev.layer] == "float16":
-            over = picked.isfinite() & (picked.abs() > FLOAT16_MAX)
-            self.clamped[ev.layer] += over.sum()
-            picked = torch.where(over, picked.sign() * FLOAT16_MAX, picked)
-        self.samples[ev.layer][:, ev.step] = picked.to(self.samples[ev.layer].dtype)
-        for (layer, sae_id), encoder in self.encoders.items():
-            if layer == ev.layer:
-                self.features[(layer, sae_id)].append((ev.step, feature_stats(encoder, tokf)))
+        mean, mx, sample = self._record(ev.layer, tokf, picked, 1)
+        self.mean[ev.layer][:, ev.step], self.max[ev.layer][:, ev.step] = mean, mx
+        self.samples[ev.layer][:, ev.step] = sample
+        for key, encoder in features:
+            self.features[key].append((ev.step, feature_stats(encoder, tokf)))
+
+    def finish(self) -> _Recorder:
+        """Stats and samples of the layers kept whole (see the class docstring); returns self."""
+        for layer in list(self.whole):
+            tokf = self.whole.pop(layer).float()
+            self.mean[layer], self.max[layer], self.samples[layer] = self._record(layer, tokf, tokf, 2)
+        return self
 
 
 FEATURE_CHUNK_BYTES = 64 << 20
@@ -627,6 +663,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                 with read_activations(model, hooked, rec, read=c.read, half=c.half):
                     images = to_uint8(model.generate(inputs_of(batch), [g.seed for g in batch],
                                                      n_steps, guidance, **conditions_of(batch)))
+                rec.finish()
                 # writes overlap the next batch's generation; at most one batch waits
                 for f in pending:
                     _result_or_user_error(f, store)

@@ -452,3 +452,30 @@ def test_sae_option_takes_another_librarys_checkpoint(untrained_demo_dir, prompt
     assert result.exit_code == 0, result.output
     feats = pl.read_parquet(f"{tmp_path}/runs/x/tables/activity/layer=mid_block.attentions.0/kind=feature/*.parquet")
     assert feats["gen_id"].n_unique() == 24 and feats["unit"].max() < 32 and (feats["max"] > 0).all()
+
+
+def test_a_batch_kept_whole_records_what_per_step_reduction_does():
+    """_Recorder: a layer whose every token is sampled (reduced once per batch, in finish) gets the mean, max, float16
+    samples and clamp count that reducing each step gives (checked against the samples' own positions)."""
+    from backend.models.hooks import HookEvent
+    from backend.run.prompts import PromptRecord
+    from backend.stages.capture import Generation, _Recorder
+
+    gens = [Generation(i, PromptRecord("p"), 0) for i in range(3)]
+    torch.manual_seed(0)
+    tokens = [torch.randn(3, 16, 8) * 10 for _ in range(4)]
+    tokens[2][1, 5, 3], tokens[3][0, 0, 0] = 1e6, -7e4  # beyond float16: clamped and counted
+    whole, stepwise = _Recorder(gens, 4, 16, {}), _Recorder(gens, 4, 15, {})
+    for step, tok in enumerate(tokens):
+        for rec in (whole, stepwise):
+            rec(HookEvent("L", step, tok, (4, 4)))
+    assert "L" in whole.whole and not stepwise.whole  # 16 of 16 tokens sampled: kept whole
+    whole.finish(), stepwise.finish()
+    assert not whole.whole
+    torch.testing.assert_close(whole.mean["L"], stepwise.mean["L"])
+    torch.testing.assert_close(whole.max["L"], stepwise.max["L"])
+    pos = stepwise.positions["L"]  # [B, S, 15] of the 16 positions
+    picked = torch.gather(whole.samples["L"], 2, pos[..., None].expand(-1, -1, -1, 8))
+    assert torch.equal(picked, stepwise.samples["L"])
+    assert whole.samples["L"].dtype == torch.float16 and int(whole.clamped["L"]) == 2
+    assert whole.samples["L"][1, 2, 5, 3] == 65504
