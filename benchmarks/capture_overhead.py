@@ -62,8 +62,12 @@ def main() -> None:
             model.generate([g.prompt.prompt for g in batch], [g.seed for g in batch], n_steps, guidance)
         return time.perf_counter() - t0, time.process_time() - cpu0
 
+    runs = iter(range(1_000_000))
+
     def captured():
-        shutil.rmtree(tmp / "bench", ignore_errors=True)
+        # a fresh run directory each time, all deleted at the end: deleting the last run's files right before
+        # timing the next (online discard on ext4) slows the new run's file creation several-fold
+        cfg.name = f"bench{next(runs)}"
         cpu0 = time.process_time()
         s = capture(cfg, model=model, progress=False)
         return s.seconds, time.process_time() - cpu0, s
