@@ -71,10 +71,11 @@ concept = f4.selectbox("Concept", ["any", *concepts], key="atlas.concept",
 
 page_key = f"atlas.page-{layer}-{kind}-{show}-{prior}-{dream}-{sort}-{descending}-{flag}-{concept}"
 with ui.guard():
+    asked = int(st.session_state.get(page_key, 1))
     found = queries.atlas_grid(run, layer, kind, prior, dream, sort, descending, flag,
-                               None if concept == "any" else concept, int(st.session_state.get(page_key, 1)),
-                               queries.ATLAS_PAGE_SIZE)
-    st.session_state[page_key] = found["page"]
+                               None if concept == "any" else concept, asked, queries.ATLAS_PAGE_SIZE)
+    if found["page"] != asked:  # clamped to the pages there are (set only then: the widget owns its state)
+        st.session_state[page_key] = found["page"]
     first = (found["page"] - 1) * queries.ATLAS_PAGE_SIZE
     st.caption(f"{found['total']:,} {kind}s of `{layer}` in the atlas match; {first + 1 if found['total'] else 0}"
                f"-{first + found['rows'].height} shown (click a tile to open its unit)")
