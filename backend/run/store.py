@@ -110,6 +110,17 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=want)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary-encoding: all but the floating-point ones (and lists of them). Activations
+    rarely repeat, so a dictionary on them costs pyarrow 4x the write time and makes the file larger."""
+    def floating(t: pa.DataType) -> bool:
+        while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        return pa.types.is_floating(t)
+
+    return [f.name for f in schema if not floating(f.type)]
+
+
 class RunStore:
     """Reads and writes one run directory."""
 
@@ -222,7 +233,8 @@ class RunStore:
         if rel is not None and len(rel.parts) >= 2 and rel.parts[0] == "tables":
             name = rel.parts[1][: -len(".parquet")] if len(rel.parts) == 2 else rel.parts[1]
             table = conform(name, table)
-        atomic_write_with(path, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=ROW_GROUP_ROWS),
+        atomic_write_with(path, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                                                         use_dictionary=dictionary_columns(table.schema)),
                           suffix=".parquet")
         return path
 

@@ -286,3 +286,15 @@ def test_several_saes_per_layer_and_a_format_2_layer_read_as_default(store):
         ctx.check_kind("a", "feature.k4")
     with pytest.raises(DifflensError, match="unknown unit kind 'feature.K4'"):
         ctx.check_kind("a", "feature.K4")
+
+
+def test_parquet_files_dictionary_encode_all_but_floating_point_columns(tmp_path):
+    table = pa.table({"unit": pa.array([1, 2, 1, 2] * 50, pa.int32()), "name": ["a", "b"] * 100,
+                      "mean": np.linspace(0, 1, 200, dtype=np.float32),
+                      "heatmap": pa.array([[0.5, 1.5]] * 200, pa.list_(pa.float32()))})
+    path = RunStore(tmp_path).write_parquet(tmp_path / "t.parquet", table)
+    row_group = pq.ParquetFile(path).metadata.row_group(0)
+    dictionary = {row_group.column(i).path_in_schema: row_group.column(i).has_dictionary_page
+                  for i in range(row_group.num_columns)}
+    assert dictionary == {"unit": True, "name": True, "mean": False, "heatmap.list.element": False}
+    assert pq.read_table(path).equals(table)
