@@ -476,8 +476,8 @@ def causal_map(run, cfg: CausalMapConfig | None = None, progress: bool = True, m
 def estimate_images(ctx: RunContext, cfg: CausalMapConfig, windows: dict) -> int:
     """Steered images per chunk, for the progress bar (the feature kinds count only at a layer with an SAE)."""
     per_window = len(windows) * len(cfg.masks)
-    return sum(per_window * (len(cfg.matched_scales if d == "matched" else cfg.scales) * len(cfg.selection_seeds)
-                             + len(cfg.heldout_seeds)) for d in cfg.directions)
+    return sum(per_window * (len(direction_scales(cfg, d)) * len(cfg.selection_seeds) + len(cfg.heldout_seeds))
+               for d in cfg.directions)
 
 
 def concept_baselines(model, concept: str, cfg: CausalMapConfig, n_steps: int, guidance: float,
@@ -494,9 +494,10 @@ def concept_baselines(model, concept: str, cfg: CausalMapConfig, n_steps: int, g
     return cache[(concept, "selection")], cache[(concept, "heldout")]
 
 
-def cell_scales(cfg: CausalMapConfig, cell: MapCell) -> list[float]:
-    """The scales a cell tries: matched_scales for a matched cell (its size is the difference itself), else scales."""
-    return list(cfg.matched_scales) if cell.direction == "matched" else list(cfg.scales)
+def direction_scales(cfg: CausalMapConfig, direction: str) -> list[float]:
+    """The scales a direction's cells try: matched_scales for matched (its size is the difference itself), else
+    scales."""
+    return list(cfg.matched_scales) if direction == "matched" else list(cfg.scales)
 
 
 def map_chunk(ctx: RunContext, cfg: CausalMapConfig, layer: str, concept: str, windows: dict, n_steps: int,
@@ -505,13 +506,13 @@ def map_chunk(ctx: RunContext, cfg: CausalMapConfig, layer: str, concept: str, w
     model = ctx.model
     cells = plan_cells(ctx, layer, concept, cfg.directions, windows, cfg.masks, cfg.feature_set_size)
     select, held = concept_baselines(model, concept, cfg, n_steps, guidance, baselines)
-    jobs = [Job(c, s, r) for c in range(len(cells)) for s in cell_scales(cfg, cells[c])
+    jobs = [Job(c, s, r) for c in range(len(cells)) for s in direction_scales(cfg, cells[c].direction)
             for r in range(len(select.seeds))]
     results = run_jobs(model, layer, cells, jobs, select, n_steps, guidance, cfg.batch_size, bar)
     chosen = []
     for c in range(len(cells)):
         best = None
-        for s in cell_scales(cfg, cells[c]):
+        for s in direction_scales(cfg, cells[c].direction):
             f, col, _ = rates([res for job, res in zip(jobs, results, strict=True) if job.cell == c and job.scale == s])
             if best is None or f - col > best[1] - best[2] + 1e-9:
                 best = (s, f, col)
