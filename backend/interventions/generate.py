@@ -54,9 +54,8 @@ def run_conditions(ctx: RunContext, prompts: Sequence[str], guidance: float) -> 
     prompt without a control image among prompts with one is a one-line error."""
     rows = ctx.generations()
     columns = [c for c in ("negative_prompt", "control_image") if c in rows.columns]  # (older runs lack them)
-    first: dict[str, dict] = {}
-    for row in rows.select(["prompt", *columns]).iter_rows(named=True):
-        first.setdefault(row["prompt"], row)
+    first = {row["prompt"]: row for row in rows.select(["prompt", *columns])
+             .unique(subset="prompt", keep="first", maintain_order=True).iter_rows(named=True)}
     c = ctx.config.capture
     run_wide = {"negative_prompt": c.negative_prompt or None, "control_image": c.control_image or None}
     negatives = [first[p].get("negative_prompt") if p in first else run_wide["negative_prompt"] for p in prompts]
