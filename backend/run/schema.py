@@ -460,6 +460,12 @@ file: tables/<table>.parquet; shards: tables/<table>/<shard>.parquet; layer: tab
 .parquet; layer/kind: tables/<table>/layer=<layer>/kind=<kind>/<shard>.parquet."""
 
 
+ROW_GROUP_ROWS = 8192
+"""Parquet row-group size of a table (TableSpec.row_group_rows): tables are sorted by unit, so a reader asking for one
+unit decodes only the row groups whose unit range covers it (DuckDB and pyarrow skip the rest by their min/max
+statistics)."""
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -479,6 +485,9 @@ class TableSpec:
     """Columns stored in the files (without the partition columns)."""
     order: str = ""
     """Row order in words, where `sort` does not say it all."""
+    row_group_rows: int = ROW_GROUP_ROWS
+    """Rows per Parquet row group (a reader asking for one unit decodes the row groups that hold it: tables with a
+    heavy column, such as examples' heat-maps, keep them small)."""
 
     @property
     def partitions(self) -> tuple[str, ...]:
@@ -489,6 +498,10 @@ class TableSpec:
     def partitioned(self) -> bool:
         return bool(self.partitions)
 
+
+EXAMPLES_ROW_GROUP_ROWS = 512
+"""Row groups of the examples table: a unit page reads one unit's 8 heat-maps, and DuckDB decodes the whole row
+group holding them (8192 rows: about 280 units' maps of 16x16 float32, 8 MB)."""
 
 _ANALYZE = "python cli.py analyze --run RUN"
 _PART = "part-0000000.parquet"
@@ -514,7 +527,8 @@ _SPECS = [
     TableSpec("peaks", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "rank"), "one peak of a profile",
               PEAKS),
     TableSpec("examples", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "step", "rank"),
-              "one top generation of a unit, overall (step -1) or at a peak step, with its heat-map", EXAMPLES),
+              "one top generation of a unit, overall (step -1) or at a peak step, with its heat-map", EXAMPLES,
+              row_group_rows=EXAMPLES_ROW_GROUP_ROWS),
     TableSpec("range_examples", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "bin", "activation"),
               "one generation sampled from one bin of a unit's activation range", RANGE_EXAMPLES),
     TableSpec("frequencies", "analysis", _ANALYZE, "layer/kind", _PART, ("unit", "group"),

@@ -36,9 +36,7 @@ from backend.run import schema
 from backend.run.manifest import MANIFEST
 from sae.data import bfloat16_bits, shard_dtype_name
 
-ROW_GROUP_ROWS = 8192
-"""Parquet row-group size: tables are sorted by unit, so a reader asking for one unit decodes only the row groups
-whose unit range covers it (DuckDB and pyarrow skip the rest by their min/max statistics)."""
+ROW_GROUP_ROWS = schema.ROW_GROUP_ROWS
 
 
 TOKEN_DTYPES = ("float16", "bfloat16")
@@ -110,15 +108,31 @@ def conform(table: str, data: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=want)
 
 
+def delta_columns(schema: pa.Schema) -> list[str]:
+    """The integer columns (gen_id, step, unit, position, rank, ...): DELTA_BINARY_PACKED. Sorted or repeating
+    integers pack into a few bits per value at a fraction of a dictionary's write time (capture writes its shards
+    while generating: benchmarks/capture_overhead.py)."""
+    return [f.name for f in schema if pa.types.is_integer(f.type)]
+
+
 def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns worth dictionary-encoding: all but the floating-point ones (and lists of them). Activations
-    rarely repeat, so a dictionary on them costs pyarrow 4x the write time and makes the file larger."""
+    """The columns worth dictionary-encoding: all but the integer ones (delta_columns) and the floating-point ones
+    (and lists of them). Activations rarely repeat, so a dictionary on them costs pyarrow 4x the write time and
+    makes the file larger."""
     def floating(t: pa.DataType) -> bool:
         while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
             t = t.value_type
         return pa.types.is_floating(t)
 
-    return [f.name for f in schema if not floating(f.type)]
+    delta = set(delta_columns(schema))
+    return [f.name for f in schema if not floating(f.type) and f.name not in delta]
+
+
+def write_parquet_file(table: pa.Table, path, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """pq.write_table with the run format's settings (docs/run-format.md, Parquet)."""
+    pq.write_table(table, path, compression="zstd", row_group_size=row_group_rows,
+                   use_dictionary=dictionary_columns(table.schema),
+                   column_encoding=dict.fromkeys(delta_columns(table.schema), "DELTA_BINARY_PACKED"))
 
 
 class RunStore:
@@ -230,12 +244,12 @@ class RunStore:
         """Write a Parquet file atomically. A file under tables/ is a catalogue table's: it is conformed to its
         schema (the table is the first directory under tables/, or the file's stem)."""
         rel = Path(path).relative_to(self.root) if Path(path).is_relative_to(self.root) else None
+        rows = ROW_GROUP_ROWS
         if rel is not None and len(rel.parts) >= 2 and rel.parts[0] == "tables":
             name = rel.parts[1][: -len(".parquet")] if len(rel.parts) == 2 else rel.parts[1]
             table = conform(name, table)
-        atomic_write_with(path, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=ROW_GROUP_ROWS,
-                                                         use_dictionary=dictionary_columns(table.schema)),
-                          suffix=".parquet")
+            rows = table_spec(name).row_group_rows
+        atomic_write_with(path, lambda p: write_parquet_file(table, p, rows), suffix=".parquet")
         return path
 
     def write_table_shard(self, table: str, name: str, data: pa.Table, layer: str | None = None,

@@ -14,6 +14,7 @@ capture resumes at the first incomplete batch and ends with the same files as an
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -387,10 +388,20 @@ class _Recorder:
             self.features[key].append((ev.step, feature_stats(encoder, tokf)))
 
     def finish(self) -> _Recorder:
-        """Stats and samples of the layers kept whole (see the class docstring); returns self."""
+        """Stats and samples of the layers kept whole (see the class docstring); returns self.
+
+        The float16 clamp (_record) takes ~10 passes over the tokens; a batch whose token range (from the same pass
+        as its max) is within float16's has nothing to clamp and is converted in one."""
         for layer in list(self.whole):
             tokf = self.whole.pop(layer).float()
-            self.mean[layer], self.max[layer], self.samples[layer] = self._record(layer, tokf, tokf, 2)
+            low, high = torch.aminmax(tokf, dim=2)
+            in_range = self.token_dtype[layer] == "bfloat16" or bool(
+                ((high <= FLOAT16_MAX) & (low >= -FLOAT16_MAX)).all())  # NaN and inf go through _record
+            if not in_range:
+                self.mean[layer], self.max[layer], self.samples[layer] = self._record(layer, tokf, tokf, 2)
+                continue
+            buffer = torch.bfloat16 if self.token_dtype[layer] == "bfloat16" else torch.float16
+            self.mean[layer], self.max[layer], self.samples[layer] = tokf.mean(2), high, tokf.to(buffer)
         return self
 
 
@@ -581,6 +592,36 @@ def _steps_table(model: DiffusionModel, n_steps: int) -> pa.Table:
     return pa.table({"step": np.arange(len(ts), dtype=np.int16), "timestep": ts.astype(np.float32)})
 
 
+def overlap_writes(device: torch.device | str) -> bool:
+    """Whether a batch's writes run in a background thread while the next batch generates: yes when the denoiser
+    runs on an accelerator, or when this process may use more CPU cores than torch's threads; no when torch's
+    threads already use every core (a CPU run on a small machine). There, a writer thread takes a core from one
+    of torch's threads, whose parallel regions then wait for it: on 2 cores the same writes cost a tiny model's
+    capture about twice their CPU time in the background (benchmarks/capture_overhead.py), once inline."""
+    if torch.device(device).type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
+
+
+class InlineExecutor:
+    """An executor whose submit runs the call at once (its Future holds the result or the exception)."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # re-raised by future.result(), as a thread's would be
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def _result_or_user_error(future: Future, store: RunStore) -> None:
     """Wait for a batch write; an OS error (disk full, permissions) becomes a one-line, resumable error."""
     try:
@@ -651,7 +692,8 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         stats = WriteStats()
         pending: list[Future] = []
         desc = stage if dist.world == 1 else f"{stage} rank {dist.rank}"
-        with ThreadPoolExecutor(max_workers=1) as writer, \
+        writer_pool = ThreadPoolExecutor(max_workers=1) if overlap_writes(model.device) else InlineExecutor()
+        with writer_pool as writer, \
                 tqdm(total=len(mine), desc=desc, unit="img", disable=not progress) as bar:
             for batch in batches:
                 name = shard_name(batch[0].gen_id)
@@ -664,11 +706,13 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                     images = to_uint8(model.generate(inputs_of(batch), [g.seed for g in batch],
                                                      n_steps, guidance, **conditions_of(batch)))
                 rec.finish()
-                # writes overlap the next batch's generation; at most one batch waits
+                # in the background (overlap_writes), writes overlap the next batch's generation; one batch waits
                 for f in pending:
                     _result_or_user_error(f, store)
                 pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats,
                                          stage)]
+                if pending[0].done():  # written inline
+                    _result_or_user_error(pending.pop(), store)
                 run += 1
                 bar.update(len(batch))
             for f in pending:

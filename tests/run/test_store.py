@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -288,13 +289,30 @@ def test_several_saes_per_layer_and_a_format_2_layer_read_as_default(store):
         ctx.check_kind("a", "feature.K4")
 
 
-def test_parquet_files_dictionary_encode_all_but_floating_point_columns(tmp_path):
+def test_parquet_files_delta_encode_integers_and_dictionary_encode_the_rest_but_floats(tmp_path):
     table = pa.table({"unit": pa.array([1, 2, 1, 2] * 50, pa.int32()), "name": ["a", "b"] * 100,
                       "mean": np.linspace(0, 1, 200, dtype=np.float32),
                       "heatmap": pa.array([[0.5, 1.5]] * 200, pa.list_(pa.float32()))})
     path = RunStore(tmp_path).write_parquet(tmp_path / "t.parquet", table)
     row_group = pq.ParquetFile(path).metadata.row_group(0)
-    dictionary = {row_group.column(i).path_in_schema: row_group.column(i).has_dictionary_page
-                  for i in range(row_group.num_columns)}
-    assert dictionary == {"unit": True, "name": True, "mean": False, "heatmap.list.element": False}
+    columns = [row_group.column(i) for i in range(row_group.num_columns)]
+    assert {c.path_in_schema: c.has_dictionary_page for c in columns} == {
+        "unit": False, "name": True, "mean": False, "heatmap.list.element": False}
+    assert "DELTA_BINARY_PACKED" in columns[0].encodings
     assert pq.read_table(path).equals(table)
+    assert duckdb.sql("SELECT sum(unit), count(*) FROM read_parquet(?) WHERE unit = 2",
+                      params=[str(path)]).fetchall() == [(200, 100)]
+
+
+def test_a_tables_row_groups_follow_its_catalogue_entry(tmp_path):
+    """examples (heat-maps) in small row groups, so a unit page decodes few maps; other tables in 8192-row ones."""
+    from backend.run.schema import EXAMPLES_ROW_GROUP_ROWS, ROW_GROUP_ROWS, TABLES
+
+    store = RunStore(tmp_path)
+    for table, rows in (("examples", EXAMPLES_ROW_GROUP_ROWS), ("peaks", ROW_GROUP_ROWS)):
+        n = 3 * rows
+        data = pa.Table.from_pylist([{}] * n, schema=TABLES[table].schema)
+        data = data.set_column(data.schema.get_field_index("unit"), "unit", pa.array(np.arange(n), pa.int32()))
+        path = store.write_table_shard(table, "part-0000000", data, layer="L", kind="channel")
+        meta = pq.ParquetFile(path).metadata
+        assert meta.num_row_groups == 3 and meta.row_group(0).num_rows == rows

@@ -267,10 +267,13 @@ def test_feature_encoder_rows_are_sparse(untrained_demo_dir, prompt_file, tmp_pa
     np.testing.assert_allclose(rows["max"].to_numpy(), dense.amax(0)[active].numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("background", [True, False], ids=["background writes", "inline writes"])
 def test_a_failed_write_leaves_the_run_resumable(reference_run, untrained_demo_dir, prompt_file, tmp_path,
-                                                 monkeypatch):
+                                                 monkeypatch, background):
     from backend.run.store import RunStore
+    from backend.stages import capture as capture_module
 
+    monkeypatch.setattr(capture_module, "overlap_writes", lambda device: background)
     _, summary = reference_run
     real = RunStore.write_image
     calls = {"n": 0}
@@ -454,9 +457,11 @@ def test_sae_option_takes_another_librarys_checkpoint(untrained_demo_dir, prompt
     assert feats["gen_id"].n_unique() == 24 and feats["unit"].max() < 32 and (feats["max"] > 0).all()
 
 
-def test_a_batch_kept_whole_records_what_per_step_reduction_does():
+@pytest.mark.parametrize("beyond", ["in range", "beyond float16", "inf and nan"])
+def test_a_batch_kept_whole_records_what_per_step_reduction_does(beyond):
     """_Recorder: a layer whose every token is sampled (reduced once per batch, in finish) gets the mean, max, float16
-    samples and clamp count that reducing each step gives (checked against the samples' own positions)."""
+    samples and clamp count that reducing each step gives (checked against the samples' own positions), whether or
+    not a value is beyond float16 (finish's one-pass conversion is only for batches within its range)."""
     from backend.models.hooks import HookEvent
     from backend.run.prompts import PromptRecord
     from backend.stages.capture import Generation, _Recorder
@@ -465,6 +470,10 @@ def test_a_batch_kept_whole_records_what_per_step_reduction_does():
     torch.manual_seed(0)
     tokens = [torch.randn(3, 16, 8) * 10 for _ in range(4)]
     tokens[2][1, 5, 3], tokens[3][0, 0, 0] = 1e6, -7e4  # beyond float16: clamped and counted
+    if beyond == "in range":
+        tokens[2][1, 5, 3], tokens[3][0, 0, 0] = 65504, -65504
+    elif beyond == "inf and nan":
+        tokens[0][2, 1, 1], tokens[1][0, 3, 2] = float("inf"), float("nan")
     whole, stepwise = _Recorder(gens, 4, 16, {}), _Recorder(gens, 4, 15, {})
     for step, tok in enumerate(tokens):
         for rec in (whole, stepwise):
@@ -472,10 +481,34 @@ def test_a_batch_kept_whole_records_what_per_step_reduction_does():
     assert "L" in whole.whole and not stepwise.whole  # 16 of 16 tokens sampled: kept whole
     whole.finish(), stepwise.finish()
     assert not whole.whole
-    torch.testing.assert_close(whole.mean["L"], stepwise.mean["L"])
-    torch.testing.assert_close(whole.max["L"], stepwise.max["L"])
+    torch.testing.assert_close(whole.mean["L"], stepwise.mean["L"], equal_nan=True)
+    torch.testing.assert_close(whole.max["L"], stepwise.max["L"], equal_nan=True)
     pos = stepwise.positions["L"]  # [B, S, 15] of the 16 positions
     picked = torch.gather(whole.samples["L"], 2, pos[..., None].expand(-1, -1, -1, 8))
-    assert torch.equal(picked, stepwise.samples["L"])
-    assert whole.samples["L"].dtype == torch.float16 and int(whole.clamped["L"]) == 2
+    torch.testing.assert_close(picked, stepwise.samples["L"], rtol=0, atol=0, equal_nan=True)
+    assert whole.samples["L"].dtype == torch.float16
+    assert int(whole.clamped["L"]) == {"in range": 0, "beyond float16": 2, "inf and nan": 2}[beyond]
     assert whole.samples["L"][1, 2, 5, 3] == 65504
+    assert (whole.samples["L"][2, 0, 1, 1] == float("inf")) == (beyond == "inf and nan")
+
+
+def test_background_and_inline_writes_make_the_same_run(reference_run, untrained_demo_dir, prompt_file, tmp_path,
+                                                        monkeypatch):
+    from backend.stages import capture as capture_module
+
+    _, summary = reference_run
+    for background in (True, False):
+        monkeypatch.setattr(capture_module, "overlap_writes", lambda device, b=background: b)
+        capture(make_cfg(untrained_demo_dir, prompt_file, tmp_path, name=f"w{background}"), progress=False)
+        assert_same(snapshot(summary.out_dir), snapshot(tmp_path / f"w{background}"))
+
+
+def test_writes_overlap_generation_unless_torch_uses_every_core(monkeypatch):
+    from backend.stages.capture import overlap_writes
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not overlap_writes("cpu")
+    assert overlap_writes("meta") and overlap_writes("cuda:1")  # an accelerator: the CPU is free while it computes
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert overlap_writes("cpu")
