@@ -3,14 +3,15 @@
 Each run's connection is sandboxed to that run's directory (`allowed_directories`, external access off,
 configuration locked) and uses 2 threads. Tables (found by inspector/tables.py from the run format's catalogue) are
 loaded on first use into in-memory tables sorted by SORT_KEYS, so a one-unit lookup prunes by zone maps; heavy
-columns are left out (examples' heat-maps: `Database.heatmaps` reads the rows a page shows, inspector/heatmaps.py) and
-lazy tables are never loaded (`partition_files` + `read_files` read one partition's files). Opening a run reads no
-heat-map; `heatmap_rows_read` counts the heat-map rows read since. Values always travel as `?` parameters; table
-and column names come from the catalogue and fixed lists, and hive partitions named in a URL are checked against the
-partitions that exist before they become paths.
+columns are left out (examples' heat-maps: `Database.heatmaps` reads the rows a page shows, decoding only the row
+groups that hold its unit: inspector/unit_rows.py, inspector/heatmaps.py) and lazy tables are never loaded
+(`partition_files` + `read_files` read one partition's files). Opening a run reads no heat-map; `heatmap_rows_read`
+counts the heat-map rows read since. Values always travel as `?` parameters; table and column names come from the
+catalogue and fixed lists, and hive partitions named in a URL are checked against the partitions that exist before
+they become paths.
 
-`database(run)` is the cached database of a run (`st.cache_resource`: shared by every session, dropped when the run's
-signature changes). Only the query layer (inspector/queries/) uses this module.
+`database(run)` is the cached database of a run (`st.cache_resource`: shared by every session, dropped when the
+run's signature changes). Only the query layer (inspector/queries/) uses this module.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from backend.run.schema import TABLES
 from inspector.heatmaps import maps_by_rank
 from inspector.runs import InspectorError, Run, RunError, display_path, first_line, safe_path
 from inspector.tables import HEAVY_COLUMNS, LAZY_TABLES, PARTITION_KEYS, SORT_KEYS, Source, TableMissing, discover
+from inspector.unit_rows import read_unit
 
 THREADS = 2
 
@@ -48,6 +50,7 @@ class Database:
         self.con.execute("SET lock_configuration = true")
         self.loaded: set[str] = set()
         self.columns: dict[str, list[str]] = {}
+        self.derived_tables: set[str] = set()
         self.heatmap_rows_read = 0
         """Heat-map rows read from the examples' files so far (none at open: they are read per unit page)."""
         self.lock = threading.Lock()
@@ -107,21 +110,52 @@ class Database:
         finally:
             cur.close()
 
+    def derived(self, prefix: str, query: str, params: list, tables: tuple[str, ...] = ()) -> str:
+        """The name of an in-memory table holding query's result (with `?` parameters), created on first use and kept
+        for the database's life: a result many queries start from (the Atlas grid's units of one choice of
+        pictures). Its name is prefix + a digest of the query and parameters."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps([query, params], default=str).encode()).hexdigest()[:16]
+        name = f"{prefix}_{digest}"
+        if name in self.derived_tables:
+            return name
+        for table in tables:
+            self.load(table)
+        with self.lock:
+            if name not in self.derived_tables:
+                cur = self.con.cursor()
+                try:
+                    cur.execute(f'CREATE TABLE "{name}" AS {query}', params)
+                except duckdb.Error as exc:
+                    raise RunError(f"run {self.label}: a query failed ({first_line(exc)})") from exc
+                finally:
+                    cur.close()
+                self.derived_tables.add(name)
+        return name
+
     def heatmaps(self, layer: str, kind: str, unit: int, step: int, first_rank: int,
                  last_rank: int) -> dict[int, np.ndarray | None]:
         """{rank: display map} of one unit's examples at a step with ranks in [first_rank, last_rank], read from the
-        partition's files (only those rows: a parameterised query; inspector/heatmaps.py)."""
+        partition's files: only the row groups holding the unit are decoded (inspector/unit_rows.py;
+        inspector/heatmaps.py)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         files = self.partition_files("examples", layer, kind)
-        cur = self.con.cursor()
         try:
-            rows = cur.sql("SELECT CAST(rank AS INTEGER) AS rank, heatmap FROM read_parquet(?) WHERE unit = ? AND "
-                           "step = ? AND rank BETWEEN ? AND ?",
-                           params=[files, unit, step, first_rank, last_rank]).to_arrow_table()
-        except duckdb.Error as exc:
+            parts = [read_unit(f, int(unit), ["step", "rank", "heatmap"]) for f in files]
+        except (OSError, pa.ArrowException) as exc:
             raise RunError(f"the examples of {layer}/{kind} in run {self.label} cannot be read (a corrupt or "
                            f"partially written file?): {first_line(exc)}") from exc
-        finally:
-            cur.close()
+        rows = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table(
+            {"step": pa.array([], pa.int16()), "rank": pa.array([], pa.int32()),
+             "heatmap": pa.array([], pa.list_(pa.float32()))})
+        keep = pc.and_(pc.equal(rows["step"], int(step)),
+                       pc.and_(pc.greater_equal(rows["rank"], int(first_rank)),
+                               pc.less_equal(rows["rank"], int(last_rank))))
+        rows = rows.filter(keep)
         with self.lock:
             self.heatmap_rows_read += rows.num_rows
         return maps_by_rank(rows)

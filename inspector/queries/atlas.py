@@ -80,8 +80,8 @@ def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | Non
     prior_image, dream_image, dream_animation), "total": units matching, "page": the page shown (clamped), "pages":
     how many}.
 
-    Two queries: the page's units (filter, sort, count and LIMIT / OFFSET over `units`, with a semi-join on the atlas
-    and numbers only), then the pictures of those units alone (the atlas is sorted by unit: a few row groups)."""
+    One query over `units` joined with the partition's units that have the shown pictures (_shown_units, a table
+    made once per choice of pictures): filter, sort, count and LIMIT / OFFSET."""
     if sort not in SORTS:
         raise InspectorError(f"unknown sort {sort!r}; use one of {', '.join(SORTS)}")
     if flag not in FLAGS:
@@ -92,32 +92,25 @@ def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | Non
     with_concepts = db.has("concepts")
     if concept and not with_concepts:
         raise InspectorError("this run has no concepts table to filter by")
-    chosen, chosen_params = _chosen(prior, dream)
-    ctes, params, joins = [], [], []
+    shown = _shown_units(db, layer, kind, prior, dream)
+    ctes, params, joins = [], [], [f'JOIN "{shown}" d USING (unit)']
     if with_concepts:
         ctes.append("best AS (SELECT unit, arg_max(concept, auroc) AS concept, max(auroc) AS auroc FROM concepts "
                     "WHERE layer = ? AND kind = ? GROUP BY unit)")
         params += [layer, kind]
         joins.append("LEFT JOIN best b USING (unit)")
-    if dream is not None:
-        ctes.append("obj AS (SELECT unit, max(objective) AS objective FROM atlas WHERE layer = ? AND kind = ? AND "
-                    "what = 'dream' AND variant = ? AND seed = ? GROUP BY unit)")
-        params += [layer, kind, str(dream[0]), int(dream[1])]
-        joins.append("LEFT JOIN obj d USING (unit)")
-    where = [f"u.layer = ? AND u.kind = ? AND u.unit IN (SELECT unit FROM atlas WHERE layer = ? AND kind = ? AND "
-             f"{chosen})", FLAGS[flag]]
-    params += [layer, kind, layer, kind, *chosen_params]
+    where = ["u.layer = ? AND u.kind = ?", FLAGS[flag]]
+    params += [layer, kind]
     if concept:
         where.append("u.unit IN (SELECT unit FROM concepts WHERE layer = ? AND kind = ? AND concept = ?)")
         params += [layer, kind, concept]
     concept_sql = ("b.concept, b.auroc" if with_concepts else
                    "CAST(NULL AS VARCHAR) AS concept, CAST(NULL AS FLOAT) AS auroc")
-    objective_sql = "d.objective" if dream is not None else "CAST(NULL AS FLOAT) AS objective"
     order = "u.unit" if sort == "dream objective" and dream is None else SORTS[sort]
     label_sql = "u.label" if "label" in db.load("units") else "CAST(NULL AS VARCHAR) AS label"
     sql = (f"{'WITH ' + ', '.join(ctes) if ctes else ''} SELECT u.unit, u.density, u.max, u.peak_steps[1] AS "
-           f"peak_step, u.dead, u.dense, {label_sql}, {concept_sql}, {objective_sql}, count(*) OVER () AS total "
-           "FROM units u "
+           f"peak_step, u.dead, u.dense, {label_sql}, {concept_sql}, d.objective, d.prior_image, d.dream_image, "
+           "d.dream_animation, count(*) OVER () AS total FROM units u "
            f"{' '.join(joins)} WHERE {' AND '.join(where)} ORDER BY {order} {'DESC' if descending else 'ASC'} "
            "NULLS LAST, u.unit LIMIT ? OFFSET ?")
     tables = ("units", "atlas", "concepts") if with_concepts else ("units", "atlas")
@@ -128,24 +121,23 @@ def atlas_grid(db: Database, layer: str, kind: str, prior: tuple[str, int] | Non
         page = max(1, -(-total // page_size))
         rows = db.sql(sql, [*params, int(page_size), (page - 1) * int(page_size)], tables=tables)
     total = int(rows["total"][0]) if rows.height else 0
-    pictures = _page_pictures(db, layer, kind, rows["unit"].to_list(), prior, dream)
-    rows = rows.drop("total").join(pictures, on="unit", how="left", maintain_order="left")
+    rows = rows.drop("total").with_columns(pl.col("unit").cast(pl.Int32))
     return {"rows": rows, "total": total, "page": page, "pages": max(1, -(-total // page_size))}
 
 
-def _page_pictures(db: Database, layer: str, kind: str, units: list[int], prior: tuple[str, int] | None,
-                   dream: tuple[str, int] | None) -> pl.DataFrame:
-    """unit, prior_image, dream_image, dream_animation of the given units (the first target steps' pictures when a
-    dream has one row per target step)."""
+def _shown_units(db: Database, layer: str, kind: str, prior: tuple[str, int] | None,
+                 dream: tuple[str, int] | None) -> str:
+    """The (cached) table of a partition's units that have the shown prior or dream: unit, objective (the shown
+    dream's), prior_image, dream_image, dream_animation (the first target steps' pictures when a dream has one row per
+    target step). One pass over the atlas per choice of pictures; every page and sort of the grid starts from it."""
     chosen, chosen_params = _chosen(prior, dream)
-    return db.sql(f"""SELECT CAST(unit AS INTEGER) AS unit,
+    return db.derived("atlas_shown", f"""SELECT CAST(unit AS INTEGER) AS unit,
+                             max(objective) FILTER (WHERE what = 'dream') AS objective,
                              arg_min(image, target_steps) FILTER (WHERE what = 'prior') AS prior_image,
                              arg_min(image, target_steps) FILTER (WHERE what = 'dream') AS dream_image,
                              arg_min(animation, target_steps) FILTER (WHERE what = 'dream') AS dream_animation
-                      FROM atlas WHERE layer = ? AND kind = ? AND unit BETWEEN ? AND ? AND list_contains(?, unit)
-                      AND {chosen} GROUP BY unit""",
-                  [layer, kind, min(units, default=0), max(units, default=-1), units, *chosen_params],
-                  tables=("atlas",)).with_columns(pl.col("unit").cast(pl.Int32))
+                      FROM atlas WHERE layer = ? AND kind = ? AND {chosen} GROUP BY unit""",
+                      [layer, kind, *chosen_params], tables=("atlas",))
 
 
 @query

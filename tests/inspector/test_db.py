@@ -78,3 +78,19 @@ def test_signature_picks_up_new_tables(tmp_path):
     second = q.open_run(root, "r")
     assert second.sig != first.sig
     assert q.ablations.uncached(second)["effect"].to_list() == [0.5]
+
+
+def test_a_derived_table_is_made_once_per_query_and_parameters(runs_dir):
+    from inspector.db import Database
+    from inspector.runs import RunError
+
+    db = Database(runs_dir / "tiny")
+    query = "SELECT unit, max(max) AS top FROM units WHERE layer = ? AND kind = ? GROUP BY unit"
+    name = db.derived("t", query, [L_MID, "channel"], tables=("units",))
+    assert db.derived("t", query, [L_MID, "channel"], tables=("units",)) == name and len(db.derived_tables) == 1
+    other = db.derived("t", query, [L_MID, "feature"], tables=("units",))
+    assert other != name and len(db.derived_tables) == 2
+    want = db.sql(query + " ORDER BY unit", [L_MID, "channel"], tables=("units",))
+    assert db.sql(f'SELECT * FROM "{name}" ORDER BY unit').equals(want) and want.height > 0
+    with pytest.raises(RunError, match="a query failed"):
+        db.derived("t", "SELECT nope FROM units", [], tables=("units",))

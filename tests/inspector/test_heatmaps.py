@@ -51,3 +51,21 @@ def test_a_units_heatmaps_are_read_for_its_rows_only(runs_dir):
     for rank, heat in zip(shown["rank"].to_list(), shown["heatmap"].to_list(), strict=True):
         assert np.allclose(heat, display_map(raw[rank]))
     assert q.examples.on(db, L_MID, "feature", 2, -1, 90, 99).is_empty() and db.heatmap_rows_read == 3
+
+
+def test_a_corrupt_examples_file_is_a_one_line_error(runs_dir, tmp_path):
+    import shutil
+
+    import pytest
+
+    from inspector.db import Database
+    from inspector.runs import RunError
+
+    shutil.copytree(runs_dir / "tiny", tmp_path / "run")
+    db = Database(tmp_path / "run")
+    db.load("examples")
+    path = db.partition_files("examples", L_MID, "feature")[0]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(RunError, match=r"examples of .* cannot be read \(a corrupt or partially written file\?\)"):
+        db.heatmaps(L_MID, "feature", 2, -1, 1, 3)
