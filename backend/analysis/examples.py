@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from backend.analysis.inputs import Partition, RunInputs
 from backend.errors import DifflensError
+from backend.models.base import CONDITION_COLUMNS, condition_arguments
 from backend.models.hooks import HookEvent, read_activations
 from backend.run.config import AnalysisConfig
 from backend.run.context import RunContext
@@ -139,11 +140,7 @@ def replay_batches(gens: pl.DataFrame, requested: pl.Series, cfg: AnalysisConfig
 def generation_conditions(rows: pl.DataFrame) -> dict:
     """generate() keyword arguments that reproduce these generations rows' negative prompts and control images
     (columns a run captured before they existed lacks: none)."""
-    out = {}
-    for column, argument in (("negative_prompt", "negative_prompts"), ("control_image", "control_images")):
-        if column in rows.columns and rows[column].null_count() < len(rows):
-            out[argument] = rows[column].to_list()
-    return out
+    return condition_arguments(**{c: rows[c].to_list() for c in CONDITION_COLUMNS if c in rows.columns})
 
 
 def generation_inputs(rows: pl.DataFrame) -> list[str]:

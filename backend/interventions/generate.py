@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backend.errors import DifflensError
-from backend.models.base import DiffusionModel
+from backend.models.base import DiffusionModel, condition_arguments
 from backend.models.hooks import Half, edit_activations
 
 if TYPE_CHECKING:
@@ -60,17 +60,12 @@ def run_conditions(ctx: RunContext, prompts: Sequence[str], guidance: float) -> 
     run_wide = {"negative_prompt": c.negative_prompt or None, "control_image": c.control_image or None}
     negatives = [first[p].get("negative_prompt") if p in first else run_wide["negative_prompt"] for p in prompts]
     controls = [first[p].get("control_image") if p in first else run_wide["control_image"] for p in prompts]
-    out = {}
-    if guidance > 1 and any(negatives):
-        out["negative_prompts"] = negatives
-    if any(controls):
-        missing = next((p for p, im in zip(prompts, controls, strict=True) if not im), None)
-        if missing is not None:
-            raise DifflensError(f"prompt {missing!r} has no control image in {ctx.root} (the run did not generate it "
-                                "and has no --control-image for all prompts); steer, edit or ablate the prompts "
-                                "the run generated (its generations table)")
-        out["control_images"] = controls
-    return out
+    missing = next((p for p, im in zip(prompts, controls, strict=True) if not im), None) if any(controls) else None
+    if missing is not None:
+        raise DifflensError(f"prompt {missing!r} has no control image in {ctx.root} (the run did not generate it "
+                            "and has no --control-image for all prompts); steer, edit or ablate the prompts "
+                            "the run generated (its generations table)")
+    return condition_arguments(negative_prompt=negatives if guidance > 1 else [], control_image=controls)
 
 
 def windowed(edit: Edit, window: tuple[int, int]) -> Edit:

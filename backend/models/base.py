@@ -70,6 +70,20 @@ def deterministic_kernels(device: torch.device | str) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
+CONDITION_COLUMNS = {"negative_prompt": "negative_prompts", "control_image": "control_images"}
+"""The generations table's condition columns and the generate() arguments they feed (one item per image)."""
+
+
+def condition_arguments(**columns) -> dict:
+    """generate() keyword arguments from per-image condition values given by generations column
+    (negative_prompt=[...], control_image=[...]: CONDITION_COLUMNS): each list is passed only when one of its items is
+    set (None and "" are unset), so a batch without any passes neither."""
+    unknown = sorted(set(columns) - set(CONDITION_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown condition columns {unknown}; use {sorted(CONDITION_COLUMNS)}")
+    return {CONDITION_COLUMNS[c]: list(values) for c, values in columns.items() if any(values)}
+
+
 def given_negatives(negative_prompts: list[str | None] | None, n: int, cfg: bool) -> list[str | None] | None:
     """The negative prompts of a batch of n, "" read as None; None when there is none (the default unconditional
     prompt). A negative prompt without CFG would be ignored: a ValueError."""

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from backend.errors import DifflensError
-from backend.models.base import DiffusionModel, to_uint8
+from backend.models.base import DiffusionModel, condition_arguments, to_uint8
 from backend.models.hooks import HookEvent, read_activations
 from backend.run import distributed
 from backend.run.config import CaptureConfig, RunConfig, file_digest, validate
@@ -571,12 +571,8 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
 
 def conditions_of(batch: list[Generation]) -> dict:
     """generate() keyword arguments for the batch's negative prompts and control images (none when it has none)."""
-    out = {}
-    if any(g.prompt.negative for g in batch):
-        out["negative_prompts"] = [g.prompt.negative for g in batch]
-    if any(g.prompt.control_image for g in batch):
-        out["control_images"] = [g.prompt.control_image for g in batch]
-    return out
+    return condition_arguments(negative_prompt=[g.prompt.negative for g in batch],
+                               control_image=[g.prompt.control_image for g in batch])
 
 
 def _write_features(store: RunStore, name: str, gen_ids: np.ndarray, rec: _Recorder, layer: str) -> None:

@@ -63,3 +63,16 @@ def test_a_negative_prompt_without_cfg_is_an_error(sd_dir):
     with pytest.raises(ValueError, match="one per prompt"):
         model.generate(PROMPTS, [0, 1], n_steps=1, guidance=3.0, negative_prompts=[NEGATIVE])
     model.generate(PROMPTS[:1], [0], n_steps=1, guidance=1.0, negative_prompts=[""])  # none given: fine
+
+
+def test_condition_arguments_pass_a_list_only_when_an_item_is_set():
+    import pytest
+
+    from backend.models.base import condition_arguments
+
+    assert condition_arguments(negative_prompt=[None, ""], control_image=[None, None]) == {}
+    assert condition_arguments(negative_prompt=["blurry", None], control_image=[None, None]) == {
+        "negative_prompts": ["blurry", None]}
+    assert condition_arguments(control_image=("a.png", "b.png")) == {"control_images": ["a.png", "b.png"]}
+    with pytest.raises(ValueError, match="unknown condition columns"):
+        condition_arguments(negative=["x"])
