@@ -553,7 +553,10 @@ def steer(
     direction: Annotated[str | None, typer.Option(help="Steer along a direction instead of a unit: concept:ATTR=VALUE "
                                                        "or groups:A-vs-B (diff-in-means of the run's generations), "
                                                        "features:ATTR=VALUE or features:A-vs-B (a feature set of "
-                                                       "--kind's SAE); scale x its size.")] = None,
+                                                       "--kind's SAE); scale x its size; matched:ATTR=VALUE (with "
+                                                       "--prompt, one of the run's: per step and position, from "
+                                                       "generations of the prompt's layout; scale 1 adds it as it "
+                                                       "is).")] = None,
     run: RunOpt = Path("runs/demo"),
     mask: Annotated[str | None, typer.Option(help="left, right, top, bottom, center, object (demo), or a .npy/.png.")]
     = None,
@@ -606,8 +609,15 @@ def _steer_direction(ctx, run: Path, layer: str, direction: str | None, kind: st
                               guidance=guidance, kind=kind)
     d, rows = res.extra["direction"], res.rows
     extra = f", features {d.units}" if d.units else ""
-    typer.echo(f"steered {layer} along {d.name} (size {d.norm:.3g}, measured at run steps {d.window[0]}-{d.window[1]}"
-               f"{extra}): strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
+    if d.deltas_STC is not None:
+        source = ("generations of the prompt's layout" if d.matched else
+                  "every generation (none shares the prompt's layout)")
+        typer.echo(f"steered {layer} along {d.name} (per step and token position, from {source}): "
+                   f"strength {rows['strength'][0]:.3g} at steps {rows['steps'][0]}")
+    else:
+        typer.echo(f"steered {layer} along {d.name} (size {d.norm:.3g}, measured at run steps "
+                   f"{d.window[0]}-{d.window[1]}{extra}): strength {rows['strength'][0]:.3g} at steps "
+                   f"{rows['steps'][0]}")
     for r in rows.iter_rows(named=True):
         changed = r["changed_attributes"] if r["changed_attributes"] not in (None, "{}") else ""
         typer.echo(f"  seed {r['seed']}: effect {r['effect']:.3f} {changed}")

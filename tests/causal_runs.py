@@ -30,3 +30,28 @@ def make_causal_run(root: Path, model) -> RunStore:
     save_sae(random_sae(), store.sae_dir(LAYER))
     capture(cfg, model=model, encoders={(LAYER, "default"): SAEEncoder(store.sae_dir(LAYER))}, progress=False)
     return store
+
+
+def make_matched_run(root: Path, model) -> RunStore:
+    """A run for matched directions: 3 layouts (shape, size, position) in each of the 4 colours, on gray, 2 images
+    each (24 generations), every token of every step in the token shards (what cell means need)."""
+    import json
+
+    from backend.stages.capture import capture
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [line for line in PROMPTS.read_text().splitlines() if '"background": "gray"' in line]
+    layouts = []
+    for line in lines:
+        a = json.loads(line)["attributes"]
+        layout = (a["shape"], a["size"], a["position"])
+        if layout not in layouts and len(layouts) < 3 and a["size"] != "small":
+            layouts.append(layout)
+    chosen = [line for line in lines if (lambda a: (a["shape"], a["size"], a["position"]) in layouts)(
+        json.loads(line)["attributes"])]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(chosen) + "\n")
+    cfg = make_cfg("demo", prompts, root / "runs", name="matched", images_per_prompt=2, steps=STEPS,
+                   layers=[LAYER], batch_size=24, tokens_per_step=64)
+    capture(cfg, model=model, progress=False)
+    return RunStore(cfg.out_dir)

@@ -17,7 +17,9 @@ This module owns
     one prompt, the per-step, per-position difference [S, T, C] between the concept's generations and those with
     the prompt's current value, among the generations that share the prompt's layout (`LAYOUT_ATTRIBUTES`: shape,
     size, position, but the attribute changed). A shape is a spatial pattern at a place and a size: one pooled
-    vector added to every token cannot draw a circle where a square was, this difference can.
+    vector added to every token cannot draw a circle where a square was, this difference can. `matched_direction`
+    makes it for one of the run's prompts as a `Direction` whose `deltas_STC` `steer --direction matched:ATTR=VALUE`
+    adds as it is (steer.spatial_steering_edit).
 
 Diff-in-means (activation addition): mean over A's generations of the window-averaged spatial mean, minus B's. Its
 norm is the direction's natural size: strength = scale x norm, so scale 1 moves the average B generation to the
@@ -33,6 +35,7 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import polars as pl
 import torch
 
 from backend.errors import DifflensError
@@ -79,6 +82,11 @@ class Direction:
     units: list[int] = field(default_factory=list)
     """Feature set: its features; diff-in-means: empty."""
     weights: list[float] = field(default_factory=list)
+    deltas_STC: torch.Tensor | None = None
+    """Matched direction: its per-run-step, per-position difference [S, T, C] (steered as it is, x strength; vector_C
+    is then its unit-norm mean, for reference)."""
+    matched: bool = True
+    """Matched direction: False when no generation shared the prompt's layout (the difference over all of them)."""
 
     @property
     def name(self) -> str:
@@ -86,8 +94,16 @@ class Direction:
 
 
 def parse_direction(text: str) -> DirectionSpec:
-    """`concept:ATTR=VALUE`, `groups:A-vs-B`, or either after `features:`; else a one-line error."""
+    """`concept:ATTR=VALUE`, `groups:A-vs-B`, either after `features:`, or `matched:ATTR=VALUE`; else a one-line
+    error."""
     raw = str(text).strip()
+    if raw.startswith("matched:"):
+        body = raw[len("matched:"):].removeprefix("concept:")
+        attr, _, value = body.partition("=")
+        if not attr or not value:
+            raise DifflensError(f"direction {text!r}: a matched direction is matched:ATTR=VALUE, e.g. "
+                                "matched:shape=circle (it is measured per prompt, so it takes a concept, not groups)")
+        return DirectionSpec(raw, "matched", concept=f"{attr}={value}")
     method, body = ("features", raw[len("features:"):]) if raw.startswith("features:") else ("mean", raw)
     for prefix in ("concept:", "groups:"):
         if body.startswith(prefix):
@@ -296,7 +312,16 @@ def steer_direction_run(run_dir, direction: str, layer: str, scale: float = 4.0,
                             f"capture it with `python cli.py capture --layer {layer}`")
     steps = parse_steps(steps)
     window, measured = measured_window(steps, n_steps or ctx.n_steps, ctx.n_steps)
-    d = concept_direction(ctx, spec, layer, measured, sae_kind=kind)
+    if spec.method == "matched":
+        if mode != "prompt":
+            raise DifflensError(f"{spec.text} is measured from a prompt's own attributes; give one of the run's "
+                                "prompts with --prompt")
+        if n_steps not in (None, ctx.n_steps):
+            raise DifflensError(f"{spec.text} holds one difference per run step ({ctx.n_steps}); steer with the run's "
+                                f"steps, not {n_steps}")
+        d = matched_direction(ctx, spec, layer, prompt)
+    else:
+        d = concept_direction(ctx, spec, layer, measured, sae_kind=kind)
     sspec = SteerSpec(layer=layer, kind=d.kind, unit=-1, scale=float(scale), strength=strength, steps=window,
                       mask=mask, mode=mode, prompt=prompt, seeds=tuple(int(s) for s in seeds), n_steps=n_steps,
                       guidance=guidance)
@@ -375,6 +400,26 @@ def cell_means(ctx: RunContext, layer: str, attributes: tuple[str, ...]) -> Cell
     _CELL_CACHE.clear()
     _CELL_CACHE[key] = out
     return out
+
+
+def matched_direction(ctx: RunContext, spec: DirectionSpec, layer: str, prompt: str | None) -> Direction:
+    """The matched direction of spec.concept for one of the run's prompts (its first generation's attributes say the
+    prompt's current value and layout): matched_difference over the layer's token shards, in deltas_STC; its size is
+    1, so scale 1 adds the difference itself."""
+    generation_sets(ctx, spec)  # an attribute or value the run does not have: a one-line error
+    rows = ctx.generations().filter(pl.col("prompt") == (prompt or ""))
+    if rows.is_empty():
+        raise DifflensError(f"{spec.text} needs one of the run's prompts (its attributes give the current value); "
+                            f"{prompt!r} is not in {ctx.root}'s generations table")
+    attributes = json.loads(rows["attributes"][0] or "{}")
+    key, _, value = spec.concept.partition("=")
+    if attributes.get(key) == value:
+        raise DifflensError(f"the prompt {prompt!r} already has {spec.concept}; give a prompt with another {key}")
+    deltas_STC, matched = matched_difference(cell_means(ctx, layer, matched_attributes(spec.concept)), spec.concept,
+                                             attributes)
+    mean_C = deltas_STC.mean((0, 1))
+    return Direction(spec, layer, "channel", (0, ctx.n_steps - 1), mean_C / mean_C.norm().clamp(min=1e-12), 1.0,
+                     deltas_STC=deltas_STC, matched=matched)
 
 
 def matched_attributes(concept: str, layout: tuple[str, ...] = LAYOUT_ATTRIBUTES) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ direction.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -139,6 +140,30 @@ def steering_edit(direction_C: torch.Tensor, strength_by_step: Sequence[float],
     return edit
 
 
+def spatial_steering_edit(deltas_STC: torch.Tensor, strength_by_step: Sequence[float],
+                          mask_T: np.ndarray | torch.Tensor | None = None) -> Edit:
+    """An edit adding strength_by_step[step] x deltas_STC[step] (one vector per token position: a matched direction,
+    concept_directions.matched_direction) to every row's tokens, weighted per token by the mask (as steering_edit).
+    Steps of strength 0 are left untouched; a layer with another token count is a one-line error."""
+    strengths = [check_finite("strength", s) for s in strength_by_step]
+    if not torch.isfinite(deltas_STC).all():
+        raise DifflensError("the steering direction is not finite")
+
+    def edit(tokens_BTC: torch.Tensor, step: int) -> torch.Tensor:
+        s = strengths[step] if 0 <= step < len(strengths) else 0.0
+        if s == 0.0 or step >= deltas_STC.shape[0]:
+            return tokens_BTC
+        b, t, c = tokens_BTC.shape
+        if tuple(deltas_STC.shape[1:]) != (t, c):
+            raise DifflensError(f"the matched direction has {deltas_STC.shape[1]} token positions x "
+                                f"{deltas_STC.shape[2]} channels but the layer gives {t} x {c} at this resolution; "
+                                "steer at the run's resolution")
+        d_TC = deltas_STC[step].to(tokens_BTC)
+        return tokens_BTC + s * (d_TC if mask_T is None else token_weights(mask_T, t, b).to(d_TC) * d_TC)
+
+    return edit
+
+
 def steered_generate(model: DiffusionModel, layer: str, prompts: list[str], seeds: list[int],
                      direction_C: torch.Tensor, strength_by_step: Sequence[float],
                      mask_T: np.ndarray | torch.Tensor | None = None, n_steps: int | None = None,
@@ -240,12 +265,19 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
                                         conditions=conditions))
     if on_object:
         mask = object_masks(baseline)
-    steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, direction_C, schedule, mask, n_steps,
-                                        guidance, spec.half, conditions))
+    if direction is not None and direction.deltas_STC is not None:  # a matched direction: per step and position
+        steered = to_uint8(edited_generate(model, spec.layer, prompts, seeds,
+                                           spatial_steering_edit(direction.deltas_STC, schedule, mask), n_steps,
+                                           guidance, spec.half, conditions))
+    else:
+        steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, direction_C, schedule, mask, n_steps,
+                                            guidance, spec.half, conditions))
     fx = effects(baseline, steered, is_demo(model))
     given = [conditions] if conditions else []  # (digests of generations without conditions as before)
+    deltas = ([] if direction is None or direction.deltas_STC is None else
+              [hashlib.sha256(direction.deltas_STC.float().numpy().tobytes()).hexdigest()])
     key = digest([spec_settings(spec), prompts, n_steps, guidance, strength]
-                 + ([] if direction is None else [direction.name, direction.vector_C.tolist()]) + given)
+                 + ([] if direction is None else [direction.name, direction.vector_C.tolist(), *deltas]) + given)
     common = {"unit": spec.unit, "method": "steer", "mode": spec.mode, "strength": strength,
               "scale": spec.scale if spec.strength is None else float("nan"),
               "steps": described, "mask": mask_name(spec.mask), "n_steps": n_steps,

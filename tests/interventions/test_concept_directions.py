@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from causal_runs import make_causal_run
+from causal_runs import make_causal_run, make_matched_run
 from intervention_runs import LAYER, OTHER, one_line
 from typer.testing import CliRunner
 
@@ -25,6 +25,11 @@ def run(tmp_path_factory, model):
 
 
 @pytest.fixture(scope="module")
+def matched_run(tmp_path_factory, model):
+    return make_matched_run(tmp_path_factory.mktemp("matched"), model)
+
+
+@pytest.fixture(scope="module")
 def ctx(run, model):
     return open_run(run.root, model=model)
 
@@ -36,7 +41,10 @@ def test_parse_direction_reads_concepts_groups_and_feature_sets():
     spec = cd.parse_direction("features:size=small")
     assert spec.method == "features" and spec.concept == "size=small"
     assert cd.parse_direction("features:groups:a-vs-b").groups == ("a", "b")
-    for bad in ("shape=circle", "concept:shape", "groups:red", "groups:red-vs-red", "features:circle"):
+    assert cd.parse_direction("matched:shape=circle") == cd.DirectionSpec("matched:shape=circle", "matched",
+                                                                          concept="shape=circle")
+    for bad in ("shape=circle", "concept:shape", "groups:red", "groups:red-vs-red", "features:circle",
+                "matched:groups:red-vs-blue", "matched:shape"):
         with pytest.raises(DifflensError) as e:
             cd.parse_direction(bad)
         assert bad in one_line(e)
@@ -185,3 +193,63 @@ def test_matched_difference_compares_the_prompts_layout_then_falls_back_to_every
     with pytest.raises(DifflensError) as e:
         cd.cell_means(ctx, OTHER, ("colour",))
     assert "no token shards" in one_line(e) and "capture --layer" in one_line(e)
+
+
+def _run_prompt(run, colour: str) -> str:
+    gens = run.read_table("generations")
+    return next(p for p, a in zip(gens["prompt"], gens["attributes"], strict=True)
+                if json.loads(a)["colour"] == colour)
+
+
+def test_a_matched_direction_turns_one_of_the_runs_prompts_that_colour(matched_run, model):
+    """Failable: matched:colour=red added as it is (scale 1) at every step under each baseline's object mask turns
+    the shapes of one of the run's blue prompts red; the edit adds the prompt's own per-step, per-position
+    difference (matched_difference from its attributes). (On the diff-in-means tests' run, which keeps 16 of 64
+    tokens a step, the cells' means cover 5% of the positions and nothing turns.)"""
+    run, ctx = matched_run, open_run(matched_run.root, model=model)
+    prompt, seeds = _run_prompt(run, "blue"), [0, 1, 2, 3, 4, 5]
+    res = cd.steer_direction_run(run.root, "matched:colour=red", LAYER, scale=1, steps="all", mask="object",
+                                 mode="prompt", prompt=prompt, seeds=seeds, model=model)
+    after = [json.loads(a)["colour"] for a in res.rows["attributes"]]
+    before = [json.loads(a)["colour"] for a in res.rows["baseline_attributes"]]
+    assert "red" not in before
+    assert sum(c == "red" for c in after) >= 5, after
+    d = res.extra["direction"]
+    gens = run.read_table("generations").filter(pl.col("prompt") == prompt)
+    expected, matched = cd.matched_difference(cd.cell_means(ctx, LAYER, cd.matched_attributes("colour=red")),
+                                              "colour=red", json.loads(gens["attributes"][0]))
+    assert matched and d.matched and d.norm == 1.0 and d.kind == "channel"
+    assert torch.equal(d.deltas_STC, expected) and tuple(d.deltas_STC.shape) == (10, 64, 64)
+    assert (res.rows["strength"] == 1.0).all() and (res.rows["unit"] == -1).all()
+
+
+def test_a_matched_directions_wrong_uses_are_one_line_errors(matched_run, model):
+    run = matched_run
+    blue, red = _run_prompt(run, "blue"), _run_prompt(run, "red")
+    cases = [
+        (dict(mode="prior"), "give one of the run's prompts with --prompt"),
+        (dict(mode="prompt", prompt="a purple cloud"), "is not in"),
+        (dict(mode="prompt", prompt=red), "already has colour=red"),
+        (dict(mode="prompt", prompt=blue, n_steps=5), "one difference per run step (10)"),
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(DifflensError) as e:
+            cd.steer_direction_run(run.root, "matched:colour=red", LAYER, model=model, **kwargs)
+        assert expected in one_line(e)
+    with pytest.raises(DifflensError) as e:
+        cd.steer_direction_run(run.root, "matched:colour=purple", LAYER, mode="prompt", prompt=blue, model=model)
+    assert "the run's values of colour are blue, green, red, yellow" in one_line(e)
+
+
+def test_cli_steer_takes_a_matched_direction(matched_run):
+    from cli import app
+
+    run = matched_run
+    out = CliRunner().invoke(app, ["steer", "--run", str(run.root), "--layer", LAYER, "--seeds", "0", "--window",
+                                   "late", "--direction", "matched:colour=red", "--scale", "1", "--prompt",
+                                   _run_prompt(run, "blue")])
+    assert out.exit_code == 0, out.output
+    assert "along matched:colour=red (per step and token position" in out.output
+    out = CliRunner().invoke(app, ["steer", "--run", str(run.root), "--layer", LAYER, "--direction",
+                                   "matched:colour=red"])
+    assert out.exit_code != 0 and "--prompt" in out.output and "Traceback" not in out.output
