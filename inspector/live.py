@@ -378,6 +378,38 @@ def concept_direction(run_path: str, run_sig: str, spec: str, layer: str, window
     return d.vector_C.numpy(), float(d.norm), list(d.units)
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def matched_deltas(run_path: str, run_sig: str, spec: str, layer: str, prompt: str, n_steps: int) -> np.ndarray:
+    """A matched direction's per-step, per-position difference [S, T, C] (float32) for one of the run's prompts
+    (concept_directions.matched_direction, from the layer's token shards); cached per run signature."""
+    from backend.interventions.concept_directions import check_matched_steps, matched_direction, parse_direction
+    from backend.run.context import open_run
+
+    ctx, parsed = open_run(run_path), parse_direction(spec)
+    check_matched_steps(parsed, int(n_steps), ctx.n_steps)
+    return matched_direction(ctx, parsed, layer, prompt).deltas_STC.numpy().astype(np.float32)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def steer_matched_cached(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
+                         deltas_key: bytes, deltas_shape: tuple[int, int, int], scale: float, window: tuple[int, int],
+                         device: str = "", dtype: str = "") -> np.ndarray:
+    """The image generated with scale x a matched direction's difference (float32 bytes of [S, T, C]) added at the
+    steps of window, each step its own difference; uint8 [H, W, 3] (cached per inputs)."""
+    import torch
+
+    from backend.interventions.generate import edited_generate
+    from backend.interventions.steer import spatial_steering_edit
+    from backend.interventions.windows import strength_schedule
+    from backend.models.base import to_uint8
+
+    deltas = torch.from_numpy(np.frombuffer(deltas_key, np.float32).reshape(deltas_shape).copy())
+    with model_lock(_model), torch.no_grad():
+        edit = spatial_steering_edit(deltas, strength_schedule(float(scale), window, n_steps))
+        images = edited_generate(_model, layer, [prompt], [int(seed)], edit, int(n_steps), float(guidance))
+    return to_uint8(images)[0]
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
 def steer_direction_cached(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
                            vector_key: bytes, strength: float, window: tuple[int, int], mask_key: bytes | None,

@@ -316,9 +316,7 @@ def steer_direction_run(run_dir, direction: str, layer: str, scale: float = 4.0,
         if mode != "prompt":
             raise DifflensError(f"{spec.text} is measured from a prompt's own attributes; give one of the run's "
                                 "prompts with --prompt")
-        if n_steps not in (None, ctx.n_steps):
-            raise DifflensError(f"{spec.text} holds one difference per run step ({ctx.n_steps}); steer with the run's "
-                                f"steps, not {n_steps}")
+        check_matched_steps(spec, n_steps, ctx.n_steps)
         d = matched_direction(ctx, spec, layer, prompt)
     else:
         d = concept_direction(ctx, spec, layer, measured, sae_kind=kind)
@@ -400,6 +398,13 @@ def cell_means(ctx: RunContext, layer: str, attributes: tuple[str, ...]) -> Cell
     _CELL_CACHE.clear()
     _CELL_CACHE[key] = out
     return out
+
+
+def check_matched_steps(spec: DirectionSpec, n_steps: int | None, run_steps: int) -> None:
+    """A matched direction holds one difference per run step: steering it with other steps is a one-line error."""
+    if n_steps not in (None, run_steps):
+        raise DifflensError(f"{spec.text} holds one difference per run step ({run_steps}); steer with the run's "
+                            f"steps, not {n_steps}")
 
 
 def matched_direction(ctx: RunContext, spec: DirectionSpec, layer: str, prompt: str | None) -> Direction:

@@ -179,7 +179,8 @@ def _describe(mask: np.ndarray) -> str:
 def _direction_picker() -> None:
     """Steer along a concept direction instead of units: a diff-in-means direction (or an SAE feature set) of the
     run's generations for a concept or between two prompt groups, measured at the layer over the chosen steps from
-    the captured activity, original and steered side by side."""
+    the captured activity, or a concept's matched direction for the prompt (one of the run's), original and steered
+    side by side."""
     choices = []
     with ui.guard("directions"):
         choices = cmap.direction_choices(run)
@@ -191,25 +192,40 @@ def _direction_picker() -> None:
         spec = d1.selectbox("Direction", choices, key="lab.direction",
                             help="concept:ATTR=VALUE: the mean activation of the concept's generations minus the "
                                  "others'; groups:A-vs-B: group A's minus group B's")
-        method = d2.radio("Made of", ["diff-in-means", "SAE feature set"], horizontal=True, key="lab.direction_method",
+        method = d2.radio("Made of", ["diff-in-means", "SAE feature set", "matched"], horizontal=True,
+                          key="lab.direction_method",
                           help="SAE feature set: the features that best tell the two sets apart (the layer's "
-                               f"{ui.kind_label(kind) if is_feature(kind) else 'default SAE'}), decoder rows weighted")
+                               f"{ui.kind_label(kind) if is_feature(kind) else 'default SAE'}), decoder rows weighted; "
+                               "matched (a concept, with one of the run's prompts): per step and token position, the "
+                               "concept's generations minus those with the prompt's value, among generations of the "
+                               "prompt's layout, at the run's steps (scale 1 adds the difference itself)")
         scale = st.slider("Scale (x the direction's size: the norm of the difference)", -20.0, 20.0, 4.0, 0.5,
                           key="lab.direction_scale")
         dwindow = st.slider("Step window", 0, n_steps - 1, (n_steps // 2, n_steps - 1), key="lab.direction_window")
         go_direction = st.form_submit_button("Steer along the direction", type="primary")
     if not go_direction and "lab.direction_steered" not in st.session_state:
         return
-    full = spec if method == "diff-in-means" else "features:" + spec.split(":", 1)[1]
+    prefix = {"diff-in-means": "", "SAE feature set": "features:", "matched": "matched:"}[method]
+    full = spec if not prefix else prefix + spec.split(":", 1)[1]
     measured = dwindow if not run_steps or run_steps == n_steps else (
         dwindow[0] * run_steps // n_steps, min(run_steps - 1, dwindow[1] * run_steps // n_steps))
     try:
         with st.spinner("measuring the direction and steering ..."):
-            vector, size, feats = live.concept_direction(run.path, run.sig, full, layer, tuple(measured),
-                                                         kind if is_feature(kind) else "feature")
-            image = live.steer_direction_cached(model, spec, layer, prompt, seed, n_steps, guidance,
-                                                vector.astype(np.float32).tobytes(), float(scale) * size,
-                                                tuple(dwindow), None, None, device, dtype)
+            if method == "matched":
+                deltas = live.matched_deltas(run.path, run.sig, full, layer, prompt, n_steps)
+                image = live.steer_matched_cached(model, full, layer, prompt, seed, n_steps, guidance,
+                                                  deltas.tobytes(), tuple(deltas.shape), float(scale),
+                                                  tuple(dwindow), device, dtype)
+                caption = f"{full} x{scale:g} (per step and position) · steps {dwindow[0]}-{dwindow[1]}"
+            else:
+                vector, size, feats = live.concept_direction(run.path, run.sig, full, layer, tuple(measured),
+                                                             kind if is_feature(kind) else "feature")
+                image = live.steer_direction_cached(model, spec, layer, prompt, seed, n_steps, guidance,
+                                                    vector.astype(np.float32).tobytes(), float(scale) * size,
+                                                    tuple(dwindow), None, None, device, dtype)
+                what = f" (features {', '.join(map(str, feats))})" if feats else ""
+                caption = (f"{full}{what} x{scale:g} (strength {scale * size:.3g}) · steps "
+                           f"{dwindow[0]}-{dwindow[1]}")
         st.session_state["lab.direction_steered"] = True
     except Exception as exc:  # noqa: BLE001 - an unknown concept, a layer without activity, ...
         ui.show_error(exc, "steering along the direction")
@@ -218,9 +234,7 @@ def _direction_picker() -> None:
     with a:
         st.image(overlay.to_jpeg(overlay.thumbnail(cap.image, 256)), caption="original")
     with b:
-        what = f" (features {', '.join(map(str, feats))})" if feats else ""
-        st.image(overlay.to_jpeg(overlay.thumbnail(image, 256)),
-                 caption=f"{full}{what} x{scale:g} (strength {scale * size:.3g}) · steps {dwindow[0]}-{dwindow[1]}")
+        st.image(overlay.to_jpeg(overlay.thumbnail(image, 256)), caption=caption)
 
 
 

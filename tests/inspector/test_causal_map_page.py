@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from causal_runs import make_causal_run
+from causal_runs import make_causal_run, make_matched_run
 from inspector_runs import L_MID, L_UP, open_page
 
 from backend.run.store import RunStore
@@ -78,3 +78,32 @@ def test_lab_steers_along_a_concept_direction(tmp_path, model, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     captions = [c for img in at.image for c in img.captions]
     assert any(c.startswith("concept:colour=red x20") for c in captions)
+
+
+@pytest.mark.slow
+def test_lab_steers_along_a_matched_direction(tmp_path, model, monkeypatch):
+    """The Lab's direction picker, made "matched", with one of the run's blue prompts: the per-step, per-position
+    difference at every step (scale 1) is steered and shown; a prompt the run did not generate is a one-line error."""
+    import json
+
+    store = make_matched_run(tmp_path / "matched", model)
+    gens = store.read_table("generations")
+    blue = next(p for p, a in zip(gens["prompt"], gens["attributes"], strict=True)
+                if json.loads(a)["colour"] == "blue")
+    at = open_page(store.root.parent, monkeypatch, "lab", run="matched")
+    at.button[0].click().run(timeout=180)
+    for prompt, ok in ((blue, True), ("a small green square at the top, white background", False)):
+        at.text_input(key="lab.prompt").set_value(prompt)
+        next(b for b in at.button if b.label == "Generate").click().run(timeout=120)
+        at.selectbox(key="lab.direction").set_value("concept:colour=red")
+        at.radio(key="lab.direction_method").set_value("matched")
+        at.slider(key="lab.direction_scale").set_value(1.0)
+        at.slider(key="lab.direction_window").set_value((0, 9))
+        next(b for b in at.button if b.label == "Steer along the direction").click().run(timeout=120)
+        assert not at.exception, [e.value for e in at.exception]
+        captions = [c for img in at.image for c in img.captions]
+        errors = " ".join(str(e.value) for e in at.error)
+        if ok:
+            assert not errors and any(c.startswith("matched:colour=red x1 (per step and position)") for c in captions)
+        else:
+            assert "is not in" in errors and "generations table" in errors
