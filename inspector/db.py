@@ -149,9 +149,9 @@ class Database:
         except (OSError, pa.ArrowException) as exc:
             raise RunError(f"the examples of {layer}/{kind} in run {self.label} cannot be read (a corrupt or "
                            f"partially written file?): {first_line(exc)}") from exc
-        rows = pa.concat_tables(parts, promote_options="permissive") if parts else pa.table(
-            {"step": pa.array([], pa.int16()), "rank": pa.array([], pa.int32()),
-             "heatmap": pa.array([], pa.list_(pa.float32()))})
+        if not parts:
+            return {}
+        rows = pa.concat_tables(parts, promote_options="permissive")
         keep = pc.and_(pc.equal(rows["step"], int(step)),
                        pc.and_(pc.greater_equal(rows["rank"], int(first_rank)),
                                pc.less_equal(rows["rank"], int(last_rank))))

@@ -391,31 +391,13 @@ def matched_deltas(run_path: str, run_sig: str, spec: str, layer: str, prompt: s
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def steer_matched_cached(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
-                         deltas_key: bytes, deltas_shape: tuple[int, int, int], scale: float, window: tuple[int, int],
-                         device: str = "", dtype: str = "") -> np.ndarray:
-    """The image generated with scale x a matched direction's difference (float32 bytes of [S, T, C]) added at the
-    steps of window, each step its own difference; uint8 [H, W, 3] (cached per inputs)."""
-    import torch
-
-    from backend.interventions.generate import edited_generate
-    from backend.interventions.steer import spatial_steering_edit
-    from backend.interventions.windows import strength_schedule
-    from backend.models.base import to_uint8
-
-    deltas = torch.from_numpy(np.frombuffer(deltas_key, np.float32).reshape(deltas_shape).copy())
-    with model_lock(_model), torch.no_grad():
-        edit = spatial_steering_edit(deltas, strength_schedule(float(scale), window, n_steps))
-        images = edited_generate(_model, layer, [prompt], [int(seed)], edit, int(n_steps), float(guidance))
-    return to_uint8(images)[0]
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
 def steer_direction_cached(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
                            vector_key: bytes, strength: float, window: tuple[int, int], mask_key: bytes | None,
-                           mask_shape: tuple[int, int] | None, device: str = "", dtype: str = "") -> np.ndarray:
-    """The image generated with strength x a direction vector (float32 bytes) added at the steps of window, under
-    the mask; uint8 [H, W, 3] (cached per inputs; the model by spec, device and dtype)."""
+                           mask_shape: tuple[int, int] | None, device: str = "", dtype: str = "",
+                           vector_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The image generated with strength x a direction (float32 bytes: one vector [C], or of vector_shape [S, T, C]
+    for a matched direction's per-step, per-position difference) added at the steps of window, under the mask;
+    uint8 [H, W, 3] (cached per inputs; the model by spec, device and dtype)."""
     import torch
 
     from backend.interventions.generate import edited_generate
@@ -423,7 +405,8 @@ def steer_direction_cached(_model, spec: str, layer: str, prompt: str, seed: int
     from backend.interventions.windows import strength_schedule
     from backend.models.base import to_uint8
 
-    vector = torch.from_numpy(np.frombuffer(vector_key, np.float32).copy())
+    vector = np.frombuffer(vector_key, np.float32)
+    vector = torch.from_numpy((vector if vector_shape is None else vector.reshape(vector_shape)).copy())
     mask = None if mask_key is None else np.frombuffer(mask_key, np.float32).reshape(mask_shape).copy()
     with model_lock(_model), torch.no_grad():
         edit = steering_edit(vector, strength_schedule(float(strength), window, n_steps), mask)

@@ -19,7 +19,7 @@ This module owns
     size, position, but the attribute changed). A shape is a spatial pattern at a place and a size: one pooled
     vector added to every token cannot draw a circle where a square was, this difference can. `matched_direction`
     makes it for one of the run's prompts as a `Direction` whose `deltas_STC` `steer --direction matched:ATTR=VALUE`
-    adds as it is (steer.spatial_steering_edit).
+    adds as it is (steer.steering_edit, per step and position).
 
 Diff-in-means (activation addition): mean over A's generations of the window-averaged spatial mean, minus B's. Its
 norm is the direction's natural size: strength = scale x norm, so scale 1 moves the average B generation to the

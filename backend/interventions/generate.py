@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backend.errors import DifflensError
-from backend.models.base import DiffusionModel, condition_arguments
+from backend.models.base import CONDITION_COLUMNS, DiffusionModel, condition_arguments
 from backend.models.hooks import Half, edit_activations
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def run_conditions(ctx: RunContext, prompts: Sequence[str], guidance: float) -> 
     if any. Without CFG (guidance <= 1) a negative prompt does nothing, so none is given. A ControlNet run's
     prompt without a control image among prompts with one is a one-line error."""
     rows = ctx.generations()
-    columns = [c for c in ("negative_prompt", "control_image") if c in rows.columns]  # (older runs lack them)
+    columns = [c for c in CONDITION_COLUMNS if c in rows.columns]  # (older runs lack them)
     first = {row["prompt"]: row for row in rows.select(["prompt", *columns])
              .unique(subset="prompt", keep="first", maintain_order=True).iter_rows(named=True)}
     c = ctx.config.capture

@@ -3,8 +3,8 @@
 This module owns
   - `SteerSpec` (one steering experiment on a run) and `steer_run` / `steer`, which run it: baseline and steered
     image per seed, `interventions` rows (method steer), media/steer/ images and a grid;
-  - `steering_edit` (the edit handed to hooks.edit_activations: tokens + strength[step] x direction, optionally
-    weighted per token by a mask) and `steered_generate`;
+  - `steering_edit` (the edit handed to hooks.edit_activations: tokens + strength[step] x direction, one vector or
+    one per step and token position, optionally weighted per token by a mask) and `steered_generate`;
   - the strength of a run-level steering (`resolve_strength`, `typical_activation`).
 Directions come from backend/interventions/directions.py, step windows from windows.py, masks from masks.py.
 
@@ -107,71 +107,60 @@ class SteerSpec:
     """CFG half the addition goes to (both: see the module docstring)."""
 
 
-def steering_edit(direction_C: torch.Tensor, strength_by_step: Sequence[float],
+def steering_edit(direction: torch.Tensor, strength_by_step: Sequence[float],
                   mask_T: np.ndarray | torch.Tensor | None = None) -> Edit:
-    """An edit for hooks.edit_activations: tokens [B, T, C] + strength_by_step[step] x direction [C], weighted per
+    """An edit for hooks.edit_activations: tokens [B, T, C] + strength_by_step[step] x direction, weighted per
     token by the mask: [T], a [H, W] mask laid over the layer's grid, or [N, H, W] one per prompt (see
-    token_weights). Steps beyond the schedule and steps of strength 0 are left untouched (bit for bit)."""
+    token_weights). The direction is one vector [C] for every token, or one per step and token position [S, T, C]
+    (a matched direction, concept_directions.matched_direction: step s adds direction[s]). Steps beyond the schedule
+    (or beyond S) and steps of strength 0 are left untouched (bit for bit)."""
     strengths = [check_finite("strength", s) for s in strength_by_step]
-    direction_C = torch.as_tensor(direction_C, dtype=torch.float32)
-    if direction_C.ndim != 1:
-        raise DifflensError(f"a steering direction is one vector [C]; got shape {tuple(direction_C.shape)}")
-    if not torch.isfinite(direction_C).all():
+    direction = torch.as_tensor(direction, dtype=torch.float32)
+    if direction.ndim not in (1, 3):
+        raise DifflensError(f"a steering direction is one vector [C] or one per step and token position [S, T, C]; "
+                            f"got shape {tuple(direction.shape)}")
+    if not torch.isfinite(direction).all():
         raise DifflensError("the steering direction is not finite")
     if mask_T is not None:
         masks = np.asarray(mask_T, dtype=np.float32)
         for m in (masks if masks.ndim == 3 else [masks]):
             check_mask_nonempty(m)
+    per_step = direction.ndim == 3
     cache: dict = {}
 
     def edit(tokens_BTC: torch.Tensor, step: int) -> torch.Tensor:
         s = strengths[step] if 0 <= step < len(strengths) else 0.0
-        if s == 0.0:
+        if s == 0.0 or (per_step and step >= direction.shape[0]):
             return tokens_BTC
         b, t, c = tokens_BTC.shape
         key = (tokens_BTC.device, tokens_BTC.dtype, b, t)
         if key not in cache:
-            if direction_C.shape[0] != c:
-                raise DifflensError(f"the direction has {direction_C.shape[0]} channels but the layer has {c}")
-            d = direction_C.to(tokens_BTC.device, tokens_BTC.dtype)
-            cache[key] = d if mask_T is None else token_weights(mask_T, t, b).to(d) * d  # [C] or [1|B, T, C]
-        return tokens_BTC + s * cache[key]
-
-    return edit
-
-
-def spatial_steering_edit(deltas_STC: torch.Tensor, strength_by_step: Sequence[float],
-                          mask_T: np.ndarray | torch.Tensor | None = None) -> Edit:
-    """An edit adding strength_by_step[step] x deltas_STC[step] (one vector per token position: a matched direction,
-    concept_directions.matched_direction) to every row's tokens, weighted per token by the mask (as steering_edit).
-    Steps of strength 0 are left untouched; a layer with another token count is a one-line error."""
-    strengths = [check_finite("strength", s) for s in strength_by_step]
-    if not torch.isfinite(deltas_STC).all():
-        raise DifflensError("the steering direction is not finite")
-
-    def edit(tokens_BTC: torch.Tensor, step: int) -> torch.Tensor:
-        s = strengths[step] if 0 <= step < len(strengths) else 0.0
-        if s == 0.0 or step >= deltas_STC.shape[0]:
-            return tokens_BTC
-        b, t, c = tokens_BTC.shape
-        if tuple(deltas_STC.shape[1:]) != (t, c):
-            raise DifflensError(f"the matched direction has {deltas_STC.shape[1]} token positions x "
-                                f"{deltas_STC.shape[2]} channels but the layer gives {t} x {c} at this resolution; "
-                                "steer at the run's resolution")
-        d_TC = deltas_STC[step].to(tokens_BTC)
-        return tokens_BTC + s * (d_TC if mask_T is None else token_weights(mask_T, t, b).to(d_TC) * d_TC)
+            if direction.shape[-1] != c:
+                raise DifflensError(f"the direction has {direction.shape[-1]} channels but the layer has {c}")
+            if per_step and direction.shape[1] != t:
+                raise DifflensError(f"the direction has {direction.shape[1]} token positions but the layer has {t} "
+                                    "at this resolution; steer at the run's resolution")
+            d = direction.to(tokens_BTC.device, tokens_BTC.dtype)
+            weights = None if mask_T is None else token_weights(mask_T, t, b).to(d)  # [1|B, T, 1]
+            # one vector: its masked product once ([C] or [1|B, T, C]); per step: the weights, applied per step
+            cache[key] = (d if weights is None else weights * d, None) if not per_step else (d, weights)
+        d, weights = cache[key]
+        if per_step:
+            d = d[step] if weights is None else weights * d[step]
+        return tokens_BTC + s * d
 
     return edit
 
 
 def steered_generate(model: DiffusionModel, layer: str, prompts: list[str], seeds: list[int],
-                     direction_C: torch.Tensor, strength_by_step: Sequence[float],
+                     direction: torch.Tensor, strength_by_step: Sequence[float],
                      mask_T: np.ndarray | torch.Tensor | None = None, n_steps: int | None = None,
                      guidance: float | None = None, half: Half = "both",
                      conditions: dict | None = None) -> torch.Tensor:
-    """Images [B, 3, H, W] generated while layer's output gets strength_by_step[step] x direction (under mask);
-    conditions: generate()'s negative prompts / control images (generate.run_conditions)."""
-    return edited_generate(model, layer, prompts, seeds, steering_edit(direction_C, strength_by_step, mask_T),
+    """Images [B, 3, H, W] generated while layer's output gets strength_by_step[step] x direction ([C], or [S, T, C]
+    per step and token position: steering_edit) (under mask); conditions: generate()'s negative prompts / control
+    images (generate.run_conditions)."""
+    return edited_generate(model, layer, prompts, seeds, steering_edit(direction, strength_by_step, mask_T),
                            n_steps, guidance, half, conditions)
 
 
@@ -236,14 +225,16 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
         raise DifflensError("give at least one seed")
     model = ctx.model
     if direction is not None:
-        direction_C, (strength, active) = direction.vector_C, direction_strength(spec, direction)
+        # a matched direction is added per step and token position
+        added = direction.vector_C if direction.deltas_STC is None else direction.deltas_STC
+        strength, active = direction_strength(spec, direction)
         spec = replace(spec, kind=direction.kind, unit=-1)
     else:
         n_channels = ctx.n_channels(spec.layer)
         sae = ctx.sae(spec.layer, spec.kind) if is_feature(ctx.check_kind(spec.layer, spec.kind)) else None
         if spec.kind == "channel":
             ctx.check_unit(spec.layer, "channel", spec.unit)
-        direction_C = unit_direction(spec.kind, spec.unit, n_channels, sae)
+        added = unit_direction(spec.kind, spec.unit, n_channels, sae)
         strength, active = resolve_strength(ctx, spec, sae)
     n_steps = spec.n_steps or ctx.n_steps
     if spec.steps == "peaks":
@@ -265,13 +256,8 @@ def steer(ctx: RunContext, spec: SteerSpec, concept: str | None = None,
                                         conditions=conditions))
     if on_object:
         mask = object_masks(baseline)
-    if direction is not None and direction.deltas_STC is not None:  # a matched direction: per step and position
-        steered = to_uint8(edited_generate(model, spec.layer, prompts, seeds,
-                                           spatial_steering_edit(direction.deltas_STC, schedule, mask), n_steps,
-                                           guidance, spec.half, conditions))
-    else:
-        steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, direction_C, schedule, mask, n_steps,
-                                            guidance, spec.half, conditions))
+    steered = to_uint8(steered_generate(model, spec.layer, prompts, seeds, added, schedule, mask, n_steps,
+                                        guidance, spec.half, conditions))
     fx = effects(baseline, steered, is_demo(model))
     given = [conditions] if conditions else []  # (digests of generations without conditions as before)
     deltas = ([] if direction is None or direction.deltas_STC is None else

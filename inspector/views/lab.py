@@ -213,9 +213,9 @@ def _direction_picker() -> None:
         with st.spinner("measuring the direction and steering ..."):
             if method == "matched":
                 deltas = live.matched_deltas(run.path, run.sig, full, layer, prompt, n_steps)
-                image = live.steer_matched_cached(model, full, layer, prompt, seed, n_steps, guidance,
-                                                  deltas.tobytes(), tuple(deltas.shape), float(scale),
-                                                  tuple(dwindow), device, dtype)
+                image = live.steer_direction_cached(model, full, layer, prompt, seed, n_steps, guidance,
+                                                    deltas.tobytes(), float(scale), tuple(dwindow), None, None,
+                                                    device, dtype, tuple(deltas.shape))
                 caption = f"{full} x{scale:g} (per step and position) · steps {dwindow[0]}-{dwindow[1]}"
             else:
                 vector, size, feats = live.concept_direction(run.path, run.sig, full, layer, tuple(measured),

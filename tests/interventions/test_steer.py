@@ -217,3 +217,26 @@ def test_the_steer_command_takes_the_prior_knobs(run, model, monkeypatch, tmp_pa
     assert "at steps 0,1,2" in result.output  # the peak +- 1
     bad = CliRunner().invoke(app, [*base, "--window", "peaks", "--peak-radius", "-1", "--seeds", "0"])
     assert bad.exit_code == 1 and "peak_radius must be >= 0" in bad.output
+
+
+def test_a_per_step_per_position_direction_adds_its_own_steps_vectors():
+    """steering_edit with a [S, T, C] direction (a matched direction): step s adds strength x direction[s] at each
+    token, weighted by the mask; steps beyond S or of strength 0 are untouched; another token count is an error."""
+    from backend.interventions.masks import token_weights
+
+    torch.manual_seed(0)
+    d_STC, tok = torch.randn(3, 16, 8), torch.randn(2, 16, 8)
+    mask = np.zeros((4, 4), np.float32)
+    mask[:2] = 1.0
+    edit = steering_edit(d_STC, [0.5, 0.0, 2.0, 2.0], mask)
+    w = token_weights(mask, 16, 2)
+    assert torch.allclose(edit(tok, 0), tok + 0.5 * w * d_STC[0])
+    assert torch.allclose(edit(tok, 2), tok + 2.0 * w * d_STC[2])
+    assert torch.equal(edit(tok, 1), tok) and torch.equal(edit(tok, 3), tok)  # strength 0; beyond S
+    assert torch.allclose(steering_edit(d_STC, [1.0])(tok, 0), tok + d_STC[0])
+    with pytest.raises(DifflensError) as e:
+        steering_edit(d_STC, [1.0])(torch.randn(2, 9, 8), 0)
+    assert "token positions" in one_line(e)
+    with pytest.raises(DifflensError) as e:
+        steering_edit(torch.ones(2, 3), [1.0])
+    assert "[S, T, C]" in one_line(e)
