@@ -14,6 +14,8 @@ FORBIDDEN = {
     "backend.errors": ("backend.", "sae", "inspector"),
     "backend.fileio": ("backend.run", "backend.models", "backend.demo", "backend.stages", "backend.analysis",
                        "backend.interventions", "sae", "inspector"),
+    "backend.buffers": ("backend.run", "backend.models", "backend.demo", "backend.stages", "backend.analysis",
+                        "backend.interventions", "sae", "inspector"),
     "backend.grid": ("backend.run", "backend.models", "backend.demo", "backend.stages", "backend.analysis",
                      "backend.interventions", "sae", "inspector"),
     "backend.models": ("backend.run", "backend.stages", "backend.analysis", "backend.interventions", "inspector"),

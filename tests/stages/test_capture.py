@@ -458,10 +458,12 @@ def test_sae_option_takes_another_librarys_checkpoint(untrained_demo_dir, prompt
 
 
 @pytest.mark.parametrize("beyond", ["in range", "beyond float16", "inf and nan"])
-def test_a_batch_kept_whole_records_what_per_step_reduction_does(beyond):
-    """_Recorder: a layer whose every token is sampled (reduced once per batch, in finish) gets the mean, max, float16
-    samples and clamp count that reducing each step gives (checked against the samples' own positions), whether or
-    not a value is beyond float16 (finish's one-pass conversion is only for batches within its range)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_batch_kept_whole_records_what_per_step_reduction_does(beyond, dtype):
+    """_Recorder: a layer whose every token is sampled (reduced once per batch, in finish) gets the mean, max,
+    samples (float16, or bfloat16 for a bfloat16 model) and clamp count that reducing each step gives (checked
+    against the samples' own positions), whether or not a value is beyond float16 (finish's one-pass conversion is
+    only for batches within its range; a float16 or bfloat16 model's tokens are the samples as they are)."""
     from backend.models.hooks import HookEvent
     from backend.run.prompts import PromptRecord
     from backend.stages.capture import Generation, _Recorder
@@ -469,11 +471,12 @@ def test_a_batch_kept_whole_records_what_per_step_reduction_does(beyond):
     gens = [Generation(i, PromptRecord("p"), 0) for i in range(3)]
     torch.manual_seed(0)
     tokens = [torch.randn(3, 16, 8) * 10 for _ in range(4)]
-    tokens[2][1, 5, 3], tokens[3][0, 0, 0] = 1e6, -7e4  # beyond float16: clamped and counted
+    tokens[2][1, 5, 3], tokens[3][0, 0, 0] = 1e6, -7e4  # beyond float16: clamped and counted (float32 tokens)
     if beyond == "in range":
         tokens[2][1, 5, 3], tokens[3][0, 0, 0] = 65504, -65504
     elif beyond == "inf and nan":
         tokens[0][2, 1, 1], tokens[1][0, 3, 2] = float("inf"), float("nan")
+    tokens = [t.to(dtype) for t in tokens]
     whole, stepwise = _Recorder(gens, 4, 16, {}), _Recorder(gens, 4, 15, {})
     for step, tok in enumerate(tokens):
         for rec in (whole, stepwise):
@@ -486,10 +489,36 @@ def test_a_batch_kept_whole_records_what_per_step_reduction_does(beyond):
     pos = stepwise.positions["L"]  # [B, S, 15] of the 16 positions
     picked = torch.gather(whole.samples["L"], 2, pos[..., None].expand(-1, -1, -1, 8))
     torch.testing.assert_close(picked, stepwise.samples["L"], rtol=0, atol=0, equal_nan=True)
-    assert whole.samples["L"].dtype == torch.float16
-    assert int(whole.clamped["L"]) == {"in range": 0, "beyond float16": 2, "inf and nan": 2}[beyond]
-    assert whole.samples["L"][1, 2, 5, 3] == 65504
+    assert whole.samples["L"].dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    clamped = {"in range": 0, "beyond float16": 2, "inf and nan": 2}[beyond] if dtype == torch.float32 else 0
+    assert int(whole.clamped["L"]) == int(stepwise.clamped["L"]) == clamped
+    if dtype != torch.bfloat16:
+        assert whole.samples["L"][1, 2, 5, 3] == (65504 if dtype == torch.float32 or beyond == "in range"
+                                                  else float("inf"))  # float16 tokens hold inf beyond 65504
     assert (whole.samples["L"][2, 0, 1, 1] == float("inf")) == (beyond == "inf and nan")
+
+
+def test_later_batches_reuse_the_first_batchs_buffers(untrained_demo_dir, prompt_file, tmp_path, monkeypatch):
+    """capture: the recorder's big buffers (a layer's tokens over all steps, its samples) go back to one pool per
+    capture and the next batches take them again, instead of allocating (and page-faulting) their own."""
+    from backend.buffers import BufferPool
+
+    taken = []
+    take = BufferPool.take
+
+    def counting_take(self, shape, dtype, device):
+        free = len(self)
+        taken.append(free)
+        return take(self, shape, dtype, device)
+
+    monkeypatch.setattr(BufferPool, "take", counting_take)
+    cfg = make_cfg(untrained_demo_dir, prompt_file, tmp_path, name="pooled")
+    summary = capture(cfg, progress=False)
+    assert summary.batches_run >= 3 and taken
+    batches, layers = summary.batches_run, len(cfg.capture.layers)
+    assert len(taken) >= batches * layers
+    assert taken[0] == 0  # the first batch allocates
+    assert sum(f > 0 for f in taken) >= (batches - 1) * layers  # every later batch found buffers given back
 
 
 def test_background_and_inline_writes_make_the_same_run(reference_run, untrained_demo_dir, prompt_file, tmp_path,
