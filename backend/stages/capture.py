@@ -14,11 +14,12 @@ capture resumes at the first incomplete batch and ends with the same files as an
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -535,43 +536,32 @@ class WriteStats:
     seconds: float = 0.0
 
 
-def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recorder, images: np.ndarray,
-                 n_steps: int, guidance: float, stats: WriteStats, stage: str = STAGE) -> None:
-    t0 = time.perf_counter()
-    gen_ids = np.array([g.gen_id for g in gens], dtype=np.int64)
-    if stage == FEATURES_STAGE:
-        for layer in rec.mean:
-            _write_features(store, name, gen_ids, rec, layer)
-        rec.release()
-        store.mark_batch_done(stage, name, n=len(gens))
-        stats.seconds += time.perf_counter() - t0
-        return
-    for layer in rec.mean:
-        activity = _activity_table(gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy())
-        store.write_table_shard("activity", name, activity, layer=layer, kind="channel")
-        stats.activity_rows += activity.num_rows
-        shard_dtype = rec.token_dtype[layer]
-        samples = rec.samples[layer].cpu()
-        # numpy has no bfloat16: a bfloat16 shard is its bit patterns (uint16)
-        samples = (samples.view(torch.int16).numpy().view(np.uint16) if shard_dtype == "bfloat16"
-                   else samples.numpy())
-        stats.token_bytes += samples.nbytes
-        b, s, k, c = samples.shape
-        pos = rec.positions[layer].cpu().numpy()
-        index = pa.table({
-            "gen_id": np.repeat(gen_ids, s * k).astype(np.int32),
-            "step": np.tile(np.repeat(np.arange(s, dtype=np.int16), k), b),
-            "position": pos.reshape(-1).astype(np.int32),
-        })
-        store.write_token_shard(layer, name, samples.reshape(-1, c), index, dtype=shard_dtype,
-                                clamped=int(rec.clamped[layer]))
-        _write_features(store, name, gen_ids, rec, layer)
-    rec.release()
-    import json
+def _write_layer(store: RunStore, name: str, gen_ids: np.ndarray, rec: _Recorder, layer: str) -> tuple[int, int]:
+    """One layer's files of a batch: its activity shard, token shard and index, feature activity; returns (activity
+    rows, token bytes) written."""
+    activity = _activity_table(gen_ids, rec.mean[layer].cpu().numpy(), rec.max[layer].cpu().numpy())
+    store.write_table_shard("activity", name, activity, layer=layer, kind="channel")
+    shard_dtype = rec.token_dtype[layer]
+    samples = rec.samples[layer].cpu()
+    # numpy has no bfloat16: a bfloat16 shard is its bit patterns (uint16)
+    samples = (samples.view(torch.int16).numpy().view(np.uint16) if shard_dtype == "bfloat16"
+               else samples.numpy())
+    b, s, k, c = samples.shape
+    pos = rec.positions[layer].cpu().numpy()
+    index = pa.table({
+        "gen_id": np.repeat(gen_ids, s * k).astype(np.int32),
+        "step": np.tile(np.repeat(np.arange(s, dtype=np.int16), k), b),
+        "position": pos.reshape(-1).astype(np.int32),
+    })
+    store.write_token_shard(layer, name, samples.reshape(-1, c), index, dtype=shard_dtype,
+                            clamped=int(rec.clamped[layer]))
+    _write_features(store, name, gen_ids, rec, layer)
+    return activity.num_rows, samples.nbytes
 
-    image_paths = [store.write_image(g.gen_id, img) for g, img in zip(gens, images, strict=True)]
-    store.write_table_shard("generations", name, pa.table({
-        "gen_id": gen_ids.astype(np.int32),
+
+def _generations_table(gens: list[Generation], image_paths: list[str], n_steps: int, guidance: float) -> pa.Table:
+    return pa.table({
+        "gen_id": np.array([g.gen_id for g in gens], dtype=np.int32),
         "prompt": [g.prompt.prompt for g in gens],
         "seed": np.array([g.seed for g in gens], dtype=np.int64),
         "group": [g.prompt.group for g in gens],
@@ -583,9 +573,46 @@ def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recor
         "control_image": pa.array([g.prompt.control_image for g in gens], pa.string()),
         "image_path": pa.array([g.prompt.image for g in gens], pa.string()),
         "class_label": pa.array([g.prompt.group if g.prompt.image else None for g in gens], pa.string()),
-    }))
-    store.mark_batch_done(STAGE, name, n=len(gens))
+    })
+
+
+def _write_batch(store: RunStore, name: str, gens: list[Generation], rec: _Recorder, images: np.ndarray,
+                 n_steps: int, guidance: float, stats: WriteStats, stage: str = STAGE,
+                 helper: Executor | None = None) -> None:
+    """A batch's files, then its marker. Each layer's files and each chunk of IMAGES_PER_JOB images are a job of
+    `helper` (a thread pool): Parquet, zlib and file writes release the GIL, so on a CPU whose cores torch has just
+    left idle the batch is written in about 0.6 of the time one thread takes (benchmarks/capture_overhead.py)."""
+    t0 = time.perf_counter()
+    helper = helper or InlineExecutor()
+    gen_ids = np.array([g.gen_id for g in gens], dtype=np.int64)
+    if stage == FEATURES_STAGE:
+        _results([helper.submit(_write_features, store, name, gen_ids, rec, layer) for layer in rec.mean])
+    else:
+        layer_jobs = [helper.submit(_write_layer, store, name, gen_ids, rec, layer) for layer in rec.mean]
+        image_jobs = [helper.submit(_write_images, store, gens[i:i + IMAGES_PER_JOB], images[i:i + IMAGES_PER_JOB])
+                      for i in range(0, len(gens), IMAGES_PER_JOB)]
+        written = _results(layer_jobs + image_jobs)
+        for rows, nbytes in written[:len(layer_jobs)]:
+            stats.activity_rows += rows
+            stats.token_bytes += nbytes
+        image_paths = [path for paths in written[len(layer_jobs):] for path in paths]
+        store.write_table_shard("generations", name, _generations_table(gens, image_paths, n_steps, guidance))
+    rec.release()
+    store.mark_batch_done(stage, name, n=len(gens))
     stats.seconds += time.perf_counter() - t0
+
+
+IMAGES_PER_JOB = 16
+
+
+def _write_images(store: RunStore, gens: list[Generation], images: np.ndarray) -> list[str]:
+    return [store.write_image(g.gen_id, img) for g, img in zip(gens, images, strict=True)]
+
+
+def _results(jobs: list[Future]) -> list:
+    """The jobs' results, once all have ended (the first one's error raised)."""
+    wait(jobs)
+    return [j.result() for j in jobs]
 
 
 def conditions_of(batch: list[Generation]) -> dict:
@@ -615,8 +642,17 @@ def overlap_writes(device: torch.device | str) -> bool:
     capture about twice their CPU time in the background (benchmarks/capture_overhead.py), once inline."""
     if torch.device(device).type != "cpu":
         return True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
+    return usable_cores() > torch.get_num_threads()
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def write_helpers(layers: int) -> int:
+    """Threads that write a batch's files (_write_batch): one per core, at most one per layer and two for the
+    images; the thread that hands them the batch only waits."""
+    return max(1, min(layers + 2, usable_cores()))
 
 
 class InlineExecutor:
@@ -709,7 +745,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
         desc = stage if dist.world == 1 else f"{stage} rank {dist.rank}"
         writer_pool = ThreadPoolExecutor(max_workers=1) if overlap_writes(model.device) else InlineExecutor()
         buffers = BufferPool(limit=4 * len(hooked))  # per layer: its tokens, and the samples of two batches
-        with writer_pool as writer, \
+        with writer_pool as writer, ThreadPoolExecutor(max_workers=write_helpers(len(hooked))) as helper, \
                 tqdm(total=len(mine), desc=desc, unit="img", disable=not progress) as bar:
             for batch in batches:
                 name = shard_name(batch[0].gen_id)
@@ -726,7 +762,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
                 for f in pending:
                     _result_or_user_error(f, store)
                 pending = [writer.submit(_write_batch, store, name, batch, rec, images, n_steps, guidance, stats,
-                                         stage)]
+                                         stage, helper)]
                 if pending[0].done():  # written inline
                     _result_or_user_error(pending.pop(), store)
                 run += 1

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -267,28 +268,34 @@ def test_feature_encoder_rows_are_sparse(untrained_demo_dir, prompt_file, tmp_pa
     np.testing.assert_allclose(rows["max"].to_numpy(), dense.amax(0)[active].numpy(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("failing", ["write_image", "write_token_shard"])
 @pytest.mark.parametrize("background", [True, False], ids=["background writes", "inline writes"])
 def test_a_failed_write_leaves_the_run_resumable(reference_run, untrained_demo_dir, prompt_file, tmp_path,
-                                                 monkeypatch, background):
+                                                 monkeypatch, background, failing):
+    """A write that fails in the second batch (an image, or a layer's token shard: both are jobs of the write
+    helpers) is a one-line error; the same command then finishes the run as an uninterrupted capture would."""
     from backend.run.store import RunStore
     from backend.stages import capture as capture_module
 
     monkeypatch.setattr(capture_module, "overlap_writes", lambda device: background)
     _, summary = reference_run
-    real = RunStore.write_image
-    calls = {"n": 0}
+    real = getattr(RunStore, failing)
+    calls, lock = {"n": 0}, threading.Lock()
+    nth = {"write_image": 11, "write_token_shard": 3}[failing]  # in the second batch
 
-    def flaky(self, gen_id, img):
-        calls["n"] += 1
-        if calls["n"] == 11:  # in the second batch
+    def flaky(self, *args, **kwargs):
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == nth:
             raise OSError(28, "No space left on device")
-        return real(self, gen_id, img)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(RunStore, "write_image", flaky)
+    monkeypatch.setattr(RunStore, failing, flaky)
     cfg = make_cfg(untrained_demo_dir, prompt_file, tmp_path, name="f")
     with pytest.raises(DifflensError, match="No space left on device.*rerun the same command"):
         capture(cfg, progress=False)
-    monkeypatch.setattr(RunStore, "write_image", real)
+    monkeypatch.setattr(RunStore, failing, real)
     capture(cfg, progress=False)
     assert_same(snapshot(summary.out_dir), snapshot(tmp_path / "f"))
 
