@@ -7,8 +7,9 @@ generation of the same prompts, seeds and steps, in one process, on the demo mod
 Layers default to the demo's two for the demo and, for another model, to two of its usual SAE targets (the
 middle and the last top-level one: `transformer_blocks.N` of SD3, FLUX's last single-stream block). Steps and
 guidance default to the model's. Prints the median ratio capture/plain of alternating runs (goal <= 1.10), the
-machine's load average, the same ratio in process CPU time (steadier on a busy machine), activity rows per second
-written and token-shard MB/s.
+machine's load average, the ratio of the medians and of the fastest runs (when the machine's speed drifts from run
+to run), the same ratio in process CPU time (steadier on a busy machine), activity rows per second written and
+token-shard MB/s.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> None:
         s = capture(cfg, model=model, progress=False)
         return s.seconds, time.process_time() - cpu0, s
 
-    plain()  # warm-up
+    plain(), captured()  # warm-up: both sides' first call pays one-time costs (lazy imports, first allocations)
     ratios, cpu_ratios, plains, caps, summary = [], [], [], [], None
     for _ in range(args.repeats):
         p, p_cpu = plain()
@@ -87,6 +88,8 @@ def main() -> None:
     p_med, c_med = statistics.median(plains), statistics.median(caps)
     print(f"plain generation: median {p_med:.2f} s; capture: median {c_med:.2f} s")
     print(f"capture / plain: median {statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"  on a machine whose speed drifts between runs: ratio of the medians {c_med / p_med:.3f}, of the fastest "
+          f"runs {min(caps) / min(plains):.3f}")
     print(f"capture / plain in process CPU time (all threads; other processes' load does not count): median "
           f"{statistics.median(cpu_ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in cpu_ratios)})")
     where = "a background thread" if overlap_writes(model.device) else "inline: torch's threads use every core"
