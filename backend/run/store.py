@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backend.fileio import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_with
+from backend.fileio import WriteBehind, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_with
 from backend.run import schema
 from backend.run.manifest import MANIFEST
 from sae.data import bfloat16_bits, shard_dtype_name
@@ -140,6 +140,8 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.write_behind = WriteBehind()
+        """Token shards are written behind: read again only by SAE training, they do not stay in the page cache."""
 
     # ------------------------------------------------------------------ paths
     def table_dir(self, table: str) -> Path:
@@ -311,6 +313,9 @@ class RunStore:
         with atomic_path(directory / f"{name}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(data))
+                f.flush()
+                self.write_behind.started(f.fileno())
+        self.write_behind.written(directory / f"{name}.npy")
         self.write_parquet(directory / f"{name}.parquet", index)
         return int(clamped)
 

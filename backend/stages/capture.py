@@ -710,6 +710,7 @@ def capture(cfg: RunConfig, overwrite: bool = False, model: DiffusionModel | Non
             store = prepare_run_dir(cfg, overwrite, kind_of(model))
         dist.barrier()
         store = RunStore(cfg.out_dir)
+        store.write_behind.lag = len(c.layers)  # a batch drops the previous batch's token shards from the cache
         manifest = store.read_manifest() or {}
         capture_key = stage_key(run_identity(cfg))
         captured = stage_record(manifest, STAGE).get("status") == "done"
