@@ -15,6 +15,10 @@ A generation keeps what the page shows, not the layer's tokens (float32 tokens o
 SDXL generation): per step, every unit's mean and max over the tokens and the maps of the TOP_KEPT most active units,
 summarised on the model's device inside the hook (`summarise`).
 
+A prompt is generated with the negative prompt and control image the run generated it with (`conditions`; else the
+run's own --negative-prompt / --control-image), through the run's ControlNet if it had one, as the batch
+interventions do: the Lab's image of one of the run's prompts and seeds is the captured image.
+
 Device and dtype: the run's device when this machine has it, else the CPU (`lab_device`; a run made on a GPU node
 opens on a CPU-only login node); half precision on the CPU is bfloat16 (float16 runs use float32 there: `lab_dtype`).
 """
@@ -25,6 +29,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -156,8 +161,10 @@ def model_problem(spec: str) -> str | None:
 
 
 @st.cache_resource(max_entries=2, show_spinner=False)
-def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
-    """The run's model, loaded once per process (shared by every session: use it under model_lock)."""
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32", controlnet: str = "",
+               controlnet_scale: float = 1.0):
+    """The run's model, loaded once per process (shared by every session: use it under model_lock); with the run's
+    ControlNet (capture.controlnet) when it generated through one."""
     import torch
 
     from backend.models import load_model as _load
@@ -167,8 +174,38 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
     if threads:  # the demo model is tiny: more threads only add overhead (and stall on a busy machine)
         torch.set_num_threads(max(1, int(threads)))
     model = _load(spec, device=device, dtype=parse_dtype(dtype))
+    if controlnet:
+        from backend.models.controlnet import with_controlnet
+
+        model = with_controlnet(model, controlnet, controlnet_scale)
     model_lock(model)
     return model
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def conditions(run_path: str, run_sig: str, prompt: str, guidance: float) -> tuple:
+    """The negative prompt and control image to generate prompt with, as the run's interventions do
+    (backend/interventions/generate.py run_conditions): those the run generated that prompt with, else the run's own
+    --negative-prompt / --control-image; none without CFG. A hashable tuple of (generate() argument, values),
+    empty when there are none; cached per run signature."""
+    from backend.interventions.generate import run_conditions
+    from backend.run.context import open_run
+
+    given = run_conditions(open_run(run_path), [prompt], float(guidance))
+    return tuple(sorted((name, tuple(values)) for name, values in given.items()))
+
+
+def condition_kwargs(conditions: tuple) -> dict:
+    """generate()'s keyword arguments from `conditions`' tuple."""
+    return {name: list(values) for name, values in conditions}
+
+
+def describe_conditions(conditions: tuple) -> str:
+    """What a generation is conditioned on besides its prompt, for a caption ("" when nothing)."""
+    given = condition_kwargs(conditions)
+    parts = [f"negative prompt “{n}”" for n in given.get("negative_prompts", []) if n]
+    parts += [f"control image `{Path(c).name}`" for c in given.get("control_images", []) if c]
+    return " · ".join(parts)
 
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -239,8 +276,9 @@ def summarise(tokens_TC, kind: str = "channel", sae=None, keep: int = TOP_KEPT) 
 
 
 def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: float, read: str = "output",
-             kind: str = "channel", sae=None) -> Capture:
-    """Generate one image under the model's lock, summarising the layer at every step (see `summarise`)."""
+             kind: str = "channel", sae=None, conditions: tuple = ()) -> Capture:
+    """Generate one image under the model's lock, summarising the layer at every step (see `summarise`);
+    conditions: `conditions(...)`, the run's negative prompt and control image for the prompt."""
     import torch
 
     from backend.models.base import to_uint8
@@ -254,7 +292,7 @@ def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: 
         grid[0] = ev.spatial
 
     with model_lock(model), torch.no_grad(), read_activations(model, [layer], keep, read=read, half="cond"):
-        images = model.generate([prompt], [int(seed)], int(n_steps), float(guidance))
+        images = model.generate([prompt], [int(seed)], int(n_steps), float(guidance), **condition_kwargs(conditions))
     image = to_uint8(images)[0]
     order = sorted(steps)
     parts = [np.stack([steps[i][j] for i in order]) for j in range(5)]
@@ -265,9 +303,9 @@ def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: 
 @st.cache_data(max_entries=16, show_spinner=False)
 def capture(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
             read: str = "output", kind: str = "channel", _sae=None, sae_key: str = "", device: str = "",
-            dtype: str = "") -> Capture:
+            dtype: str = "", conditions: tuple = ()) -> Capture:
     """`generate`, cached per inputs (the model by spec, device and dtype; the SAE by sae_key, its directory)."""
-    return generate(_model, layer, prompt, seed, n_steps, guidance, read, kind, _sae)
+    return generate(_model, layer, prompt, seed, n_steps, guidance, read, kind, _sae, conditions)
 
 
 def _grid(spatial, n_tokens: int) -> tuple[int, int]:
@@ -315,7 +353,7 @@ def painted_mask(alpha_HW: np.ndarray, grid: tuple[int, int]) -> np.ndarray | No
 
 def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
           items: list[tuple[str, int, float]], window: tuple[int, int], mask_HW: np.ndarray | None = None,
-          sae=None) -> np.ndarray:
+          sae=None, conditions: tuple = ()) -> np.ndarray:
     """The image generated with each (kind, unit, strength) item's direction added (strength x the unit's unit-norm
     direction) at the steps of window (inclusive), under the mask; uint8 [H, W, 3]."""
     import torch
@@ -340,7 +378,7 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
 
         with torch.no_grad():
             images = edited_generate(model, layer, [prompt], [int(seed)], edit if edits else None, int(n_steps),
-                                     float(guidance))
+                                     float(guidance), conditions=condition_kwargs(conditions))
     return to_uint8(images)[0]
 
 
@@ -348,10 +386,10 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
 def steer_cached(_model, _sae, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
                  items: tuple[tuple[str, int, float], ...], window: tuple[int, int], mask_key: bytes | None,
                  mask_shape: tuple[int, int] | None, sae_key: str = "", device: str = "",
-                 dtype: str = "") -> np.ndarray:
+                 dtype: str = "", conditions: tuple = ()) -> np.ndarray:
     """`steer`, cached per inputs (the model by spec, device and dtype; the SAE by sae_key)."""
     mask = None if mask_key is None else np.frombuffer(mask_key, np.float32).reshape(mask_shape).copy()
-    return steer(_model, layer, prompt, seed, n_steps, guidance, list(items), window, mask, _sae)
+    return steer(_model, layer, prompt, seed, n_steps, guidance, list(items), window, mask, _sae, conditions)
 
 
 def strength_unit(kind: str, unit: int, unit_max: float | None, sae=None) -> float:
@@ -394,7 +432,7 @@ def matched_deltas(run_path: str, run_sig: str, spec: str, layer: str, prompt: s
 def steer_direction_cached(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
                            vector_key: bytes, strength: float, window: tuple[int, int], mask_key: bytes | None,
                            mask_shape: tuple[int, int] | None, device: str = "", dtype: str = "",
-                           vector_shape: tuple[int, ...] | None = None) -> np.ndarray:
+                           vector_shape: tuple[int, ...] | None = None, conditions: tuple = ()) -> np.ndarray:
     """The image generated with strength x a direction (float32 bytes: one vector [C], or of vector_shape [S, T, C]
     for a matched direction's per-step, per-position difference) added at the steps of window, under the mask;
     uint8 [H, W, 3] (cached per inputs; the model by spec, device and dtype)."""
@@ -410,5 +448,6 @@ def steer_direction_cached(_model, spec: str, layer: str, prompt: str, seed: int
     mask = None if mask_key is None else np.frombuffer(mask_key, np.float32).reshape(mask_shape).copy()
     with model_lock(_model), torch.no_grad():
         edit = steering_edit(vector, strength_schedule(float(strength), window, n_steps), mask)
-        images = edited_generate(_model, layer, [prompt], [int(seed)], edit, int(n_steps), float(guidance))
+        images = edited_generate(_model, layer, [prompt], [int(seed)], edit, int(n_steps), float(guidance),
+                                 conditions=condition_kwargs(conditions))
     return to_uint8(images)[0]

@@ -107,3 +107,19 @@ def image_folder(tiny_root) -> Path:
     from tiny_classifiers import write_image_folder
 
     return write_image_folder(tiny_root / "images", per_class=4)
+
+
+@pytest.fixture(scope="session")
+def negative_run(untrained_demo_dir, tmp_path_factory):
+    """(run dir, layer): a demo run with negative prompts (condition_runs.negative_prompt_run); copy before writing."""
+    from condition_runs import negative_prompt_run
+
+    return negative_prompt_run(untrained_demo_dir, tmp_path_factory.mktemp("negative"))
+
+
+@pytest.fixture(scope="session")
+def controlnet_run(sd_dir, tmp_path_factory):
+    """(run dir, layer): a tiny SD run through a ControlNet (condition_runs.controlnet_run); copy before writing."""
+    from condition_runs import controlnet_run
+
+    return controlnet_run(sd_dir, tmp_path_factory.mktemp("controlnet"))

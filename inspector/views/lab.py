@@ -32,7 +32,10 @@ run_device, run_dtype = str(config.get("device", "cpu")), str(config.get("dtype"
 layers = queries.run_layers(man)
 run_steps = queries.captured_steps(man)
 run_guidance = queries.captured_guidance(man)
-read = str((config.get("capture") or {}).get("read", "output"))
+capture_cfg = config.get("capture") or {}
+read = str(capture_cfg.get("read", "output"))
+controlnet = str(capture_cfg.get("controlnet") or "")
+controlnet_scale = float(capture_cfg.get("controlnet_scale") or 1.0)
 
 problem = live.model_problem(spec)
 if problem:
@@ -50,7 +53,8 @@ device = d1.selectbox("Device", devices, index=devices.index(default_device), ke
 default_dtype, dtype_note = live.lab_dtype(device, run_dtype)
 dtype = d2.selectbox("Dtype", live.DTYPES, index=live.DTYPES.index(default_dtype), key="lab.dtype",
                      help=f"the run's is {run_dtype}; half precision on the CPU: bfloat16")
-st.caption(f"model `{spec}` (run made on {run_device}, {run_dtype}): the Lab runs it on {device} ({dtype})")
+st.caption(f"model `{spec}` (run made on {run_device}, {run_dtype}): the Lab runs it on {device} ({dtype})"
+           + (f", through the run's ControlNet `{controlnet}` (scale {controlnet_scale:g})" if controlnet else ""))
 for note in (device_note, dtype_note):
     if note:
         st.info(note)
@@ -63,7 +67,7 @@ if not st.session_state.get(LOADED):
 
 with st.spinner(f"loading {spec} ..."):
     try:
-        model = live.load_model(spec, device, dtype)
+        model = live.load_model(spec, device, dtype, controlnet, controlnet_scale)
     except Exception as exc:  # noqa: BLE001 - shown in the page
         half = live.half_precision_problem(exc, device, dtype)
         if half:
@@ -107,12 +111,20 @@ if is_feature(kind) and (layer, kind) not in sae_dirs:
     kind = "channel"
 sae, sae_dir = None, ""
 try:
+    conditions = live.conditions(run.path, run.sig, prompt, guidance)
+except Exception as exc:  # noqa: BLE001 - e.g. a run whose generations table cannot be read
+    ui.show_error(exc, "generating")
+    st.stop()
+if controlnet and "control_images" not in live.condition_kwargs(conditions):
+    st.info("this prompt is not one of the run's and the run has no --control-image for all prompts: it is "
+            "generated without the ControlNet")
+try:
     with st.spinner("generating ..."):
         if is_feature(kind):
             sae_dir = str(queries.safe_path(run.path, sae_dirs[(layer, kind)]))
             sae = live.load_sae(sae_dir, device)
         cap = live.capture(model, spec, layer, prompt, seed, n_steps, guidance, read, kind, sae, sae_dir, device,
-                           dtype)
+                           dtype, conditions)
 except Exception as exc:  # noqa: BLE001 - e.g. a word the demo tokenizer does not know
     half = live.half_precision_problem(exc, device, dtype)
     if half:
@@ -124,7 +136,8 @@ except Exception as exc:  # noqa: BLE001 - e.g. a word the demo tokenizer does n
 st.subheader("Top units of this image")
 left, right = st.columns([1, 3])
 with left:
-    st.image(overlay.to_jpeg(overlay.thumbnail(cap.image, 256)), caption=prompt or "(empty prompt)")
+    st.image(overlay.to_jpeg(overlay.thumbnail(cap.image, 256)),
+             caption=" · ".join(filter(None, [prompt or "(empty prompt)", live.describe_conditions(conditions)])))
 with right:
     s1, s2 = st.columns([3, 1])
     step = int(s1.slider("Step", 0, n_steps - 1, value=min(n_steps - 1, n_steps // 2), key="lab.step"))
@@ -215,14 +228,14 @@ def _direction_picker() -> None:
                 deltas = live.matched_deltas(run.path, run.sig, full, layer, prompt, n_steps)
                 image = live.steer_direction_cached(model, full, layer, prompt, seed, n_steps, guidance,
                                                     deltas.tobytes(), float(scale), tuple(dwindow), None, None,
-                                                    device, dtype, tuple(deltas.shape))
+                                                    device, dtype, tuple(deltas.shape), conditions)
                 caption = f"{full} x{scale:g} (per step and position) · steps {dwindow[0]}-{dwindow[1]}"
             else:
                 vector, size, feats = live.concept_direction(run.path, run.sig, full, layer, tuple(measured),
                                                              kind if is_feature(kind) else "feature")
                 image = live.steer_direction_cached(model, spec, layer, prompt, seed, n_steps, guidance,
                                                     vector.astype(np.float32).tobytes(), float(scale) * size,
-                                                    tuple(dwindow), None, None, device, dtype)
+                                                    tuple(dwindow), None, None, device, dtype, None, conditions)
                 what = f" (features {', '.join(map(str, feats))})" if feats else ""
                 caption = (f"{full}{what} x{scale:g} (strength {scale * size:.3g}) · steps "
                            f"{dwindow[0]}-{dwindow[1]}")
@@ -286,7 +299,7 @@ try:
     with st.spinner("steering ..."):
         steered = live.steer_cached(model, sae, spec, layer, prompt, seed, n_steps, guidance, tuple(items),
                                     tuple(window), None if mask is None else mask.tobytes(),
-                                    None if mask is None else mask.shape, sae_dir, device, dtype)
+                                    None if mask is None else mask.shape, sae_dir, device, dtype, conditions)
     st.session_state["lab.steered"] = True
 except Exception as exc:  # noqa: BLE001 - e.g. a unit out of range
     ui.show_error(exc, "steering")

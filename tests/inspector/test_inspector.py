@@ -353,6 +353,29 @@ def test_lab_generates_and_steers_with_the_demo_model(app):
     assert effect > 0
 
 
+@pytest.mark.slow
+def test_lab_generates_a_controlnet_runs_prompt_with_its_conditions(controlnet_run, monkeypatch):
+    """On a run made through a ControlNet with negative prompts, the Lab loads the ControlNet and generates one of
+    the run's prompts with its control image and negative prompt (captioned); a prompt the run did not generate is
+    generated without the ControlNet, and the page says so."""
+    from condition_runs import CN_PROMPTS
+
+    root, _ = controlnet_run
+    at = _page(_app(root.parent, monkeypatch, run=root.name), "lab")
+    assert "through the run's ControlNet" in _texts(at.caption)
+    at.button[0].click().run(timeout=180)
+    _ok(at)
+    at.text_input(key="lab.prompt").set_value(CN_PROMPTS[1])
+    next(b for b in at.button if b.label == "Generate").click().run(timeout=120)
+    _ok(at)
+    assert any(f"{CN_PROMPTS[1]} · negative prompt “a green house” · control image `b.png`" == c for c in _captions(at))
+    at.text_input(key="lab.prompt").set_value("a green bird")
+    next(b for b in at.button if b.label == "Generate").click().run(timeout=120)
+    assert not at.exception
+    assert "generated without the ControlNet" in _texts(at.info)
+    assert "a green bird · negative prompt “a green house”" in _captions(at)
+
+
 # ------------------------------------------------------------------------------------------------ labels, ranges
 
 

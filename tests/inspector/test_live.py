@@ -254,3 +254,41 @@ def test_the_lab_page_runs_a_cuda_float16_run_on_this_cpu(tmp_path, runs_dir, mo
     next(b for b in at.button if b.label == "Generate").click().run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     assert sum(c.startswith("channel ") for img in at.image for c in img.captions) == 8
+
+
+@pytest.mark.parametrize("run_fixture", ["negative_run", "controlnet_run"])
+def test_the_labs_image_of_one_of_the_runs_prompts_is_the_captured_one(run_fixture, request, one_thread):
+    """The Lab generates (and steers) a run's prompt with the negative prompt and control image the run generated
+    it with, through the run's ControlNet: the image equals the captured one; without them it is another image."""
+    import polars as pl
+    from PIL import Image
+
+    root, layer = request.getfixturevalue(run_fixture)
+    gens = pl.read_parquet(root / "tables" / "generations" / "*.parquet").sort("gen_id")
+    config = json.loads((root / "manifest.json").read_text())["config"]
+    c = config["capture"]
+    i = 1  # the second prompt: its own negative prompt (demo run) or control image (ControlNet run)
+    prompt, seed = gens["prompt"][i], int(gens["seed"][i])
+    steps, guidance = int(gens["n_steps"][i]), float(gens["guidance"][i])
+    recorded = np.asarray(Image.open(root / gens["image"][i]))
+    model = live.load_model(config["model"], "cpu", "float32", c.get("controlnet") or "",
+                            float(c.get("controlnet_scale") or 1.0))
+    conditions = live.conditions(str(root), "sig", prompt, guidance)
+    assert np.array_equal(live.generate(model, layer, prompt, seed, steps, guidance, conditions=conditions).image,
+                          recorded)
+    assert np.array_equal(live.steer(model, layer, prompt, seed, steps, guidance, [], (0, steps - 1),
+                                     conditions=conditions), recorded)
+    assert not np.array_equal(live.generate(model, layer, prompt, seed, steps, guidance).image, recorded)
+    described = live.describe_conditions(conditions)
+    assert ("control image `b.png`" in described) == (run_fixture == "controlnet_run")
+    assert "negative prompt" in described
+
+
+def test_the_labs_conditions_of_a_prompt_the_run_did_not_generate(negative_run, controlnet_run):
+    new = "a small green circle at the top, black background"
+    assert live.condition_kwargs(live.conditions(str(negative_run[0]), "sig", new, 3.0)) == {
+        "negative_prompts": ["a green triangle"]}  # the run's own --negative-prompt
+    assert live.conditions(str(negative_run[0]), "sig", new, 1.0) == ()  # no CFG: nothing to condition on
+    assert live.condition_kwargs(live.conditions(str(controlnet_run[0]), "sig", "a green bird", 5.0)) == {
+        "negative_prompts": ["a green house"]}  # no control image: generated without the ControlNet
+    assert live.describe_conditions(()) == ""
