@@ -37,6 +37,11 @@ read = str(capture_cfg.get("read", "output"))
 controlnet = str(capture_cfg.get("controlnet") or "")
 controlnet_scale = float(capture_cfg.get("controlnet_scale") or 1.0)
 
+if man.get("model_kind") == "classifier":
+    st.info("This is an image-classifier run: the Lab generates images with a diffusion model, so it has nothing to "
+            "run here. The unit pages show the images each unit responds to, with heat-maps, and their classes; "
+            "`python cli.py steer-classes` steers a unit towards a class.")
+    st.stop()
 problem = live.model_problem(spec)
 if problem:
     st.info(f"The Lab runs this run's model live, but {problem}. Browse the precomputed results on the other pages.")

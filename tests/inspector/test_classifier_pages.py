@@ -68,3 +68,9 @@ def test_compare_page_compares_classes(vit_runs, monkeypatch):
 def test_the_other_pages_open_on_a_classifier_run(vit_runs, monkeypatch, page):
     at = _page(vit_runs, monkeypatch, page, run="vit")
     assert at.title
+
+
+def test_the_lab_says_a_classifier_run_has_no_generation_to_run(vit_runs, monkeypatch):
+    at = _page(vit_runs, monkeypatch, "lab", run="vit")
+    assert not at.exception and not at.button  # no "Load model"
+    assert "image-classifier run" in " ".join(str(i.value) for i in at.info)
