@@ -63,10 +63,13 @@ class Capture:
     """[S, K] float32."""
     grid: tuple[int, int] = (1, 1)
     """(h, w) of the layer's token grid."""
+    probs: np.ndarray | None = None
+    """An image classifier's class probabilities [classes] (float32); None for a diffusion model."""
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.image, self.means, self.maxes, self.top, self.maps, self.scales))
+        extra = 0 if self.probs is None else self.probs.nbytes
+        return extra + sum(a.nbytes for a in (self.image, self.means, self.maxes, self.top, self.maps, self.scales))
 
 
 # ------------------------------------------------------------------------------------------------ device and dtype
@@ -155,8 +158,9 @@ def model_problem(spec: str) -> str | None:
             return f"the demo model is not in {display_path(repo / 'data' / 'demo-model')}"
         return None
     path = Path(spec).expanduser()
-    if not (path / "model_index.json").is_file():
-        return f"the model {spec!r} is not a local diffusers directory on this machine (no model_index.json)"
+    if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        return (f"the model {spec!r} is not a local diffusers pipeline or transformers classifier directory on this "
+                "machine (no model_index.json, no config.json)")
     return None
 
 
@@ -276,9 +280,10 @@ def summarise(tokens_TC, kind: str = "channel", sae=None, keep: int = TOP_KEPT) 
 
 
 def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: float, read: str = "output",
-             kind: str = "channel", sae=None, conditions: tuple = ()) -> Capture:
+             kind: str = "channel", sae=None, conditions: tuple = (), tokens: str = "") -> Capture:
     """Generate one image under the model's lock, summarising the layer at every step (see `summarise`);
-    conditions: `conditions(...)`, the run's negative prompt and control image for the prompt."""
+    conditions: `conditions(...)`, the run's negative prompt and control image for the prompt. An image classifier
+    classifies the image at path `prompt` and reads the run's token choice `tokens` (cls, patch or all)."""
     import torch
 
     from backend.models.base import to_uint8
@@ -288,24 +293,38 @@ def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: 
     grid: list[tuple[int, int] | None] = [None]
 
     def keep(ev) -> None:
-        steps[int(ev.step)] = summarise(ev.tokens[0], kind, sae)
+        tokens = ev.tokens[0]
+        if ev.prefix and ev.spatial is not None:  # a classifier's CLS / register tokens: not on the patch grid
+            tokens = tokens[ev.prefix:]
+        steps[int(ev.step)] = summarise(tokens, kind, sae)
         grid[0] = ev.spatial
 
     with model_lock(model), torch.no_grad(), read_activations(model, [layer], keep, read=read, half="cond"):
+        if tokens:
+            model.tokens = tokens
         images = model.generate([prompt], [int(seed)], int(n_steps), float(guidance), **condition_kwargs(conditions))
+        probs = class_probs(model)
     image = to_uint8(images)[0]
     order = sorted(steps)
     parts = [np.stack([steps[i][j] for i in order]) for j in range(5)]
     n_tokens = parts[3].shape[-1] if order else 1
-    return Capture(image, kind, *parts, grid=_grid(grid[0], n_tokens))
+    return Capture(image, kind, *parts, grid=_grid(grid[0], n_tokens), probs=probs)
+
+
+def class_probs(model) -> np.ndarray | None:
+    """An image classifier's class probabilities for its last (one-image) batch; None for a diffusion model."""
+    import torch
+
+    logits = getattr(model, "last_logits", None)
+    return None if logits is None else torch.softmax(logits[0].float(), -1).cpu().numpy()
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def capture(_model, spec: str, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
             read: str = "output", kind: str = "channel", _sae=None, sae_key: str = "", device: str = "",
-            dtype: str = "", conditions: tuple = ()) -> Capture:
+            dtype: str = "", conditions: tuple = (), tokens: str = "") -> Capture:
     """`generate`, cached per inputs (the model by spec, device and dtype; the SAE by sae_key, its directory)."""
-    return generate(_model, layer, prompt, seed, n_steps, guidance, read, kind, _sae, conditions)
+    return generate(_model, layer, prompt, seed, n_steps, guidance, read, kind, _sae, conditions, tokens)
 
 
 def _grid(spatial, n_tokens: int) -> tuple[int, int]:
@@ -356,6 +375,13 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
           sae=None, conditions: tuple = ()) -> np.ndarray:
     """The image generated with each (kind, unit, strength) item's direction added (strength x the unit's unit-norm
     direction) at the steps of window (inclusive), under the mask; uint8 [H, W, 3]."""
+    return steered(model, layer, prompt, seed, n_steps, guidance, items, window, mask_HW, sae, conditions)[0]
+
+
+def steered(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: float,
+            items: list[tuple[str, int, float]], window: tuple[int, int], mask_HW: np.ndarray | None = None,
+            sae=None, conditions: tuple = ()) -> tuple[np.ndarray, np.ndarray | None]:
+    """`steer`'s image and, for an image classifier (prompt: the image's path), its class probabilities steered."""
     import torch
 
     from backend.interventions.directions import unit_direction
@@ -379,7 +405,17 @@ def steer(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: flo
         with torch.no_grad():
             images = edited_generate(model, layer, [prompt], [int(seed)], edit if edits else None, int(n_steps),
                                      float(guidance), conditions=condition_kwargs(conditions))
-    return to_uint8(images)[0]
+            probs = class_probs(model)
+    return to_uint8(images)[0], probs
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def steer_classifier_cached(_model, _sae, spec: str, layer: str, image_path: str,
+                            items: tuple[tuple[str, int, float], ...], sae_key: str = "", device: str = "",
+                            dtype: str = "") -> np.ndarray:
+    """An image classifier's class probabilities [classes] with the items' directions added at every token of the
+    layer's output (`steered`, one step); cached per inputs."""
+    return steered(_model, layer, image_path, 0, 1, 1.0, list(items), (0, 0), None, _sae)[1]
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

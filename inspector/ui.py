@@ -275,3 +275,16 @@ def format_float(value, digits: int = 3) -> str:
         return f"{float(value):.{digits}g}"
     except (TypeError, ValueError):
         return str(value)
+
+
+def unit_tiles(run: Run, layer: str, kind: str, image_HW3: np.ndarray, tops: list[dict], step: int) -> None:
+    """The Lab's top units of one image (inspector/live.py top_units): each unit's heat-map over the image, four a
+    row, with a link to its unit page."""
+    cols = st.columns(4)
+    small = overlay.thumbnail(image_HW3, 160)
+    for i, t in enumerate(tops):
+        with cols[i % 4]:
+            tile = overlay.overlay_jpeg(small, t["heatmap"].tobytes(), *t["heatmap"].shape, 160)
+            st.image(tile, caption=f"{kind} {t['unit']} · mean {t['mean']:.3g} · max {t['max']:.3g}")
+            st.page_link(UNIT_PAGE, label=f"open {kind} {t['unit']}",
+                         query_params=unit_params(run, layer, kind, t["unit"], step))

@@ -45,6 +45,14 @@ def first_prompts(db: Database, n: int = 20) -> list[str]:
 
 
 @query
+def input_images(db: Database, n: int = 200) -> pl.DataFrame:
+    """An image-classifier run's first n input images as the run keeps them: gen_id, image (run path), class_label."""
+    db.require("generations")
+    return db.sql("SELECT CAST(gen_id AS INTEGER) AS gen_id, image, class_label FROM generations ORDER BY gen_id "
+                  "LIMIT ?", [n], tables=("generations",))
+
+
+@query
 def steps(db: Database) -> pl.DataFrame:
     """step, timestep."""
     db.require("steps")

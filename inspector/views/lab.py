@@ -1,5 +1,7 @@
 """Lab (live): generate with the run's model, see the top units of that image at a step with heat-maps, and steer
-units (strength, step window, a rectangular or a painted mask), original and steered side by side.
+units (strength, step window, a rectangular or a painted mask), original and steered side by side. On an
+image-classifier run: classify one of its images, its top units and class probabilities, steer units
+(inspector/classifier_lab.py).
 
 Only this page loads a model, and only when asked (the "Load model" button); the model stays loaded for every
 session (`st.cache_resource`, one generation at a time: inspector/live.py model_lock), and generations (what the page
@@ -15,7 +17,7 @@ import polars as pl
 import streamlit as st
 
 from backend.run.schema import is_feature
-from inspector import live, overlay, queries, ui
+from inspector import classifier_lab, live, overlay, queries, ui
 from inspector.queries import causal_map as cmap
 
 LOADED = "lab.loaded"
@@ -37,11 +39,7 @@ read = str(capture_cfg.get("read", "output"))
 controlnet = str(capture_cfg.get("controlnet") or "")
 controlnet_scale = float(capture_cfg.get("controlnet_scale") or 1.0)
 
-if man.get("model_kind") == "classifier":
-    st.info("This is an image-classifier run: the Lab generates images with a diffusion model, so it has nothing to "
-            "run here. The unit pages show the images each unit responds to, with heat-maps, and their classes; "
-            "`python cli.py steer-classes` steers a unit towards a class.")
-    st.stop()
+classifier = man.get("model_kind") == "classifier"
 problem = live.model_problem(spec)
 if problem:
     st.info(f"The Lab runs this run's model live, but {problem}. Browse the precomputed results on the other pages.")
@@ -87,6 +85,9 @@ sae_rows = pl.DataFrame()
 with ui.guard("SAEs"):
     sae_rows = queries.saes(run)
 sae_dirs = {(r["layer"], r["kind"]): r["dir"] for r in sae_rows.iter_rows(named=True)} if sae_rows.height else {}
+if classifier:  # images in: classify one of the run's images, its top units, steer them (inspector/classifier_lab.py)
+    classifier_lab.show(run, model, spec, layers, sae_dirs, device, dtype, str(capture_cfg.get("tokens") or "all"))
+    st.stop()
 kind_options = ["channel", *dict.fromkeys(kind for _, kind in sae_dirs)]
 prompts = []
 with ui.guard():
@@ -148,14 +149,7 @@ with right:
     step = int(s1.slider("Step", 0, n_steps - 1, value=min(n_steps - 1, n_steps // 2), key="lab.step"))
     k = int(s2.number_input("Top", min_value=1, max_value=live.TOP_KEPT, value=8, key="lab.k"))
     tops = live.top_units(cap, step, k)
-    cols = st.columns(4)
-    small = overlay.thumbnail(cap.image, 160)
-    for i, t in enumerate(tops):
-        with cols[i % 4]:
-            tile = overlay.overlay_jpeg(small, t["heatmap"].tobytes(), *t["heatmap"].shape, 160)
-            st.image(tile, caption=f"{kind} {t['unit']} · mean {t['mean']:.3g} · max {t['max']:.3g}")
-            st.page_link(ui.UNIT_PAGE, label=f"open {kind} {t['unit']}",
-                         query_params=ui.unit_params(run, layer, kind, t["unit"], step))
+    ui.unit_tiles(run, layer, kind, cap.image, tops, step)
 
 # ------------------------------------------------------------------------------------------------ steer
 

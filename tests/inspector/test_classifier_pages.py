@@ -70,7 +70,60 @@ def test_the_other_pages_open_on_a_classifier_run(vit_runs, monkeypatch, page):
     assert at.title
 
 
-def test_the_lab_says_a_classifier_run_has_no_generation_to_run(vit_runs, monkeypatch):
-    at = _page(vit_runs, monkeypatch, "lab", run="vit")
-    assert not at.exception and not at.button  # no "Load model"
-    assert "image-classifier run" in " ".join(str(i.value) for i in at.info)
+
+@pytest.mark.slow
+def test_the_lab_classifies_a_runs_image_and_steers_a_unit(vit_runs, monkeypatch):
+    """The Lab on a classifier run: one of the run's images classified (the predicted class and a table of class
+    probabilities), the layer's top units on it with patch heat-maps, and a unit steered (the probabilities after)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("DIFFLENS_RUNS", str(vit_runs))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params.update({"run": "vit"})
+    at.run()
+    at.switch_page("views/lab.py")
+    at = at.run()
+    at.button[0].click().run()  # Load model
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    next(b for b in at.button if b.label == "Classify").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert [m.label for m in at.metric] == ["predicted"]
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["class", "probability"] and 0 < table["probability"].sum() <= 1.0 + 1e-6
+    captions = [c for img in at.image for c in img.captions]
+    assert sum(c.startswith("channel ") for c in captions) == 8
+    at.slider(key="lab.cls_strength").set_value(10.0)
+    next(b for b in at.button if b.label == "Steer").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert "predicted, steered" in [m.label for m in at.metric]
+    steered = at.dataframe[-1].value
+    assert list(steered.columns) == ["class", "before", "after", "change"]
+    assert steered["change"].abs().max() > 0  # the unit moved the probabilities
+
+
+def test_the_labs_classification_is_the_models_own(vit_runs, one_thread):
+    """inspector/live on a classifier run: the class probabilities are the softmax of the model's logits for that
+    image, the units' maps lie on the patch grid, an empty steer leaves the probabilities as they are and a steered
+    unit moves them."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from inspector import live
+
+    root = vit_runs / "vit"
+    config = json.loads((root / "manifest.json").read_text())["config"]
+    gens = pl.read_parquet(root / "tables" / "generations" / "*.parquet").sort("gen_id")
+    path = str(root / gens["image"][0])
+    model = live.load_model(config["model"])
+    cap = live.generate(model, LAYER, path, 0, 1, 1.0, tokens="patch")
+    with torch.no_grad():
+        logits = model.classify(model.pixel_values([path]))[0]
+    np.testing.assert_allclose(cap.probs, torch.softmax(logits, -1).numpy(), rtol=1e-5, atol=1e-6)
+    assert cap.grid == model.patch_grid and cap.maps.shape[-1] == cap.grid[0] * cap.grid[1]
+    unit = int(cap.top[0, 0])
+    same = live.steer_classifier_cached(model, None, config["model"], LAYER, path, ())
+    np.testing.assert_allclose(same, cap.probs, rtol=1e-5, atol=1e-6)
+    moved = live.steer_classifier_cached(model, None, config["model"], LAYER, path, (("channel", unit, 50.0),))
+    assert np.abs(moved - cap.probs).max() > 1e-3

@@ -82,9 +82,10 @@ def test_views_read_through_the_query_layer_only():
     """Pages import the query layer (inspector.queries) and the page helpers, never DuckDB, the database, the
     heat-map cache or the run format's files directly."""
     allowed = {"inspector", "inspector.queries", "inspector.ui", "inspector.charts", "inspector.overlay",
-               "inspector.live", "inspector.atlas_tiles"}
-    for path in sorted((ROOT / "inspector" / "views").glob("*.py")) + [APP, ROOT / "inspector" / "ui.py",
-                                                                       ROOT / "inspector" / "atlas_tiles.py"]:
+               "inspector.live", "inspector.atlas_tiles", "inspector.classifier_lab"}
+    helpers = [APP, ROOT / "inspector" / "ui.py", ROOT / "inspector" / "atlas_tiles.py",
+               ROOT / "inspector" / "classifier_lab.py"]
+    for path in sorted((ROOT / "inspector" / "views").glob("*.py")) + helpers:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 names = [node.module] if node.module != "inspector" else [f"inspector.{a.name}" for a in node.names]
@@ -284,7 +285,7 @@ def test_lab_page_without_the_model(tmp_path, runs_dir, monkeypatch):
     (root / "other/manifest.json").write_text(json.dumps(manifest))
     at = _page(_app(root, monkeypatch), "lab")
     _ok(at)
-    assert "not a local diffusers directory" in _texts(at.info)
+    assert "not a local diffusers pipeline or transformers classifier directory" in _texts(at.info)
     assert not at.button
 
 
