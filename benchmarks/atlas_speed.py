@@ -74,7 +74,8 @@ def synthetic_run(root: Path) -> Path:
                 "peak_steps": pa.array([[int(p)] for p in peak], pa.list_(pa.int16())), "first_active": first,
                 "last_active": last, "active_steps": (last - first + 1).astype(np.int16),
                 "dead": np.zeros(n, bool), "dense": np.zeros(n, bool), "label": [""] * n,
-                "label_confidence": np.full(n, np.nan, np.float32)}), layer=layer, kind=kind)
+                "label_confidence": np.full(n, np.nan, np.float32), "label_step": np.full(n, -1, np.int16)}),
+                                    layer=layer, kind=kind)
     return root
 
 

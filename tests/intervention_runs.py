@@ -79,7 +79,7 @@ def units_table(density, maximum, first_active, last_active) -> pa.Table:
         "first_active": first, "last_active": last,
         "active_steps": np.where(first >= 0, last - first + 1, 0).astype(np.int16),
         "dead": first < 0, "dense": np.zeros(n, bool), "label": [""] * n,
-        "label_confidence": np.full(n, np.nan, np.float32)})
+        "label_confidence": np.full(n, np.nan, np.float32), "label_step": np.full(n, -1, np.int16)})
 
 
 def make_intervention_run(root, sae: SAE | None, n_steps: int = STEPS) -> RunStore:

@@ -31,18 +31,19 @@ def label_pass(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool = Tru
     out, oos = {}, {}
     bar = tqdm(total=sum(p.n_units for p in inputs.partitions), desc="labels", unit="unit", disable=not progress)
     for part in inputs.partitions:
-        labels, confidence, ranges = [], [], []
+        labels, confidence, label_steps, ranges = [], [], [], []
         scorer = OutOfSample(inputs.gens, concepts) if concepts is not None else None
         for chunk in chunks(con, inputs, part, cfg):
-            got, conf = chunk_labels(chunk, cands, cfg)
+            got, conf, steps = chunk_labels(chunk, cands, cfg)
             labels += got
             confidence.append(conf)
+            label_steps.append(steps)
             ranges.append(range_examples(chunk.best_UN, chunk.step_UN, gen_ids, chunk.lo, cfg.range_bins,
                                          cfg.range_per_bin))
             if scorer is not None:
                 scorer.update(chunk.pooled_USN)
             bar.update(chunk.hi - chunk.lo)
-        _write_labels(inputs, part, labels, confidence)
+        _write_labels(inputs, part, labels, confidence, label_steps)
         table = pa.concat_tables(ranges) if ranges else None
         if table is not None:
             inputs.store.write_table_shard("range_examples", SHARD, table, layer=part.layer, kind=part.kind)
@@ -57,12 +58,18 @@ def label_pass(con, inputs: RunInputs, cfg: AnalysisConfig, progress: bool = Tru
     return {"candidates": len(cands.names), **out}
 
 
-def chunk_labels(chunk: Chunk, cands: Candidates, cfg: AnalysisConfig) -> tuple[list, np.ndarray]:
-    """(label or None, confidence or NaN) of the chunk's units by cfg.label_method (labels.py)."""
+def chunk_labels(chunk: Chunk, cands: Candidates, cfg: AnalysisConfig) -> tuple[list, np.ndarray, np.ndarray]:
+    """(label or None, confidence or NaN, the run step the label scores best at or -1) of the chunk's units by
+    cfg.label_method (labels.py). Only "breakeven" over the pooled steps (label_stat "pool") labels at a step;
+    the others rank each generation by its activation over all steps, so their step is -1."""
+    if cfg.label_method == "breakeven" and cfg.label_stat == "pool":
+        return breakeven_labels(chunk.pooled_USN, cands, cfg.label_pseudo_count)  # (its steps are the run's)
     if cfg.label_method == "breakeven":
-        acts_USN = chunk.pooled_USN if cfg.label_stat == "pool" else chunk.best_UN[:, None, :]
-        return breakeven_labels(acts_USN, cands, cfg.label_pseudo_count)[:2]
-    return unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n, cfg.label_pseudo_count)
+        labels, confidence, _ = breakeven_labels(chunk.best_UN[:, None, :], cands, cfg.label_pseudo_count)
+    else:
+        labels, confidence = unit_labels(label_activity_UN(chunk, cfg), cands, cfg.label_top_n,
+                                         cfg.label_pseudo_count)
+    return labels, confidence, np.full(len(labels), -1)
 
 
 def label_activity_UN(chunk: Chunk, cfg: AnalysisConfig) -> np.ndarray:
@@ -70,12 +77,14 @@ def label_activity_UN(chunk: Chunk, cfg: AnalysisConfig) -> np.ndarray:
     return chunk.pooled_USN.max(1) if cfg.label_stat == "pool" else chunk.best_UN
 
 
-def _write_labels(inputs: RunInputs, part: Partition, labels: list, confidence: list) -> None:
+def _write_labels(inputs: RunInputs, part: Partition, labels: list, confidence: list, steps: list) -> None:
     units = read_part(inputs.store, "units", part).sort("unit")
     conf = np.concatenate(confidence) if confidence else np.zeros(0, np.float32)
+    step = np.concatenate(steps) if steps else np.zeros(0, np.int16)
     n = units.height
     units = units.with_columns(label=pl.Series(labels[:n], dtype=pl.String),
-                               label_confidence=pl.Series(conf[:n], dtype=pl.Float32).fill_nan(None))
+                               label_confidence=pl.Series(conf[:n], dtype=pl.Float32).fill_nan(None),
+                               label_step=pl.Series(step[:n], dtype=pl.Int16))
     inputs.store.write_table_shard("units", SHARD, units.to_arrow(), layer=part.layer, kind=part.kind)
 
 

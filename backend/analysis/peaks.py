@@ -75,5 +75,6 @@ def peaks_and_units(profiles: dict[str, np.ndarray], timesteps: np.ndarray,
         "dense": density > cfg.dense_density,
         "label": pa.nulls(n_units, pa.string()),
         "label_confidence": pa.nulls(n_units, pa.float32()),
+        "label_step": np.full(n_units, -1, np.int16),
     })
     return peaks, units

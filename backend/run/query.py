@@ -27,7 +27,8 @@ def table_sources(run_dir: str | Path) -> dict[str, str]:
             if single.is_file():
                 out[name] = f"read_parquet({_sql_string(single.as_posix())})"
         elif directory.is_dir() and any(directory.rglob("*.parquet")):
-            hive = ", hive_partitioning=true" if spec.partitioned else ""
+            # partitions written by different difflens versions may differ in columns added since: union by name
+            hive = ", hive_partitioning=true, union_by_name=true" if spec.partitioned else ""
             out[name] = f"read_parquet({_sql_string((directory / '**' / '*.parquet').as_posix())}{hive})"
     return out
 

@@ -33,8 +33,11 @@ def units(db: Database, layer: str, kind: str) -> pl.DataFrame:
 
 
 def label_confidence_sql(cols) -> str:
-    """The select-list tail giving label_confidence (null for a run analysed before labels had one)."""
-    return ", u.label_confidence" if "label_confidence" in cols else ", CAST(NULL AS FLOAT) AS label_confidence"
+    """The select-list tail giving label_confidence and label_step (null for a run analysed before labels had
+    them)."""
+    confidence = "u.label_confidence" if "label_confidence" in cols else "CAST(NULL AS FLOAT) AS label_confidence"
+    step = "u.label_step" if "label_step" in cols else "CAST(NULL AS SMALLINT) AS label_step"
+    return f", {confidence}, {step}"
 
 
 @query

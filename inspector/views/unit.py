@@ -158,11 +158,13 @@ with m[5]:
     else:
         st.markdown("none")  # not "-": alone, markdown makes it an empty list item (a stray dot on the page)
 if row.get("label"):
-    confidence = row.get("label_confidence")
-    st.markdown(f"**label:** `{row['label']}`" + (f" · confidence {confidence:.2f}" if confidence is not None else ""),
+    confidence, label_step = row.get("label_confidence"), row.get("label_step")
+    st.markdown(f"**label:** `{row['label']}`" + (f" · confidence {confidence:.2f}" if confidence is not None else "")
+                + (f" · at step {label_step}" if label_step is not None and label_step >= 0 else ""),
                 help="what this unit's top generations' prompts have in common (an attribute value, a word or a "
                      "prompt group over-represented among them, by log-odds), with no ground truth; confidence: 0 = "
-                     "no more than chance, 1 = every top generation carries it")
+                     "no more than chance, 1 = every top generation carries it; at step: the denoising step "
+                     "where it scores best")
 
 # ------------------------------------------------------------------------------------------------ activity
 

@@ -60,7 +60,7 @@ prefix = ui.unit_url(run, layer, kind, 0).removesuffix("0")  # the unit number g
 view = view.with_columns(open=pl.lit(prefix) + pl.col("unit").cast(pl.String))
 shown = [c for c in ("unit", "density", "max", "peak_step", "peak_timestep", "concept", "auroc", "dead", "dense",
                      "active_steps", "first_active", "last_active", "mean", "label", "label_confidence",
-                     "open") if c in view.columns]
+                     "label_step", "open") if c in view.columns]
 st.caption(f"{view.height:,} of {table.height:,} {kind}s of `{layer}` (click a column header to sort, a row to "
            "open the unit)")
 event = st.dataframe(
@@ -74,6 +74,8 @@ event = st.dataframe(
         "peak_timestep": st.column_config.NumberColumn("peak timestep", format="%.0f"),
         "auroc": st.column_config.NumberColumn("AUROC", format="%.3f"),
         "label_confidence": st.column_config.NumberColumn("label confidence", format="%.2f"),
+        "label_step": st.column_config.NumberColumn("label step", help="the step the label scores best at (-1: "
+                                                    "a label method that pools the steps)"),
         "open": st.column_config.LinkColumn("page", display_text="open"),
     })
 selected = event.selection.rows if event is not None else []

@@ -56,6 +56,12 @@ def test_labels_ranges_and_out_of_sample_recovery_are_written(tmp_path, method, 
     assert label[("feature", 0)] is None
     conf = units.filter((pl.col("kind") == "feature") & (pl.col("unit") == 3))["label_confidence"].item()
     assert 0.5 < conf <= 1.0
+    step = {(k, u): s for k, u, s in units.select("kind", "unit", "label_step").iter_rows()}
+    if (method, stat) == ("breakeven", "pool"):  # labelled at a step: feature 3 is large objects at step 2 only
+        assert step[("feature", 3)] == 2 and 0 <= step[("channel", 1)] <= 2
+    else:  # the method ranks generations over all steps: no step
+        assert step[("feature", 3)] == -1 and step[("channel", 1)] == -1
+    assert step[("feature", 0)] == -1  # no label
     ranges = read(run, "range_examples")
     mine = ranges.filter((pl.col("kind") == "feature") & (pl.col("unit") == 3))
     assert set(mine["bin"].to_list()) <= {1, 2, 3} and mine["bin"].max() == 3

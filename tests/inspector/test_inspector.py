@@ -386,6 +386,9 @@ def test_unit_page_shows_the_label_and_examples_across_the_activation_range(app,
     at = _page(at, "unit")
     _ok(at)
     assert "**label:** `colour=red` · confidence" in _texts(at.markdown)
+    step = pl.read_parquet(runs_dir / f"tiny/tables/units/layer={L_MID}/kind=feature").filter(
+        pl.col("unit") == 2)["label_step"].item()
+    assert f" · at step {step}" in _texts(at.markdown)
     assert "Examples across the activation range" in [s.value for s in at.subheader]
     ranges = pl.read_parquet(runs_dir / f"tiny/tables/range_examples/layer={L_MID}/kind=feature")
     mine = ranges.filter(pl.col("unit") == 2)

@@ -174,4 +174,20 @@ def test_range_examples_and_labels_as_the_backend_wrote_them(runs_dir):
     assert got["image"].str.starts_with("images/").all()
     row = q.unit_row.uncached(run, L_MID, "channel", 3)
     assert row["label"] == "colour=red" and 0 < row["label_confidence"] <= 1
+    units = pl.read_parquet(runs_dir / f"tiny/tables/units/layer={L_MID}/kind=channel")
+    assert row["label_step"] == units.filter(pl.col("unit") == 3)["label_step"].item() >= 0  # labelled at a step
     assert q.unit_page.uncached(run, L_MID, "channel", 3)["range_examples"].height == got.height
+
+
+def test_a_run_analysed_before_label_confidence_and_label_step_reads_them_as_null(tmp_path, runs_dir):
+    import inspector.queries as q
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_dir / "tiny", root / "old")
+    for path in (root / "old" / "tables" / "units").rglob("*.parquet"):
+        pl.read_parquet(path).drop("label_confidence", "label_step").write_parquet(path)
+    run = q.open_run(root, "old")
+    row = q.unit_row.uncached(run, L_MID, "channel", 3)
+    assert row["label"] == "colour=red" and row["label_confidence"] is None and row["label_step"] is None
+    units = q.units.uncached(run, L_MID, "channel")
+    assert units["label_step"].is_null().all() and units.height
