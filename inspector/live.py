@@ -293,10 +293,10 @@ def generate(model, layer: str, prompt: str, seed: int, n_steps: int, guidance: 
     grid: list[tuple[int, int] | None] = [None]
 
     def keep(ev) -> None:
-        tokens = ev.tokens[0]
+        tokens_TC = ev.tokens[0]
         if ev.prefix and ev.spatial is not None:  # a classifier's CLS / register tokens: not on the patch grid
-            tokens = tokens[ev.prefix:]
-        steps[int(ev.step)] = summarise(tokens, kind, sae)
+            tokens_TC = tokens_TC[ev.prefix:]
+        steps[int(ev.step)] = summarise(tokens_TC, kind, sae)
         grid[0] = ev.spatial
 
     with model_lock(model), torch.no_grad(), read_activations(model, [layer], keep, read=read, half="cond"):
