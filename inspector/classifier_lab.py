@@ -30,8 +30,10 @@ def class_table(labels: list[str], probs: np.ndarray, steered: np.ndarray | None
         pl.Series("change", (steered[order] - probs[order]).astype(np.float64)))
 
 
-def show(run, model, spec: str, layers: list[str], sae_dirs: dict, device: str, dtype: str, tokens: str) -> None:
-    """The classifier Lab (see the module docstring)."""
+def show(run, model, spec: str, layers: list[str], kind_options: list[str], sae_dirs: dict, device: str, dtype: str,
+         tokens: str) -> None:
+    """The classifier Lab (see the module docstring); kind_options: channel and the kinds of the run's SAEs, whose
+    directories sae_dirs gives by (layer, kind)."""
     images = pl.DataFrame()
     with ui.guard("input images"):
         images = queries.input_images(run, 500)
@@ -39,7 +41,6 @@ def show(run, model, spec: str, layers: list[str], sae_dirs: dict, device: str, 
         st.info("this run holds no input images: run `python cli.py capture` with `--images`")
         return
     options = {f"{r['gen_id']} · {r['class_label']}": r for r in images.iter_rows(named=True)}
-    kind_options = ["channel", *dict.fromkeys(kind for _, kind in sae_dirs)]
     with st.form("classify"):
         c1, c2 = st.columns([3, 1])
         layer = c1.selectbox("Layer", layers, key="lab.cls_layer")
@@ -94,16 +95,10 @@ def _steer(run, model, spec, layer, kind, sae, sae_dir, device, dtype, path, lab
         go = st.form_submit_button("Steer", type="primary")
     if not go and "lab.cls_steered" not in st.session_state:
         return
-    try:
-        units = [int(u) for u in units_text.replace(" ", "").split(",") if u]
-    except ValueError:
-        st.error("units must be integers separated by commas")
+    units = ui.parse_units(units_text)
+    if units is None:
         return
-    items = []
-    with ui.guard("strength"):
-        for u in units:
-            row = queries.unit_row(run, layer, kind, u) if "units" in queries.tables(run) else None
-            items.append((kind, u, float(strength) * live.strength_unit(kind, u, row["max"] if row else None, sae)))
+    items = ui.steer_items(run, layer, kind, units, strength, sae)
     try:
         with st.spinner("steering ..."):
             steered = live.steer_classifier_cached(model, sae, spec, layer, path, tuple(items), sae_dir, device,

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from inspector import overlay, queries
+from inspector import live, overlay, queries
 from inspector.queries import InspectorError, Run, RunError, TableMissing, UnsafePath
 
 log = logging.getLogger("difflens.inspector")
@@ -275,6 +275,27 @@ def format_float(value, digits: int = 3) -> str:
         return f"{float(value):.{digits}g}"
     except (TypeError, ValueError):
         return str(value)
+
+
+def parse_units(text: str) -> list[int] | None:
+    """The Lab's comma-separated units as integers; None after an error message when they are not."""
+    try:
+        return [int(u) for u in text.replace(" ", "").split(",") if u]
+    except ValueError:
+        st.error("units must be integers separated by commas")
+        return None
+
+
+def steer_items(run: Run, layer: str, kind: str, units: list[int], strength: float,
+                sae=None) -> list[tuple[str, int, float]]:
+    """The Lab's (kind, unit, strength) steering items: strength x what 1.0 means for each unit (its largest recorded
+    activation, inspector/live.py strength_unit)."""
+    items = []
+    with guard("strength"):
+        for u in units:
+            row = queries.unit_row(run, layer, kind, u) if "units" in queries.tables(run) else None
+            items.append((kind, u, float(strength) * live.strength_unit(kind, u, row["max"] if row else None, sae)))
+    return items
 
 
 def unit_tiles(run: Run, layer: str, kind: str, image_HW3: np.ndarray, tops: list[dict], step: int) -> None:

@@ -193,7 +193,7 @@ UNITS = pa.schema([
     ("dense", pa.bool_()),
     ("label", pa.string()),           # reserved (null)
     ("label_confidence", pa.float32()),  # backend/analysis/labels.py (null: no label)
-    ("label_step", pa.int16()),  # the step the label scores best at (-1: no label, or a method that pools steps)
+    ("label_step", pa.int16()),  # the step the label scores best at (-1: no label, or a method ranking over all steps)
 ])
 
 PEAKS = pa.schema([

@@ -85,10 +85,11 @@ sae_rows = pl.DataFrame()
 with ui.guard("SAEs"):
     sae_rows = queries.saes(run)
 sae_dirs = {(r["layer"], r["kind"]): r["dir"] for r in sae_rows.iter_rows(named=True)} if sae_rows.height else {}
-if classifier:  # images in: classify one of the run's images, its top units, steer them (inspector/classifier_lab.py)
-    classifier_lab.show(run, model, spec, layers, sae_dirs, device, dtype, str(capture_cfg.get("tokens") or "all"))
-    st.stop()
 kind_options = ["channel", *dict.fromkeys(kind for _, kind in sae_dirs)]
+if classifier:  # images in: classify one of the run's images, its top units, steer them (inspector/classifier_lab.py)
+    classifier_lab.show(run, model, spec, layers, kind_options, sae_dirs, device, dtype,
+                        str(capture_cfg.get("tokens") or "all"))
+    st.stop()
 prompts = []
 with ui.guard():
     prompts = queries.first_prompts(run, 50)
@@ -271,18 +272,10 @@ with st.form("steer"):
     my = m2.slider("y (top → bottom)", 0.0, 1.0, (0.0, 1.0), 0.05, key="lab.mask_y")
     go = st.form_submit_button("Steer", type="primary")
 
-try:
-    units = [int(u) for u in units_text.replace(" ", "").split(",") if u]
-except ValueError:
-    st.error("units must be integers separated by commas")
+units = ui.parse_units(units_text)
+if units is None or (not go and "lab.steered" not in st.session_state):
     st.stop()
-if not go and "lab.steered" not in st.session_state:
-    st.stop()
-items = []
-with ui.guard("strength"):
-    for u in units:
-        row = queries.unit_row(run, layer, kind, u) if "units" in queries.tables(run) else None
-        items.append((kind, u, float(strength) * live.strength_unit(kind, u, row["max"] if row else None, sae)))
+items = ui.steer_items(run, layer, kind, units, strength, sae)
 res = model.default_resolution
 mask = live.rect_mask(res, mx, my) if use_mask else None
 mask_source = "rectangle"

@@ -75,7 +75,7 @@ event = st.dataframe(
         "auroc": st.column_config.NumberColumn("AUROC", format="%.3f"),
         "label_confidence": st.column_config.NumberColumn("label confidence", format="%.2f"),
         "label_step": st.column_config.NumberColumn("label step", help="the step the label scores best at (-1: "
-                                                    "a label method that pools the steps)"),
+                                                    "a label method that ranks over all steps)"),
         "open": st.column_config.LinkColumn("page", display_text="open"),
     })
 selected = event.selection.rows if event is not None else []
